@@ -1,0 +1,14 @@
+//! PiCIE Explorer engine: unsupervised semantic segmentation by clustering pixel features
+//! with invariance and equivariance (PiCIE, CVPR 2021), on burn.
+//!
+//! The engine has no GUI dependency: the desktop app (feature `gui`) and the headless `picie`
+//! CLI are thin layers over these modules.
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod data;
+pub mod device;
+pub mod download;
+pub mod fsutil;
+pub mod model;
+pub mod palette;
