@@ -59,7 +59,7 @@ pub fn time_forward(
     size: usize,
     runs: usize,
 ) -> Result<ForwardTiming, WeightsError> {
-    let (net, _) = build_network(backbone, weights, &device.device)?;
+    let (net, _) = build_network(backbone, weights, 0, &device.device)?;
     let pixels = vec![128u8; size * size * 3];
     let images: Vec<&[u8]> = (0..batch).map(|_| pixels.as_slice()).collect();
     let input = images_to_tensor(&images, size, &device.device);
@@ -94,4 +94,168 @@ pub fn peak_memory_mib() -> Option<f64> {
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Throughput of full PiCIE training steps (two views, four loss terms, backward, Adam).
+#[derive(Debug, Clone)]
+pub struct TrainStepTiming {
+    /// The backbone.
+    pub backbone: BackboneKind,
+    /// Images per step.
+    pub batch: usize,
+    /// Input side.
+    pub size: usize,
+    /// Median seconds per step after the warm-up step.
+    pub median_seconds: f64,
+    /// The first step (kernel compilation on wgpu).
+    pub warm_up_seconds: f64,
+    /// Timed steps.
+    pub steps: usize,
+}
+
+impl std::fmt::Display for TrainStepTiming {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "{} + FPN training step, batch {} at {}x{}: median {:.2} s ({:.2} images/s) over {} steps; warm-up {:.1} s",
+            self.backbone.display_name(),
+            self.batch,
+            self.size,
+            self.size,
+            self.median_seconds,
+            self.batch as f64 / self.median_seconds,
+            self.steps,
+            self.warm_up_seconds
+        )
+    }
+}
+
+/// Times PiCIE training steps on random data: both views through the network, G on view 2's
+/// features, the four-term loss against random unit centroids (K = 27), backward and Adam.
+pub fn time_training_step(
+    backbone: BackboneKind,
+    device: &ComputeDevice,
+    batch: usize,
+    size: usize,
+    steps: usize,
+) -> TrainStepTiming {
+    use burn::module::Module;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use burn::tensor::{Distribution, Int, Tensor};
+
+    use crate::data::views::{GeometricParams, geometric_on_features};
+    use crate::loss::picie_loss;
+    use crate::model::{FEATURE_STRIDE, PicieNet};
+
+    const CLUSTERS: usize = 27;
+    let training_device = device.device.clone().autodiff();
+    device.device.seed(0);
+    let mut network = PicieNet::new(backbone, &device.device).fork(&training_device);
+    let mut optimizer = AdamConfig::new().init();
+    let grid = size / FEATURE_STRIDE;
+    let geometric: Vec<GeometricParams> = (0..batch)
+        .map(|index| GeometricParams {
+            x0: index % (grid / 4).max(1),
+            y0: 0,
+            side: grid * 3 / 4,
+            flip: index % 2 == 0,
+        })
+        .collect();
+    let centroids = |seed_shift: f64| {
+        let values = Tensor::<2>::random(
+            [CLUSTERS, crate::model::FEATURE_DIM],
+            Distribution::Normal(seed_shift, 1.0),
+            &training_device,
+        );
+        let norm = values.clone().square().sum_dim(1).sqrt();
+        values / norm
+    };
+    let (mu_first, mu_second) = (centroids(0.0), centroids(0.1));
+    let labels = || {
+        Tensor::<3, Int>::random(
+            [batch, grid, grid],
+            Distribution::Uniform(0.0, CLUSTERS as f64),
+            &training_device,
+        )
+    };
+    let mut timings = Vec::with_capacity(steps);
+    let mut warm_up_seconds = 0.0;
+    for step in 0..=steps {
+        let view = || {
+            Tensor::<4>::random(
+                [batch, 3, size, size],
+                Distribution::Normal(0.0, 1.0),
+                &training_device,
+            )
+        };
+        let started = Instant::now();
+        let features_first = network.forward(view());
+        let features_second = geometric_on_features(network.forward(view()), &geometric);
+        let loss = picie_loss(
+            features_first,
+            features_second,
+            mu_first.clone(),
+            mu_second.clone(),
+            labels(),
+            labels(),
+            None,
+            None,
+        );
+        let gradients = GradientsParams::from_grads(loss.total.backward(), &network);
+        network = optimizer.step(1e-4, network.clone(), gradients);
+        // Reading a value waits for the device.
+        let _ = loss.terms();
+        let seconds = started.elapsed().as_secs_f64();
+        if step == 0 {
+            warm_up_seconds = seconds;
+        } else {
+            timings.push(seconds);
+        }
+    }
+    timings.sort_by(f64::total_cmp);
+    TrainStepTiming {
+        backbone,
+        batch,
+        size,
+        median_seconds: timings.get(timings.len() / 2).copied().unwrap_or(f64::NAN),
+        warm_up_seconds,
+        steps,
+    }
+}
+
+/// Times k-means (Lloyd, all points) on random unit vectors; returns seconds and the
+/// throughput in point-iterations per second.
+pub fn time_kmeans(
+    points: usize,
+    dim: usize,
+    clusters: usize,
+    iterations: usize,
+    device: &ComputeDevice,
+) -> Result<(f64, f64), crate::cluster::ClusterError> {
+    use rand::{Rng, SeedableRng};
+
+    use crate::cluster::{FeatureStore, KMeansConfig, KMeansMode, kmeans};
+
+    let mut store = FeatureStore::in_memory(dim)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut row = vec![0f32; dim];
+    let mut chunk = Vec::with_capacity(65_536 * dim);
+    for index in 0..points {
+        for value in row.iter_mut() {
+            *value = rng.random::<f32>() - 0.5;
+        }
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        chunk.extend(row.iter().map(|v| v / norm));
+        if chunk.len() == 65_536 * dim || index + 1 == points {
+            store.push_slice(&chunk)?;
+            chunk.clear();
+        }
+    }
+    let config = KMeansConfig::new(clusters)
+        .with_iterations(iterations)
+        .with_mode(KMeansMode::Full);
+    let started = Instant::now();
+    kmeans(&store, &config, &device.device)?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok((seconds, (points * iterations) as f64 / seconds))
 }

@@ -6,9 +6,15 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod cluster;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod download;
+pub mod eval;
 pub mod fsutil;
+pub mod loss;
 pub mod model;
 pub mod palette;
+pub mod segment;
+pub mod train;

@@ -35,7 +35,8 @@ fn wgpu_forward_matches_the_cpu_backend() {
         .collect();
 
     // The FPN starts random, so the network goes to the wgpu device through a checkpoint.
-    let (net_on_cpu, _) = build_network(BackboneKind::MobilenetV2, Some(&weights), &cpu).unwrap();
+    let (net_on_cpu, _) =
+        build_network(BackboneKind::MobilenetV2, Some(&weights), 0, &cpu).unwrap();
     let folder = tempfile::tempdir().unwrap();
     let checkpoint = folder.path().join("network.safetensors");
     net_on_cpu.save(&checkpoint, &Default::default()).unwrap();

@@ -7,10 +7,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use picie::bench::{peak_memory_mib, time_forward};
+use picie::bench::{peak_memory_mib, time_forward, time_kmeans, time_training_step};
+use picie::config::TrainConfig;
 use picie::data::{BaseTransform, DemoOptions, ImageFolder, write_demo_dataset};
 use picie::device::{DeviceChoice, list_adapters, select_device};
 use picie::model::BackboneKind;
+use picie::segment::{Segmenter, write_index_png};
+use picie::train::{
+    RunFolder, TrainControl, TrainEvent, TrainObserver, TrainPhase, Trainer, TrainingData,
+    evaluate_network,
+};
 
 /// PiCIE Explorer, headless: unsupervised semantic segmentation of a folder of images.
 #[derive(Parser)]
@@ -22,6 +28,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train PiCIE on a folder of images into a run folder.
+    Train(TrainArgs),
+    /// Score a run's network on labelled images (fresh clustering, Hungarian matching).
+    Eval {
+        /// Run folder written by `picie train`.
+        #[arg(long)]
+        run: PathBuf,
+        /// Folder of images.
+        #[arg(long)]
+        images: PathBuf,
+        /// Folder of index-PNG labels (255 = ignore) with classes.txt.
+        #[arg(long)]
+        labels: PathBuf,
+        /// Print {"acc", "miou", "per_class_iou"} as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// auto, gpu, cpu or wgpu (default: the run's).
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+    },
+    /// Write index PNGs (cluster per pixel, original resolution) for a folder of images.
+    Segment {
+        /// Run folder written by `picie train`.
+        #[arg(long)]
+        run: PathBuf,
+        /// Folder of images.
+        #[arg(long)]
+        images: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// auto, gpu, cpu or wgpu (default: the run's).
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+    },
     /// Write the procedural demo dataset (images, labels, classes.txt) into OUT_DIR.
     DemoData {
         /// Folder to write into (created if missing).
@@ -65,6 +106,39 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// PiCIE training steps on random data (images/s).
+    Train {
+        /// resnet18, mobilenet_v2, or all.
+        #[arg(long, default_value = "all")]
+        backbone: String,
+        /// auto, gpu, cpu or wgpu.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+        /// Input side in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Images per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Timed steps after one warm-up step.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+    /// k-means on random unit vectors (point-iterations/s).
+    Kmeans {
+        /// Number of points.
+        #[arg(long, default_value_t = 1_000_000)]
+        points: usize,
+        /// Clusters (comma-separated for several runs).
+        #[arg(long, default_value = "27,100", value_delimiter = ',')]
+        clusters: Vec<usize>,
+        /// Lloyd iterations.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// auto, gpu, cpu or wgpu.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+    },
     /// Forward time of backbone + FPN on a random batch.
     Forward {
         /// resnet18, mobilenet_v2, or all.
@@ -88,6 +162,59 @@ enum BenchCommand {
     },
 }
 
+/// Options of `picie train`; flags override the config file, which overrides the defaults.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Folder of images (searched recursively).
+    #[arg(long)]
+    images: PathBuf,
+    /// Folder of index-PNG labels for scoring (255 = ignore), matched by file stem.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Run folder to write (config, checkpoints, metrics).
+    #[arg(long)]
+    out: PathBuf,
+    /// JSON config file (see config.json in any run folder).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// resnet18 or mobilenet_v2.
+    #[arg(long)]
+    backbone: Option<BackboneKind>,
+    /// Backbone weights: torchvision .pth or a network checkpoint.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// auto, gpu, cpu or wgpu.
+    #[arg(long)]
+    device: Option<DeviceChoice>,
+    /// Epochs (0: only cluster and save the untrained network).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Clusters K (default: number of label classes, else 27).
+    #[arg(long)]
+    clusters: Option<usize>,
+    /// Images per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Adam learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Network input side.
+    #[arg(long)]
+    input_size: Option<u32>,
+    /// Base image side the views are cut from.
+    #[arg(long)]
+    base_size: Option<u32>,
+    /// reference, inverse or none.
+    #[arg(long)]
+    balance: Option<String>,
+    /// The run's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
 fn main() {
     if let Err(error) = run(Cli::parse()) {
         eprintln!("error: {error:#}");
@@ -97,6 +224,20 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(args) => train(args),
+        Command::Eval {
+            run,
+            images,
+            labels,
+            json,
+            device,
+        } => eval(&run, &images, &labels, json, device),
+        Command::Segment {
+            run,
+            images,
+            out,
+            device,
+        } => segment(&run, &images, &out, device),
         Command::DemoData {
             out_dir,
             images,
@@ -144,6 +285,49 @@ fn run(cli: Cli) -> Result<()> {
         Command::DownloadWeights { backbone } => download(backbone),
         Command::Bench {
             which:
+                BenchCommand::Train {
+                    backbone,
+                    device,
+                    size,
+                    batch,
+                    steps,
+                },
+        } => {
+            let compute = select_device(device)?;
+            println!("device: {}", compute.description);
+            for kind in parse_backbones(&backbone)? {
+                println!("{}", time_training_step(kind, &compute, batch, size, steps));
+            }
+            if let Some(peak) = peak_memory_mib() {
+                println!("peak resident memory: {peak:.0} MiB");
+            }
+            Ok(())
+        }
+        Command::Bench {
+            which:
+                BenchCommand::Kmeans {
+                    points,
+                    clusters,
+                    iterations,
+                    device,
+                },
+        } => {
+            let compute = select_device(device)?;
+            println!("device: {}", compute.description);
+            for k in clusters {
+                let (seconds, throughput) = time_kmeans(points, 128, k, iterations, &compute)?;
+                println!(
+                    "k-means {points} x 128, K = {k}, {iterations} iterations: {seconds:.2} s ({:.2e} point-iterations/s)",
+                    throughput
+                );
+            }
+            if let Some(peak) = peak_memory_mib() {
+                println!("peak resident memory: {peak:.0} MiB");
+            }
+            Ok(())
+        }
+        Command::Bench {
+            which:
                 BenchCommand::Forward {
                     backbone,
                     device,
@@ -154,6 +338,321 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => bench_forward(&backbone, device, size, batch, runs, weights),
     }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut config = if args.resume {
+        RunFolder::open(&args.out)?.config()?
+    } else if let Some(path) = &args.config {
+        TrainConfig::load(path)?
+    } else {
+        TrainConfig::default()
+    };
+    if let Some(value) = args.backbone {
+        config.backbone = value;
+    }
+    if let Some(value) = args.weights {
+        config.weights = Some(value);
+    }
+    if let Some(value) = args.device {
+        config.device = value;
+    }
+    if let Some(value) = args.epochs {
+        config.epochs = value;
+    }
+    if let Some(value) = args.clusters {
+        config.clusters = Some(value);
+    }
+    if let Some(value) = args.batch {
+        config.batch_size = value;
+    }
+    if let Some(value) = args.lr {
+        config.learning_rate = value;
+    }
+    if let Some(value) = args.input_size {
+        config.input_size = value;
+    }
+    if let Some(value) = args.base_size {
+        config.base_size = value;
+    }
+    if let Some(value) = args.balance {
+        config.balance =
+            serde_json::from_value(serde_json::Value::String(value.clone())).map_err(|_| {
+                anyhow::anyhow!("unknown balance mode '{value}': use reference, inverse or none")
+            })?;
+    }
+    if let Some(value) = args.seed {
+        config.seed = value;
+    }
+    config.validate()?;
+
+    let bar = progress_bar(0, "decoding images");
+    let data = TrainingData::load(
+        &args.images,
+        args.labels.as_deref(),
+        config.base_size,
+        config.input_size,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    for skipped in &data.skipped {
+        eprintln!("skipped {}: {}", skipped.path.display(), skipped.reason);
+    }
+    eprintln!(
+        "{} images{}",
+        data.len(),
+        if data.eval_labels.is_some() {
+            " with labels"
+        } else {
+            ""
+        }
+    );
+    let run = if args.resume {
+        RunFolder::open(&args.out)?
+    } else {
+        RunFolder::create(&args.out, &config)?
+    };
+    let control = TrainControl::new();
+    {
+        // Ctrl-C finishes the current batch, keeps the last checkpoint and exits cleanly.
+        let control = control.clone();
+        let _ = ctrlc::set_handler(move || {
+            eprintln!("\nstopping after this batch…");
+            control.stop();
+        });
+    }
+    let mut trainer = Trainer::new(config, run, std::sync::Arc::new(data), control, args.resume)?;
+    let mut observer = TerminalObserver::new();
+    let outcome = trainer.run(&mut observer)?;
+    observer.bar.finish_and_clear();
+    println!(
+        "{} after epoch {}; run folder {}",
+        if outcome.stopped {
+            "stopped"
+        } else {
+            "finished"
+        },
+        outcome.last_epoch,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Prints the trainer's events with a progress bar.
+struct TerminalObserver {
+    bar: ProgressBar,
+    phase: Option<(usize, TrainPhase)>,
+}
+
+impl TerminalObserver {
+    fn new() -> Self {
+        Self {
+            bar: progress_bar(0, ""),
+            phase: None,
+        }
+    }
+
+    /// A line above the bar, or on stderr when the bar is hidden (not a terminal), so logs of
+    /// headless runs still get every figure.
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn enter(&mut self, epoch: usize, phase: TrainPhase, total: usize) {
+        if self.phase != Some((epoch, phase)) {
+            self.phase = Some((epoch, phase));
+            self.bar.reset();
+            self.bar.set_length(total as u64);
+            let name = match phase {
+                TrainPhase::Loading => "loading",
+                TrainPhase::Features => "features",
+                TrainPhase::Clustering => "k-means",
+                TrainPhase::Training => "training",
+                TrainPhase::Evaluating => "evaluating",
+                TrainPhase::Checkpointing => "checkpoint",
+            };
+            self.bar.set_message(format!("epoch {epoch} {name}"));
+        }
+    }
+}
+
+impl TrainObserver for TerminalObserver {
+    fn on_event(&mut self, event: &TrainEvent) {
+        match event {
+            TrainEvent::Started {
+                device,
+                weights,
+                images,
+                clusters,
+                first_epoch,
+                epochs,
+                steps_per_epoch,
+            } => self.say(format!(
+                "device: {device}\nstarting from {weights}\ntraining epochs {first_epoch}..={epochs} on {images} images, K = {clusters}, {steps_per_epoch} steps an epoch"
+            )),
+            TrainEvent::Phase {
+                epoch,
+                phase,
+                done,
+                total,
+            } => {
+                self.enter(*epoch, *phase, *total);
+                self.bar.set_position(*done as u64);
+            }
+            TrainEvent::Step(progress) => {
+                self.enter(progress.epoch, TrainPhase::Training, progress.steps);
+                self.bar.set_position(progress.step as u64);
+                self.bar.set_message(format!(
+                    "epoch {} training, loss {:.4}, {:.1} images/s, ETA {:.0} s",
+                    progress.epoch, progress.loss.total, progress.images_per_second, progress.eta_seconds
+                ));
+            }
+            TrainEvent::Evaluated { epoch, evaluation } => self.say(format!(
+                "{}: Acc {:.2}  mIoU {:.2}",
+                if *epoch == 0 {
+                    "no training".to_owned()
+                } else {
+                    format!("epoch {epoch}")
+                },
+                evaluation.accuracy,
+                evaluation.mean_iou
+            )),
+            TrainEvent::EpochFinished(record) => self.say(format!(
+                "epoch {} done: clustering {:.1} s, training {:.1} s ({:.2} images/s), loss {:.4}",
+                record.epoch,
+                record.seconds_clustering,
+                record.seconds_training,
+                record.images_per_second,
+                record.loss.total
+            )),
+            TrainEvent::Paused(paused) => {
+                self.say(if *paused { "paused" } else { "resumed" }.to_owned());
+            }
+            _ => {}
+        }
+    }
+}
+
+fn eval(
+    run_dir: &std::path::Path,
+    images: &std::path::Path,
+    labels: &std::path::Path,
+    json: bool,
+    device: Option<DeviceChoice>,
+) -> Result<()> {
+    let run = RunFolder::open(run_dir)?;
+    let mut config = run.config()?;
+    if let Some(device) = device {
+        config.device = device;
+    }
+    let compute = select_device(config.device)?;
+    let (network, epoch) = run.latest_network(&compute.device)?;
+    // Evaluation images are the un-augmented inputs: decode them straight at the input size.
+    let data = TrainingData::load(
+        images,
+        Some(labels),
+        config.input_size,
+        config.input_size,
+        &|_, _| {},
+    )?;
+    for skipped in &data.skipped {
+        eprintln!("skipped {}: {}", skipped.path.display(), skipped.reason);
+    }
+    let mut observer = TerminalObserver::new();
+    let evaluation = evaluate_network(
+        &network,
+        &data,
+        &config,
+        &compute.device,
+        epoch,
+        &mut observer,
+    )?
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "no labels were found for the images in {}",
+            labels.display()
+        )
+    })?;
+    observer.bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "acc": evaluation.accuracy,
+                "miou": evaluation.mean_iou,
+                "per_class_iou": evaluation.per_class_iou,
+            })
+        );
+    } else {
+        println!(
+            "epoch {epoch}: Acc {:.2}  mIoU {:.2}",
+            evaluation.accuracy, evaluation.mean_iou
+        );
+        if let Some(names) = &data.class_names {
+            for (name, iou) in names.iter().zip(&evaluation.per_class_iou) {
+                match iou {
+                    Some(iou) => println!("  {name:>16}: IoU {iou:.2}"),
+                    None => println!("  {name:>16}: absent"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn segment(
+    run_dir: &std::path::Path,
+    images: &std::path::Path,
+    out: &std::path::Path,
+    device: Option<DeviceChoice>,
+) -> Result<()> {
+    let run = RunFolder::open(run_dir)?;
+    let mut config = run.config()?;
+    if let Some(device) = device {
+        config.device = device;
+    }
+    let compute = select_device(config.device)?;
+    let (network, _) = run.latest_network(&compute.device)?;
+    let centroids = run.segmentation()?;
+    let segmenter = Segmenter::new(
+        network,
+        centroids.centroids,
+        config.input_size,
+        compute.device.clone(),
+    );
+    let folder = ImageFolder::scan(images, None)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let bar = progress_bar(folder.len() as u64, "segmenting");
+    let mut failures = 0usize;
+    for entry in folder.entries() {
+        let target = out.join(format!("{}.png", entry.stem));
+        let result = segmenter
+            .segment_file(&entry.path)
+            .map_err(anyhow::Error::from)
+            .and_then(|segmentation| Ok(write_index_png(&target, &segmentation)?));
+        if let Err(error) = result {
+            failures += 1;
+            bar.println(format!("{}: {error:#}", entry.path.display()));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "wrote {} index masks to {} ({failures} failed)",
+        folder.len() - failures,
+        out.display()
+    );
+    if failures == folder.len() {
+        bail!("no image could be segmented");
+    }
+    Ok(())
 }
 
 fn scan(images: PathBuf, labels: Option<PathBuf>, size: u32) -> Result<()> {
@@ -213,11 +712,7 @@ fn bench_forward(
     runs: usize,
     weights: Option<PathBuf>,
 ) -> Result<()> {
-    let kinds: Vec<BackboneKind> = if backbone == "all" {
-        BackboneKind::ALL.to_vec()
-    } else {
-        vec![backbone.parse().map_err(anyhow::Error::msg)?]
-    };
+    let kinds = parse_backbones(backbone)?;
     let compute = select_device(device)?;
     println!("device: {}", compute.description);
     for kind in kinds {
@@ -229,6 +724,13 @@ fn bench_forward(
         println!("peak resident memory: {peak:.0} MiB");
     }
     Ok(())
+}
+
+fn parse_backbones(text: &str) -> Result<Vec<BackboneKind>> {
+    if text == "all" {
+        return Ok(BackboneKind::ALL.to_vec());
+    }
+    Ok(vec![text.parse().map_err(anyhow::Error::msg)?])
 }
 
 fn progress_bar(length: u64, message: &str) -> ProgressBar {

@@ -6,6 +6,7 @@
 
 mod dataset;
 mod demo;
+pub mod views;
 
 pub use dataset::{
     BaseTransform, DatasetError, IGNORE_LABEL, IMAGE_EXTENSIONS, ImageEntry, ImageFolder,

@@ -227,8 +227,8 @@ impl PicieNet {
         // Visiting needs `&mut` for the loader; writing only reads, so a clone is cheap
         // (tensors are reference-counted).
         self.clone().visit_weights(&mut writer)?;
-        let mut dict = writer.dict;
-        dict.metadata = metadata.clone();
+        let mut dict = writer.finish();
+        dict.metadata.extend(metadata.clone());
         dict.metadata
             .insert("format".into(), CHECKPOINT_FORMAT.into());
         dict.metadata
@@ -268,7 +268,17 @@ impl PicieNet {
 /// Turns RGB images (HWC, u8, all `size` x `size`) into a normalised batch `[B, 3, size, size]`
 /// with ImageNet statistics.
 pub fn images_to_tensor(images: &[&[u8]], size: usize, device: &Device) -> Tensor<4> {
-    let plane = size * size;
+    images_to_tensor_rect(images, size, size, device)
+}
+
+/// Like [`images_to_tensor`] for images of `width` x `height`: `[B, 3, height, width]`.
+pub fn images_to_tensor_rect(
+    images: &[&[u8]],
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Tensor<4> {
+    let plane = width * height;
     let mut values = vec![0f32; images.len() * 3 * plane];
     for (index, image) in images.iter().enumerate() {
         let batch_offset = index * 3 * plane;
@@ -281,7 +291,7 @@ pub fn images_to_tensor(images: &[&[u8]], size: usize, device: &Device) -> Tenso
         }
     }
     Tensor::from_data(
-        TensorData::new(values, [images.len(), 3, size, size]),
+        TensorData::new(values, [images.len(), 3, height, width]),
         device,
     )
 }
@@ -312,13 +322,16 @@ impl fmt::Display for WeightsOrigin {
 
 /// Builds a network: backbone weights from `weights` if given (a torchvision state_dict, or
 /// one of our network checkpoints), else torchvision's ImageNet file if it was downloaded,
-/// else random init.
+/// else random init. Random parts (the decoder, and the backbone without weights) come from
+/// `seed`, so a run starts identically for a given seed.
 pub fn build_network(
     kind: BackboneKind,
     weights: Option<&Path>,
+    seed: u64,
     device: &Device,
 ) -> Result<(PicieNet, WeightsOrigin), WeightsError> {
     let mut net = PicieNet::new(kind, device);
+    net.visit_weights(&mut weights::SeededInit::new(seed, device))?;
     let (path, origin) = match weights {
         Some(path) => (path.to_owned(), WeightsOrigin::File(path.to_owned())),
         None => match crate::download::known_weights(kind.name())

@@ -300,6 +300,7 @@ pub struct StateDictLoader<'a> {
     device: Device,
     network: String,
     used: BTreeSet<String>,
+    param_ids: BTreeMap<String, u64>,
 }
 
 impl<'a> StateDictLoader<'a> {
@@ -310,6 +311,11 @@ impl<'a> StateDictLoader<'a> {
             device: device.clone(),
             network: network.to_owned(),
             used: BTreeSet::new(),
+            param_ids: dict
+                .metadata
+                .get(PARAM_IDS_KEY)
+                .and_then(|text| serde_json::from_str(text).ok())
+                .unwrap_or_default(),
         }
     }
 
@@ -364,21 +370,32 @@ impl<'a> StateDictLoader<'a> {
     }
 }
 
-/// Replaces a parameter's value, keeping its id (optimiser state is keyed by it).
-fn set_param<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>) {
-    let id = param.id;
-    let mut replacement = Param::from_tensor(value);
-    replacement.id = id;
-    *param = replacement;
+/// Metadata key of our checkpoints that maps weight keys to burn parameter ids.
+const PARAM_IDS_KEY: &str = "param_ids";
+
+impl StateDictLoader<'_> {
+    /// Replaces a parameter's value. Its id becomes the one saved with the checkpoint, if any,
+    /// else stays as it was: optimiser state is keyed by parameter id, so a resumed run finds
+    /// its Adam moments again.
+    fn set_param<const D: usize>(&self, key: &str, param: &mut Param<Tensor<D>>, value: Tensor<D>) {
+        let id = self
+            .param_ids
+            .get(key)
+            .map(|&id| burn::module::ParamId::from(id))
+            .unwrap_or(param.id);
+        let mut replacement = Param::from_tensor(value);
+        replacement.id = id;
+        *param = replacement;
+    }
 }
 
 impl ParamVisitor for StateDictLoader<'_> {
     fn conv2d(&mut self, key: &str, conv: &mut Conv2d) -> Result<(), WeightsError> {
         let weight = self.take(&format!("{key}.weight"), conv.weight.dims())?;
-        set_param(&mut conv.weight, weight);
+        self.set_param(&format!("{key}.weight"), &mut conv.weight, weight);
         if let Some(bias) = &mut conv.bias {
             let value = self.take(&format!("{key}.bias"), bias.dims())?;
-            set_param(bias, value);
+            self.set_param(&format!("{key}.bias"), bias, value);
         }
         Ok(())
     }
@@ -389,8 +406,8 @@ impl ParamVisitor for StateDictLoader<'_> {
         let beta = self.take(&format!("{key}.bias"), dims)?;
         let mean = self.take(&format!("{key}.running_mean"), dims)?;
         let var = self.take(&format!("{key}.running_var"), dims)?;
-        set_param(&mut norm.gamma, gamma);
-        set_param(&mut norm.beta, beta);
+        self.set_param(&format!("{key}.weight"), &mut norm.gamma, gamma);
+        self.set_param(&format!("{key}.bias"), &mut norm.beta, beta);
         norm.running_mean = RunningState::new(mean);
         norm.running_var = RunningState::new(var);
         Ok(())
@@ -400,10 +417,14 @@ impl ParamVisitor for StateDictLoader<'_> {
         let [inputs, outputs] = linear.weight.dims();
         // PyTorch stores [out, in]; burn computes x W with W [in, out].
         let weight: Tensor<2> = self.take(&format!("{key}.weight"), [outputs, inputs])?;
-        set_param(&mut linear.weight, weight.transpose());
+        self.set_param(
+            &format!("{key}.weight"),
+            &mut linear.weight,
+            weight.transpose(),
+        );
         if let Some(bias) = &mut linear.bias {
             let value = self.take(&format!("{key}.bias"), bias.dims())?;
-            set_param(bias, value);
+            self.set_param(&format!("{key}.bias"), bias, value);
         }
         Ok(())
     }
@@ -418,9 +439,23 @@ impl ParamVisitor for StateDictLoader<'_> {
 pub struct StateDictWriter {
     /// The tensors collected so far.
     pub dict: StateDict,
+    param_ids: BTreeMap<String, u64>,
 }
 
 impl StateDictWriter {
+    /// The collected tensors, with the parameter ids in the metadata.
+    pub fn finish(mut self) -> StateDict {
+        if let Ok(ids) = serde_json::to_string(&self.param_ids) {
+            self.dict.metadata.insert(PARAM_IDS_KEY.into(), ids);
+        }
+        self.dict
+    }
+
+    fn put_param<const D: usize>(&mut self, key: String, param: &Param<Tensor<D>>) {
+        self.param_ids.insert(key.clone(), param.id.val());
+        self.put(key, param.val());
+    }
+
     fn put<const D: usize>(&mut self, key: String, tensor: Tensor<D>) {
         let shape = tensor.dims().to_vec();
         let values = tensor
@@ -436,25 +471,28 @@ impl StateDictWriter {
 
 impl ParamVisitor for StateDictWriter {
     fn conv2d(&mut self, key: &str, conv: &mut Conv2d) -> Result<(), WeightsError> {
-        self.put(format!("{key}.weight"), conv.weight.val());
+        self.put_param(format!("{key}.weight"), &conv.weight);
         if let Some(bias) = &conv.bias {
-            self.put(format!("{key}.bias"), bias.val());
+            self.put_param(format!("{key}.bias"), bias);
         }
         Ok(())
     }
 
     fn batch_norm(&mut self, key: &str, norm: &mut BatchNorm) -> Result<(), WeightsError> {
-        self.put(format!("{key}.weight"), norm.gamma.val());
-        self.put(format!("{key}.bias"), norm.beta.val());
+        self.put_param(format!("{key}.weight"), &norm.gamma);
+        self.put_param(format!("{key}.bias"), &norm.beta);
         self.put(format!("{key}.running_mean"), norm.running_mean.value());
         self.put(format!("{key}.running_var"), norm.running_var.value());
         Ok(())
     }
 
     fn linear(&mut self, key: &str, linear: &mut Linear) -> Result<(), WeightsError> {
+        // Saved in PyTorch layout; the id still names the (transposed) parameter.
+        self.param_ids
+            .insert(format!("{key}.weight"), linear.weight.id.val());
         self.put(format!("{key}.weight"), linear.weight.val().transpose());
         if let Some(bias) = &linear.bias {
-            self.put(format!("{key}.bias"), bias.val());
+            self.put_param(format!("{key}.bias"), bias);
         }
         Ok(())
     }
@@ -506,4 +544,76 @@ fn read_with_burn(path: &Path) -> Result<BTreeMap<String, StoredTensor>, String>
         tensors.insert(key, StoredTensor { shape, values });
     }
     Ok(tensors)
+}
+
+/// Overwrites every weight with values from a seeded generator: PyTorch's default layer init
+/// (uniform in +-1/sqrt(fan_in) for weights and biases; BatchNorm scale 1, shift 0). burn's
+/// own initialisers draw from a process-wide generator, which other threads share; this keeps
+/// a run's start identical for a given seed whatever else runs.
+pub struct SeededInit {
+    rng: rand_chacha::ChaCha8Rng,
+    device: Device,
+}
+
+impl SeededInit {
+    /// An initialiser for tensors on `device`.
+    pub fn new(seed: u64, device: &Device) -> Self {
+        use rand::SeedableRng;
+        Self {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            device: device.clone(),
+        }
+    }
+
+    fn uniform<const D: usize>(&mut self, shape: [usize; D], bound: f32) -> Tensor<D> {
+        use rand::Rng;
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count)
+            .map(|_| self.rng.random_range(-bound..=bound))
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), &self.device)
+    }
+
+    fn replace<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>) {
+        let id = param.id;
+        let mut replacement = Param::from_tensor(value);
+        replacement.id = id;
+        *param = replacement;
+    }
+}
+
+impl ParamVisitor for SeededInit {
+    fn conv2d(&mut self, _key: &str, conv: &mut Conv2d) -> Result<(), WeightsError> {
+        let dims = conv.weight.dims();
+        let fan_in = (dims[1] * dims[2] * dims[3]).max(1);
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let weight = self.uniform(dims, bound);
+        Self::replace(&mut conv.weight, weight);
+        if let Some(bias) = &mut conv.bias {
+            let value = self.uniform(bias.dims(), bound);
+            Self::replace(bias, value);
+        }
+        Ok(())
+    }
+
+    fn batch_norm(&mut self, _key: &str, _norm: &mut BatchNorm) -> Result<(), WeightsError> {
+        // Already ones and zeros, with running statistics zero and one.
+        Ok(())
+    }
+
+    fn linear(&mut self, _key: &str, linear: &mut Linear) -> Result<(), WeightsError> {
+        let dims = linear.weight.dims();
+        let bound = 1.0 / (dims[0].max(1) as f32).sqrt();
+        let weight = self.uniform(dims, bound);
+        Self::replace(&mut linear.weight, weight);
+        if let Some(bias) = &mut linear.bias {
+            let value = self.uniform(bias.dims(), bound);
+            Self::replace(bias, value);
+        }
+        Ok(())
+    }
+
+    fn provides(&self, _key: &str) -> bool {
+        false
+    }
 }

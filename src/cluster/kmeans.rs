@@ -1,0 +1,686 @@
+//! Spherical k-means streamed over a [`FeatureStore`] on the training device.
+//!
+//! As faiss with `spherical=True` (the reference): assignment by largest inner product,
+//! centroids re-normalised to unit length after each update. Each pass uploads one chunk of
+//! points at a time and keeps only `[chunk, K]` similarities, so memory does not grow with N.
+
+use std::ops::Range;
+
+use burn::tensor::{Device, Int, Tensor, Transaction};
+use rand::seq::index;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::store::FeatureStore;
+use super::{Centroids, ClusterError, check_clusters, normalize};
+
+/// Points per device chunk unless configured otherwise (`[16384, K]` similarities at a time).
+/// On the Flex CPU backend 16k-point chunks (8 MiB of f32) ran a Lloyd pass about twice as
+/// fast as 64k-point ones (cache and allocator effects); a GPU is still well fed by them.
+pub const DEFAULT_CHUNK_POINTS: usize = 16_384;
+/// Lloyd iterations, as the reference's faiss call (`niter=20`).
+pub const DEFAULT_ITERATIONS: usize = 20;
+/// Points sampled for the k-means++ initialisation.
+pub const DEFAULT_INIT_SAMPLE: usize = 50_000;
+/// [`KMeansMode::Auto`] runs full Lloyd passes up to this many points, mini-batch above.
+pub const AUTO_FULL_MAX_POINTS: usize = 4_000_000;
+/// Points [`KMeansMode::Auto`] clusters with full k-means before its mini-batch pass.
+pub const AUTO_SEED_POINTS: usize = 1 << 20;
+
+/// How far (relative to a unit centroid) the two halves of a split cluster are pushed apart
+/// when an empty cluster is re-seeded; far above f32 rounding, small against cluster spread.
+const SPLIT_EPSILON: f32 = 1e-2;
+
+/// Which k-means variant runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KMeansMode {
+    /// [`KMeansMode::Full`] up to [`AUTO_FULL_MAX_POINTS`] points, else
+    /// [`KMeansMode::MiniBatch`] seeded with [`AUTO_SEED_POINTS`] points.
+    #[default]
+    Auto,
+    /// Lloyd iterations over all points, exactly like the reference.
+    Full,
+    /// The paper's variant: full k-means on the first `seed_points` points, then one pass over
+    /// the rest in chunks, each updating the centroids by running means
+    /// `mu_k += (n_k / count_k) * (mean_of_chunk_k - mu_k)`.
+    MiniBatch {
+        /// Points clustered with full k-means first (at least K are used).
+        seed_points: usize,
+    },
+}
+
+impl KMeansMode {
+    /// The mode that runs for `points` points: [`KMeansMode::Auto`] resolved, others as they are.
+    pub fn resolve(self, points: usize) -> Self {
+        match self {
+            Self::Auto if points <= AUTO_FULL_MAX_POINTS => Self::Full,
+            Self::Auto => Self::MiniBatch {
+                seed_points: AUTO_SEED_POINTS,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Settings of one k-means run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KMeansConfig {
+    /// Number of clusters K.
+    pub clusters: usize,
+    /// Lloyd iterations (of the seed phase in mini-batch mode).
+    pub iterations: usize,
+    /// Seed of the initialisation sample, k-means++ and empty-cluster re-seeding.
+    pub seed: u64,
+    /// Points per device chunk.
+    pub chunk_points: usize,
+    /// Full or mini-batch.
+    pub mode: KMeansMode,
+    /// Points sampled (without replacement) for k-means++.
+    pub init_sample: usize,
+}
+
+impl KMeansConfig {
+    /// Defaults for `clusters` clusters: 20 iterations, seed 0, automatic mode.
+    pub fn new(clusters: usize) -> Self {
+        Self {
+            clusters,
+            iterations: DEFAULT_ITERATIONS,
+            seed: 0,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+            mode: KMeansMode::Auto,
+            init_sample: DEFAULT_INIT_SAMPLE,
+        }
+    }
+
+    /// With `iterations` Lloyd iterations.
+    pub fn with_iterations(mut self, iterations: usize) -> Self {
+        self.iterations = iterations;
+        self
+    }
+
+    /// With seed `seed`.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// With chunks of `chunk_points` points.
+    pub fn with_chunk_points(mut self, chunk_points: usize) -> Self {
+        self.chunk_points = chunk_points;
+        self
+    }
+
+    /// With mode `mode`.
+    pub fn with_mode(mut self, mode: KMeansMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// With a k-means++ sample of `init_sample` points.
+    pub fn with_init_sample(mut self, init_sample: usize) -> Self {
+        self.init_sample = init_sample;
+        self
+    }
+}
+
+/// What a step of k-means was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// A Lloyd iteration (assignment of every point, then centroid update).
+    Lloyd,
+    /// The mini-batch pass over the points after the seed points.
+    MiniBatchPass,
+}
+
+/// Statistics of one k-means step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IterationStats {
+    /// What the step was.
+    pub kind: StepKind,
+    /// Points the step assigned.
+    pub points: usize,
+    /// Mean inner product of each point with the centroid it was assigned to (before this
+    /// step's update); for unit vectors `1 - mean_similarity` is half the mean squared
+    /// distance, i.e. the inertia per point.
+    pub mean_similarity: f64,
+    /// Points assigned to each cluster in this step.
+    pub counts: Vec<u64>,
+    /// Clusters that got no points and were re-seeded by splitting the largest cluster.
+    pub reseeded: Vec<usize>,
+}
+
+/// The result of [`kmeans`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct KMeansResult {
+    /// Unit-length centroids.
+    pub centroids: Centroids,
+    /// The mode that ran ([`KMeansMode::Auto`] resolved).
+    pub mode: KMeansMode,
+    /// One entry per step, in order.
+    pub steps: Vec<IterationStats>,
+}
+
+/// One Lloyd iteration: the updated centroids and what the assignment saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LloydStep {
+    /// Centroids after the update (and any re-seeding).
+    pub centroids: Centroids,
+    /// Statistics of the assignment.
+    pub stats: IterationStats,
+}
+
+/// Spherical k-means over every row of `store`, initialised by k-means++.
+pub fn kmeans(
+    store: &FeatureStore,
+    config: &KMeansConfig,
+    device: &Device,
+) -> Result<KMeansResult, ClusterError> {
+    kmeans_with(store, config, None, device, &mut |_| {})
+}
+
+/// [`kmeans`] from the given initial centroids (k-means++ when `None`), calling `on_step`
+/// after every step (for progress displays).
+pub fn kmeans_with(
+    store: &FeatureStore,
+    config: &KMeansConfig,
+    init: Option<Centroids>,
+    device: &Device,
+    on_step: &mut dyn FnMut(&IterationStats),
+) -> Result<KMeansResult, ClusterError> {
+    let clusters = config.clusters;
+    check_clusters(clusters)?;
+    let points = store.len();
+    if points < clusters {
+        return Err(ClusterError::TooFewPoints { clusters, points });
+    }
+    let mode = config.mode.resolve(points);
+    let seed_end = match mode {
+        KMeansMode::MiniBatch { seed_points } => seed_points.clamp(clusters, points),
+        _ => points,
+    };
+    let mut centroids = match init {
+        Some(init) => {
+            check_centroids(&init, clusters, store.dim())?;
+            init
+        }
+        None => init_plus_plus(
+            store,
+            0..seed_end,
+            clusters,
+            config.init_sample,
+            config.seed,
+        )?,
+    };
+    // A stream apart from the initialisation's, so changing one does not shift the other.
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5DEE_CE66_D1CE_4E5B);
+    let mut steps = Vec::with_capacity(config.iterations + 1);
+    let mut last_counts = None;
+    for _ in 0..config.iterations {
+        let totals = lloyd_pass(store, 0..seed_end, &centroids, config.chunk_points, device)?;
+        let step = update(&totals, &centroids, &mut rng);
+        on_step(&step.stats);
+        last_counts = Some(step.split_counts);
+        centroids = step.centroids;
+        steps.push(step.stats);
+    }
+    if seed_end < points {
+        let counts = match last_counts {
+            Some(counts) => counts,
+            // No seed iterations: the seed points' counts under the initial centroids.
+            None => lloyd_pass(store, 0..seed_end, &centroids, config.chunk_points, device)?.counts,
+        };
+        let (updated, stats) = minibatch_pass(
+            store,
+            seed_end..points,
+            centroids,
+            counts,
+            config.chunk_points,
+            device,
+        )?;
+        on_step(&stats);
+        centroids = updated;
+        steps.push(stats);
+    }
+    Ok(KMeansResult {
+        centroids,
+        mode,
+        steps,
+    })
+}
+
+/// One Lloyd iteration over every row of `store` from `centroids`; `seed` seeds the
+/// perturbation used if a cluster comes out empty.
+pub fn lloyd_step(
+    store: &FeatureStore,
+    centroids: &Centroids,
+    chunk_points: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<LloydStep, ClusterError> {
+    check_centroids(centroids, centroids.clusters, store.dim())?;
+    let totals = lloyd_pass(store, 0..store.len(), centroids, chunk_points, device)?;
+    let step = update(&totals, centroids, &mut ChaCha8Rng::seed_from_u64(seed));
+    Ok(LloydStep {
+        centroids: step.centroids,
+        stats: step.stats,
+    })
+}
+
+/// Greedy k-means++ initialisation on a seeded sample of up to `sample` rows of `range`
+/// (deterministic given `seed`): the first centre is drawn uniformly; for each further one,
+/// `2 + ln K` candidates are drawn with probability proportional to their squared distance to
+/// the nearest centre so far and the one that lowers the total squared distance most is kept
+/// (as scikit-learn does; plain k-means++ too often puts two centres in one blob).
+pub fn init_plus_plus(
+    store: &FeatureStore,
+    range: Range<usize>,
+    clusters: usize,
+    sample: usize,
+    seed: u64,
+) -> Result<Centroids, ClusterError> {
+    check_clusters(clusters)?;
+    if range.end > store.len() || range.start > range.end {
+        return Err(ClusterError::OutOfRange {
+            start: range.start,
+            end: range.end,
+            len: store.len(),
+        });
+    }
+    let available = range.len();
+    if available < clusters {
+        return Err(ClusterError::TooFewPoints {
+            clusters,
+            points: available,
+        });
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let size = sample.max(clusters).min(available);
+    let mut rows: Vec<usize> = if size == available {
+        range.collect()
+    } else {
+        index::sample(&mut rng, available, size)
+            .into_iter()
+            .map(|offset| range.start + offset)
+            .collect()
+    };
+    rows.sort_unstable();
+    let dim = store.dim();
+    let data = store.gather(&rows)?;
+    let point = |i: usize| &data[i * dim..(i + 1) * dim];
+    // Squared distance to each candidate centre, folded into the current nearest distances.
+    let nearest_with = |nearest: Option<&[f32]>, centre: usize| -> Vec<f32> {
+        let centre = point(centre);
+        data.par_chunks(dim)
+            .enumerate()
+            .map(|(i, x)| {
+                let distance: f32 = x.iter().zip(centre).map(|(a, b)| (a - b) * (a - b)).sum();
+                nearest.map_or(distance, |nearest| nearest[i].min(distance))
+            })
+            .collect()
+    };
+    // Summed sequentially in f64 so the result does not depend on thread scheduling.
+    let potential = |distances: &[f32]| distances.iter().map(|&d| f64::from(d)).sum::<f64>();
+
+    let trials = 2 + (clusters as f64).ln().floor() as usize;
+    let first = rng.random_range(0..size);
+    let mut chosen = vec![first];
+    let mut nearest = nearest_with(None, first);
+    let mut prefix = Vec::with_capacity(size);
+    while chosen.len() < clusters {
+        prefix.clear();
+        let mut cumulative = 0.0f64;
+        for &d in &nearest {
+            cumulative += f64::from(d);
+            prefix.push(cumulative);
+        }
+        if cumulative <= 0.0 {
+            // Every sample point coincides with a centre: take any point not chosen yet; the
+            // duplicate centre will come out empty and be re-seeded.
+            let free: Vec<usize> = (0..size).filter(|i| !chosen.contains(i)).collect();
+            let next = free[rng.random_range(0..free.len())];
+            chosen.push(next);
+            continue;
+        }
+        let mut best: Option<(f64, usize, Vec<f32>)> = None;
+        for _ in 0..trials {
+            let target = rng.random::<f64>() * cumulative;
+            // First point whose prefix passes the target; points at distance 0 are never hit.
+            let candidate = prefix.partition_point(|&p| p <= target).min(size - 1);
+            let distances = nearest_with(Some(&nearest), candidate);
+            let total = potential(&distances);
+            if best
+                .as_ref()
+                .is_none_or(|(best_total, _, _)| total < *best_total)
+            {
+                best = Some((total, candidate, distances));
+            }
+        }
+        if let Some((_, candidate, distances)) = best {
+            chosen.push(candidate);
+            nearest = distances;
+        }
+    }
+    let values = chosen
+        .iter()
+        .flat_map(|&i| point(i).iter().copied())
+        .collect();
+    Centroids::new(values, clusters, dim)
+}
+
+fn check_centroids(centroids: &Centroids, clusters: usize, dim: usize) -> Result<(), ClusterError> {
+    check_clusters(centroids.clusters)?;
+    if centroids.dim != dim {
+        return Err(ClusterError::DimensionMismatch {
+            expected: dim,
+            got: centroids.dim,
+        });
+    }
+    if centroids.clusters != clusters || centroids.values.len() != clusters * dim {
+        return Err(ClusterError::InvalidCentroids(format!(
+            "{} centroids ({} values) where {clusters} of dimension {dim} were expected",
+            centroids.clusters,
+            centroids.values.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The consecutive chunks of `range`, `chunk_points` (at least 1) long except the last.
+pub(super) fn chunks(
+    range: Range<usize>,
+    chunk_points: usize,
+) -> impl Iterator<Item = Range<usize>> {
+    let step = chunk_points.max(1);
+    range
+        .clone()
+        .step_by(step)
+        .map(move |start| start..(start + step).min(range.end))
+}
+
+/// Per-cluster sums, counts and the summed best similarity of one chunk, on the device.
+struct ChunkTotals {
+    /// `[K, D]`
+    sums: Tensor<2>,
+    /// `[1, K]`
+    counts: Tensor<2, Int>,
+    /// `[1]`
+    similarity: Tensor<1>,
+}
+
+/// Assigns the points of `chunk` to their most similar centroid and totals them per cluster.
+/// `centroids_t` is `[D, K]`, `cluster_ids` the row `[0, 1, .., K-1]` as `[1, K]`.
+fn chunk_totals(
+    chunk: Tensor<2>,
+    centroids_t: Tensor<2>,
+    cluster_ids: Tensor<2, Int>,
+) -> ChunkTotals {
+    let [points, _] = chunk.dims();
+    let [_, clusters] = cluster_ids.dims();
+    // [C, D] x [D, K] -> [C, K]
+    let similarities = chunk.clone().matmul(centroids_t);
+    // [C, K] -> [C, 1] each
+    let (best, labels) = similarities.max_dim_with_indices(1);
+    // One-hot of the labels, [C, K]; a matmul totals it faster than a scatter-add, and needs
+    // no float atomics on the GPU.
+    let one_hot = labels
+        .expand([points, clusters])
+        .equal(cluster_ids.expand([points, clusters]));
+    // [K, C] x [C, D] -> [K, D]
+    let sums = one_hot.clone().float().transpose().matmul(chunk);
+    // [C, K] -> [1, K]; integer, so counts stay exact past 2^24 points
+    let counts = one_hot.int().sum_dim(0);
+    ChunkTotals {
+        sums,
+        counts,
+        similarity: best.sum(),
+    }
+}
+
+/// Totals of one assignment pass over a range of the store.
+struct PassTotals {
+    /// `K * D` per-cluster sums of the assigned points.
+    sums: Vec<f32>,
+    counts: Vec<u64>,
+    similarity_sum: f64,
+    points: usize,
+}
+
+/// The `[1, K]` integer row `0..K` on `device`.
+fn cluster_id_row(clusters: usize, device: &Device) -> Tensor<2, Int> {
+    Tensor::<1, Int>::arange(0..clusters as i64, device).reshape([1, clusters])
+}
+
+/// One assignment pass over `range`, accumulating the totals on the device and reading them
+/// back once at the end, so the device is never stalled between chunks.
+fn lloyd_pass(
+    store: &FeatureStore,
+    range: Range<usize>,
+    centroids: &Centroids,
+    chunk_points: usize,
+    device: &Device,
+) -> Result<PassTotals, ClusterError> {
+    let clusters = centroids.clusters;
+    let dim = centroids.dim;
+    // [K, D] -> [D, K]
+    let centroids_t = centroids.to_tensor(device).transpose();
+    let cluster_ids = cluster_id_row(clusters, device);
+    let mut sums = Tensor::<2>::zeros([clusters, dim], device);
+    let mut counts = Tensor::<2, Int>::zeros([1, clusters], device);
+    let mut similarities = Vec::new();
+    for chunk in chunks(range.clone(), chunk_points) {
+        let totals = chunk_totals(
+            store.chunk(chunk, device)?,
+            centroids_t.clone(),
+            cluster_ids.clone(),
+        );
+        sums = sums + totals.sums;
+        counts = counts + totals.counts;
+        // Kept per chunk and summed in f64 on the host: an f32 running total of 10^8 terms
+        // would drift.
+        similarities.push(totals.similarity);
+    }
+    let similarity = if similarities.is_empty() {
+        Tensor::<1>::zeros([1], device)
+    } else {
+        Tensor::cat(similarities, 0)
+    };
+    let HostTotals {
+        sums,
+        counts,
+        similarity,
+    } = read_totals(sums, counts, similarity)?;
+    Ok(PassTotals {
+        sums,
+        counts,
+        similarity_sum: similarity.iter().map(|&s| f64::from(s)).sum(),
+        points: range.len(),
+    })
+}
+
+/// Reads `[K, D]` sums, `[1, K]` counts and per-chunk similarity sums back in one transaction.
+fn read_totals(
+    sums: Tensor<2>,
+    counts: Tensor<2, Int>,
+    similarity: Tensor<1>,
+) -> Result<HostTotals, ClusterError> {
+    let device_error = |error: String| ClusterError::Device(error);
+    let data = Transaction::default()
+        .register(sums)
+        .register(counts)
+        .register(similarity)
+        .try_execute()
+        .map_err(|error| device_error(format!("{error:?}")))?;
+    let [sums, counts, similarity]: [_; 3] = data
+        .try_into()
+        .map_err(|_| device_error("a read-back returned the wrong number of tensors".into()))?;
+    let sums = sums
+        .try_into_vec_as::<f32>()
+        .map_err(|error| device_error(error.to_string()))?;
+    let counts = counts
+        .try_into_vec_as::<i64>()
+        .map_err(|error| device_error(error.to_string()))?
+        .into_iter()
+        .map(|count| count.max(0) as u64)
+        .collect();
+    let similarity = similarity
+        .try_into_vec_as::<f32>()
+        .map_err(|error| device_error(error.to_string()))?;
+    Ok(HostTotals {
+        sums,
+        counts,
+        similarity,
+    })
+}
+
+/// [`ChunkTotals`] (or their accumulation) read back to the host.
+struct HostTotals {
+    /// `K * D` per-cluster sums.
+    sums: Vec<f32>,
+    counts: Vec<u64>,
+    /// One summed best similarity per chunk.
+    similarity: Vec<f32>,
+}
+
+/// The outcome of a centroid update.
+struct Update {
+    centroids: Centroids,
+    stats: IterationStats,
+    /// Counts after re-seeding split the largest clusters (what the mini-batch pass starts
+    /// from).
+    split_counts: Vec<u64>,
+}
+
+/// The spherical update: each centroid becomes the normalised sum of its points. Empty
+/// clusters are re-seeded by splitting the currently largest cluster (as faiss does): its
+/// centroid `c` and the empty one become `normalise(c -+ eps * d)` for a random direction `d`
+/// orthogonal to `c`, so the next assignment divides its points between the two. Chosen over
+/// "move to the farthest member" because it needs no extra pass over the data.
+fn update(totals: &PassTotals, old: &Centroids, rng: &mut ChaCha8Rng) -> Update {
+    let clusters = old.clusters;
+    let dim = old.dim;
+    let mut centroids = old.clone();
+    let mut empty = Vec::new();
+    for k in 0..clusters {
+        if totals.counts[k] == 0 {
+            empty.push(k);
+            continue;
+        }
+        let sum = &totals.sums[k * dim..(k + 1) * dim];
+        let norm: f64 = sum.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        // Members that cancel out exactly leave no direction, and non-finite features no
+        // usable one: keep the old centroid.
+        if norm.is_finite() && norm.sqrt() > 1e-12 {
+            let row = centroids.row_mut(k);
+            row.copy_from_slice(sum);
+            normalize(row);
+        }
+    }
+    let mut split_counts = totals.counts.clone();
+    for &target in &empty {
+        let largest = (0..clusters)
+            .max_by_key(|&k| (split_counts[k], std::cmp::Reverse(k)))
+            .unwrap_or(0);
+        let centre = centroids.row(largest).to_vec();
+        let mut direction: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let along: f32 = direction.iter().zip(&centre).map(|(d, c)| d * c).sum();
+        for (d, c) in direction.iter_mut().zip(&centre) {
+            *d -= along * c;
+        }
+        normalize(&mut direction);
+        for (sign, k) in [(1.0f32, target), (-1.0, largest)] {
+            let row = centroids.row_mut(k);
+            for ((value, c), d) in row.iter_mut().zip(&centre).zip(&direction) {
+                *value = c + sign * SPLIT_EPSILON * d;
+            }
+            normalize(row);
+        }
+        let half = split_counts[largest] / 2;
+        split_counts[target] = half;
+        split_counts[largest] -= half;
+    }
+    let stats = IterationStats {
+        kind: StepKind::Lloyd,
+        points: totals.points,
+        mean_similarity: mean(totals.similarity_sum, totals.points),
+        counts: totals.counts.clone(),
+        reseeded: empty,
+    };
+    Update {
+        centroids,
+        stats,
+        split_counts,
+    }
+}
+
+fn mean(sum: f64, points: usize) -> f64 {
+    if points == 0 {
+        0.0
+    } else {
+        sum / points as f64
+    }
+}
+
+/// The mini-batch pass: each chunk is assigned to the current (normalised) running means,
+/// then `mu_k += (n_k / count_k) * (mean_of_chunk_k - mu_k)` with `count_k` the points seen
+/// by cluster `k` so far. Clusters without points keep their centroid (no re-seeding: that
+/// would need another pass).
+fn minibatch_pass(
+    store: &FeatureStore,
+    range: Range<usize>,
+    start: Centroids,
+    mut seen: Vec<u64>,
+    chunk_points: usize,
+    device: &Device,
+) -> Result<(Centroids, IterationStats), ClusterError> {
+    let clusters = start.clusters;
+    let dim = start.dim;
+    let cluster_ids = cluster_id_row(clusters, device);
+    let mut running = start.values.clone();
+    let mut current = start;
+    let mut pass_counts = vec![0u64; clusters];
+    let mut similarity_sum = 0.0;
+    for chunk in chunks(range.clone(), chunk_points) {
+        // [K, D] -> [D, K]
+        let centroids_t = current.to_tensor(device).transpose();
+        let totals = chunk_totals(
+            store.chunk(chunk, device)?,
+            centroids_t,
+            cluster_ids.clone(),
+        );
+        // The next chunk's assignment depends on this update: read back every chunk.
+        let HostTotals {
+            sums,
+            counts,
+            similarity,
+        } = read_totals(totals.sums, totals.counts, totals.similarity)?;
+        similarity_sum += similarity.iter().map(|&s| f64::from(s)).sum::<f64>();
+        for k in 0..clusters {
+            let n = counts[k];
+            if n == 0 {
+                continue;
+            }
+            pass_counts[k] += n;
+            seen[k] += n;
+            let rate = n as f64 / seen[k] as f64;
+            let mu = &mut running[k * dim..(k + 1) * dim];
+            for (value, &sum) in mu.iter_mut().zip(&sums[k * dim..(k + 1) * dim]) {
+                let chunk_mean = f64::from(sum) / n as f64;
+                *value = (f64::from(*value) + rate * (chunk_mean - f64::from(*value))) as f32;
+            }
+        }
+        // Assignment is by inner product, so the running means are compared normalised.
+        current = Centroids::new(running.clone(), clusters, dim)?;
+    }
+    let stats = IterationStats {
+        kind: StepKind::MiniBatchPass,
+        points: range.len(),
+        mean_similarity: mean(similarity_sum, range.len()),
+        counts: pass_counts,
+        reseeded: Vec::new(),
+    };
+    Ok((current, stats))
+}

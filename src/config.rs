@@ -1,0 +1,198 @@
+//! Every hyperparameter of a run, with the seed, in one struct saved in the run folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceChoice;
+use crate::loss::BalanceMode;
+use crate::model::BackboneKind;
+
+/// How BatchNorm behaves while features are computed for clustering.
+///
+/// The reference leaves this open (its compact PyTorch version defaults to train mode). We
+/// default to running statistics: batch statistics need the autodiff graph, which burn only
+/// frees on a backward pass, so train mode costs an extra (empty) backward per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterBatchNorm {
+    /// Batch statistics (the network in train mode), as the reference's PyTorch version.
+    Train,
+    /// Running statistics.
+    #[default]
+    Eval,
+}
+
+/// The configuration of a training run. Missing fields in a config file take the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Backbone network.
+    pub backbone: BackboneKind,
+    /// Starting weights (torchvision .pth or our checkpoint); `None`: the downloaded ImageNet
+    /// file if present, else random init.
+    pub weights: Option<PathBuf>,
+    /// Where to train.
+    pub device: DeviceChoice,
+    /// Clusters K; `None`: the number of label classes when labels are given, else 27.
+    pub clusters: Option<usize>,
+    /// Optional overclustering head K2 (PiCIE + H); `None` disables it.
+    pub overclusters: Option<usize>,
+    /// Base image side: shorter side resized to this, then centre-cropped.
+    pub base_size: u32,
+    /// Network input side for training views and evaluation.
+    pub input_size: u32,
+    /// Images per optimisation step.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Epochs of (cluster both views, label, optimise).
+    pub epochs: usize,
+    /// Class weights of the cross-entropy.
+    pub balance: BalanceMode,
+    /// Lloyd iterations of k-means.
+    pub kmeans_iterations: usize,
+    /// BatchNorm mode during the clustering pass.
+    pub cluster_batch_norm: ClusterBatchNorm,
+    /// Clusters for evaluation; `None`: the number of label classes.
+    pub eval_clusters: Option<usize>,
+    /// Images whose cluster maps are sent to observers.
+    pub preview_images: usize,
+    /// Also send preview maps every this many steps (0: once per epoch).
+    pub preview_every_steps: usize,
+    /// The one seed of the run: views, batch order, k-means and initial weights.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            backbone: BackboneKind::Resnet18,
+            weights: None,
+            device: DeviceChoice::Auto,
+            clusters: None,
+            overclusters: None,
+            base_size: 320,
+            input_size: 160,
+            batch_size: 16,
+            learning_rate: 1e-4,
+            epochs: 10,
+            balance: BalanceMode::Reference,
+            kmeans_iterations: 20,
+            cluster_batch_norm: ClusterBatchNorm::Eval,
+            eval_clusters: None,
+            preview_images: 8,
+            preview_every_steps: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// Errors of reading, writing or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON for a config.
+    #[error("config file {path} is not valid: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The file could not be written.
+    #[error("cannot write config file {path}: {source}. Check free disk space and permissions")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl TrainConfig {
+    /// Reads a JSON config file; fields it leaves out keep their defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        })
+    }
+
+    /// Writes the config as pretty JSON, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|error| ConfigError::Invalid(error.to_string()))?;
+        crate::fsutil::write_bytes_atomic(path, text.as_bytes()).map_err(|source| {
+            ConfigError::Write {
+                path: path.to_owned(),
+                source,
+            }
+        })
+    }
+
+    /// Checks the values that would otherwise fail deep inside training.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.input_size < 32 || !self.input_size.is_multiple_of(32) {
+            return invalid(format!(
+                "input_size {} must be a multiple of 32 and at least 32",
+                self.input_size
+            ));
+        }
+        if self.base_size < self.input_size {
+            return invalid(format!(
+                "base_size {} must be at least input_size {}",
+                self.base_size, self.input_size
+            ));
+        }
+        if self.batch_size == 0 {
+            return invalid("batch_size must be at least 1".into());
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return invalid(format!(
+                "learning_rate {} must be positive",
+                self.learning_rate
+            ));
+        }
+        for (name, value) in [
+            ("clusters", self.clusters),
+            ("overclusters", self.overclusters),
+            ("eval_clusters", self.eval_clusters),
+        ] {
+            if let Some(k) = value
+                && !(2..=u16::MAX as usize).contains(&k)
+            {
+                return invalid(format!("{name} {k} must be between 2 and 65535"));
+            }
+        }
+        if self.kmeans_iterations == 0 {
+            return invalid("kmeans_iterations must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// K for a dataset with `classes` label classes (if labelled).
+    pub fn clusters_for(&self, classes: Option<usize>) -> usize {
+        self.clusters.or(classes).unwrap_or(27)
+    }
+
+    /// Side of the stride-4 feature grid of the training input.
+    pub fn feature_grid(&self) -> usize {
+        self.input_size as usize / crate::model::FEATURE_STRIDE
+    }
+}

@@ -1,0 +1,216 @@
+//! Segmenting images at their original resolution with a trained run.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use image::imageops::FilterType;
+use rayon::prelude::*;
+
+use crate::data::{DatasetError, load_one};
+use crate::model::{FEATURE_DIM, PicieNet, images_to_tensor_rect};
+
+/// The network and centroids that turn an image into cluster indices.
+pub struct Segmenter {
+    network: PicieNet,
+    /// K x D row-major unit centroids.
+    centroids: Vec<f32>,
+    clusters: usize,
+    /// The shorter side images are resized to before the network sees them.
+    input_size: u32,
+    device: Device,
+}
+
+/// One segmented image.
+#[derive(Debug, Clone)]
+pub struct Segmentation {
+    /// Width in pixels (the original image's).
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Cluster index per pixel, row-major.
+    pub labels: Vec<u16>,
+}
+
+impl Segmenter {
+    /// A segmenter from a network (in eval mode) and its K x D centroids.
+    pub fn new(network: PicieNet, centroids: Vec<f32>, input_size: u32, device: Device) -> Self {
+        let clusters = centroids.len() / FEATURE_DIM;
+        Self {
+            network,
+            centroids,
+            clusters,
+            input_size,
+            device,
+        }
+    }
+
+    /// Number of clusters.
+    pub fn clusters(&self) -> usize {
+        self.clusters
+    }
+
+    /// Segments an RGB image at its own resolution: the network sees it with the shorter side
+    /// at the input size (no crop), and the logits `<z, mu>` are interpolated bilinearly to
+    /// every original pixel before the argmax.
+    pub fn segment(&self, image: &image::RgbImage) -> Segmentation {
+        let (width, height) = image.dimensions();
+        let scale = self.input_size as f64 / f64::from(width.min(height));
+        let input_width = ((f64::from(width) * scale).round() as u32).max(32);
+        let input_height = ((f64::from(height) * scale).round() as u32).max(32);
+        let resized =
+            image::imageops::resize(image, input_width, input_height, FilterType::Triangle);
+        let input = images_to_tensor_rect(
+            &[resized.as_raw()],
+            input_width as usize,
+            input_height as usize,
+            &self.device,
+        );
+        // [1, D, h, w]
+        let features = self.network.forward(input);
+        let [_, dim, feature_height, feature_width] = features.dims();
+        let values = features
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        let cells = feature_height * feature_width;
+        // Logits per cell: [K, h*w], computed on the CPU from the downloaded features since
+        // K x h x w is small; only the final interpolation touches every pixel.
+        let mut logits = vec![0f32; self.clusters * cells];
+        for k in 0..self.clusters {
+            let centroid = &self.centroids[k * dim..(k + 1) * dim];
+            for cell in 0..cells {
+                let mut sum = 0f32;
+                for (d, &weight) in centroid.iter().enumerate() {
+                    sum += values[d * cells + cell] * weight;
+                }
+                logits[k * cells + cell] = sum;
+            }
+        }
+        let labels = upsample_argmax(
+            &logits,
+            self.clusters,
+            feature_width,
+            feature_height,
+            width as usize,
+            height as usize,
+        );
+        Segmentation {
+            width,
+            height,
+            labels,
+        }
+    }
+
+    /// Segments the image file at `path`.
+    pub fn segment_file(&self, path: &Path) -> Result<Segmentation, DatasetError> {
+        Ok(self.segment(&load_one(path)?))
+    }
+}
+
+/// Bilinear interpolation (align_corners = false) of `[K, h, w]` logits to `out_w x out_h`,
+/// then the argmax per pixel. Equal to upsampling the logits and taking the argmax, without
+/// ever holding K x H x W values.
+pub fn upsample_argmax(
+    logits: &[f32],
+    clusters: usize,
+    width: usize,
+    height: usize,
+    out_width: usize,
+    out_height: usize,
+) -> Vec<u16> {
+    let cells = width * height;
+    let source = |out: usize, size_in: usize, size_out: usize| -> (usize, usize, f32) {
+        let position = ((out as f32 + 0.5) * size_in as f32 / size_out as f32 - 0.5).max(0.0);
+        let low = (position.floor() as usize).min(size_in - 1);
+        let high = (low + 1).min(size_in - 1);
+        (low, high, position - low as f32)
+    };
+    let columns: Vec<(usize, usize, f32)> = (0..out_width)
+        .map(|x| source(x, width, out_width))
+        .collect();
+    let mut labels = vec![0u16; out_width * out_height];
+    labels
+        .par_chunks_mut(out_width)
+        .enumerate()
+        .for_each(|(y, row)| {
+            let (y0, y1, fy) = source(y, height, out_height);
+            for (x, label) in row.iter_mut().enumerate() {
+                let (x0, x1, fx) = columns[x];
+                let mut best = (f32::NEG_INFINITY, 0usize);
+                for k in 0..clusters {
+                    let plane = &logits[k * cells..(k + 1) * cells];
+                    let top = plane[y0 * width + x0] * (1.0 - fx) + plane[y0 * width + x1] * fx;
+                    let bottom = plane[y1 * width + x0] * (1.0 - fx) + plane[y1 * width + x1] * fx;
+                    let value = top * (1.0 - fy) + bottom * fy;
+                    if value > best.0 {
+                        best = (value, k);
+                    }
+                }
+                *label = best.1 as u16;
+            }
+        });
+    labels
+}
+
+/// Writes cluster indices as an index PNG (8-bit when every index fits, else 16-bit),
+/// atomically.
+pub fn write_index_png(path: &Path, segmentation: &Segmentation) -> Result<(), SegmentError> {
+    let write_error = |source: std::io::Error| SegmentError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let fits_u8 = segmentation.labels.iter().all(|&label| label <= 255);
+    let encoded = if fits_u8 {
+        let pixels: Vec<u8> = segmentation
+            .labels
+            .iter()
+            .map(|&label| label as u8)
+            .collect();
+        encode_png(
+            &pixels,
+            segmentation.width,
+            segmentation.height,
+            image::ExtendedColorType::L8,
+        )
+    } else {
+        let pixels: Vec<u8> = segmentation
+            .labels
+            .iter()
+            .flat_map(|label| label.to_be_bytes())
+            .collect();
+        encode_png(
+            &pixels,
+            segmentation.width,
+            segmentation.height,
+            image::ExtendedColorType::L16,
+        )
+    }
+    .map_err(|error| write_error(std::io::Error::other(error)))?;
+    crate::fsutil::write_bytes_atomic(path, &encoded).map_err(write_error)
+}
+
+fn encode_png(
+    pixels: &[u8],
+    width: u32,
+    height: u32,
+    colour: image::ExtendedColorType,
+) -> Result<Vec<u8>, image::ImageError> {
+    use image::ImageEncoder;
+    let mut bytes = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut bytes).write_image(pixels, width, height, colour)?;
+    Ok(bytes)
+}
+
+/// Errors of writing segmentations.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    /// A mask could not be written; nothing partial was left.
+    #[error("cannot write {path}: {source}. Check free disk space and write permission")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,131 @@
+//! The dataset as training needs it: base images for the views, and the un-augmented
+//! evaluation inputs (with labels when there are any), decoded once.
+
+use std::path::Path;
+
+use image::imageops::FilterType;
+
+use crate::data::{BaseTransform, DatasetError, ImageFolder, LoadedDataset, SkippedFile};
+
+/// Images decoded at the base size, and their evaluation-size copies.
+#[derive(Debug, Clone)]
+pub struct TrainingData {
+    /// Display names (relative paths), in dataset order.
+    pub names: Vec<String>,
+    /// Original sizes (width, height).
+    pub original_sizes: Vec<(u32, u32)>,
+    /// Side of the base images.
+    pub base_size: u32,
+    /// RGB HWC base images, `base_size`² each.
+    pub bases: Vec<Vec<u8>>,
+    /// Side of the evaluation inputs (the training input size).
+    pub eval_size: u32,
+    /// RGB HWC evaluation inputs: the base images resized to `eval_size`.
+    pub eval_images: Vec<Vec<u8>>,
+    /// Labels at `eval_size` (nearest), when every image has one.
+    pub eval_labels: Option<Vec<Vec<u8>>>,
+    /// Class names from `classes.txt`.
+    pub class_names: Option<Vec<String>>,
+    /// Files that could not be read, with the reason.
+    pub skipped: Vec<SkippedFile>,
+}
+
+impl TrainingData {
+    /// Scans and decodes a dataset. `progress(done, total)` is called while decoding.
+    pub fn load(
+        images: &Path,
+        labels: Option<&Path>,
+        base_size: u32,
+        eval_size: u32,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Self, DatasetError> {
+        let folder = ImageFolder::scan(images, labels)?;
+        let loaded = folder
+            .load(&BaseTransform::new(base_size), progress)
+            .into_non_empty()?;
+        Ok(Self::from_loaded(
+            loaded,
+            folder.class_names().map(<[String]>::to_vec),
+            eval_size,
+        ))
+    }
+
+    /// Builds the training data from decoded images.
+    pub fn from_loaded(
+        loaded: LoadedDataset,
+        class_names: Option<Vec<String>>,
+        eval_size: u32,
+    ) -> Self {
+        let base_size = loaded.size;
+        let resize_rgb = |rgb: &[u8]| -> Vec<u8> {
+            if eval_size == base_size {
+                return rgb.to_vec();
+            }
+            let image = image::RgbImage::from_raw(base_size, base_size, rgb.to_vec())
+                .expect("base images have base_size² pixels");
+            image::imageops::resize(&image, eval_size, eval_size, FilterType::Triangle).into_raw()
+        };
+        let resize_label = |label: &[u8]| -> Vec<u8> {
+            if eval_size == base_size {
+                return label.to_vec();
+            }
+            let image = image::GrayImage::from_raw(base_size, base_size, label.to_vec())
+                .expect("labels have base_size² pixels");
+            image::imageops::resize(&image, eval_size, eval_size, FilterType::Nearest).into_raw()
+        };
+        let eval_images = loaded
+            .images
+            .iter()
+            .map(|image| resize_rgb(&image.rgb))
+            .collect();
+        // Scores need a label for every image; a partly labelled set is trained but not scored.
+        let eval_labels = loaded
+            .images
+            .iter()
+            .map(|image| image.label.as_deref().map(resize_label))
+            .collect::<Option<Vec<_>>>();
+        Self {
+            names: loaded
+                .images
+                .iter()
+                .map(|image| image.name.clone())
+                .collect(),
+            original_sizes: loaded
+                .images
+                .iter()
+                .map(|image| image.original_size)
+                .collect(),
+            base_size,
+            bases: loaded.images.into_iter().map(|image| image.rgb).collect(),
+            eval_size,
+            eval_images,
+            eval_labels,
+            class_names,
+            skipped: loaded.skipped,
+        }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.bases.len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.bases.is_empty()
+    }
+
+    /// Number of label classes, when labelled.
+    pub fn classes(&self) -> Option<usize> {
+        self.eval_labels.as_ref()?;
+        if let Some(names) = &self.class_names {
+            return Some(names.len());
+        }
+        let labels = self.eval_labels.as_ref()?;
+        labels
+            .iter()
+            .flat_map(|label| label.iter().copied().filter(|&value| value != 255))
+            .max()
+            .map(|max| usize::from(max) + 1)
+    }
+}

@@ -1,0 +1,192 @@
+//! What the trainer tells its observers. Plain data: the engine never depends on a GUI.
+
+use serde::{Deserialize, Serialize};
+
+use crate::eval::Evaluation;
+
+/// The phase of an epoch, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainPhase {
+    /// Decoding the dataset.
+    Loading,
+    /// Computing the pixel features of both views.
+    Features,
+    /// Running k-means and labelling pixels.
+    Clustering,
+    /// Optimising the network.
+    Training,
+    /// Clustering the un-augmented images and scoring them against the labels.
+    Evaluating,
+    /// Writing the checkpoint.
+    Checkpointing,
+}
+
+/// The four PiCIE loss terms and their combination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossTerms {
+    /// L11: view 1 features against view 1 clusters.
+    pub within_first: f32,
+    /// L22: view 2 features against view 2 clusters.
+    pub within_second: f32,
+    /// L12: view 1 features against view 2 clusters.
+    pub cross_first_second: f32,
+    /// L21: view 2 features against view 1 clusters.
+    pub cross_second_first: f32,
+    /// ((L12 + L21) / 2 + (L11 + L22) / 2) / 2.
+    pub total: f32,
+}
+
+/// Progress after one optimisation step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepProgress {
+    /// Epoch, from 1.
+    pub epoch: usize,
+    /// Step within the epoch, from 1.
+    pub step: usize,
+    /// Steps in an epoch.
+    pub steps: usize,
+    /// Training throughput over the epoch so far.
+    pub images_per_second: f64,
+    /// Estimated seconds until the last epoch ends.
+    pub eta_seconds: f64,
+    /// This step's loss terms.
+    pub loss: LossTerms,
+}
+
+/// Per-cluster statistics of one view's clustering in one epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatistics {
+    /// Epoch, from 1 (0 for the clustering of the untrained network).
+    pub epoch: usize,
+    /// Fraction of pixels in each cluster.
+    pub pixel_share: Vec<f64>,
+    /// Mean cosine similarity of each cluster's pixels to its centroid.
+    pub compactness: Vec<f64>,
+    /// Number of images each cluster appears in.
+    pub images_with_cluster: Vec<usize>,
+    /// Fraction of pixels whose label changed since the previous epoch (view 1).
+    pub label_change: Option<f64>,
+}
+
+/// The cluster map of one preview image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Index of the image in the dataset.
+    pub image_index: usize,
+    /// Width of the map (feature-grid cells or pixels).
+    pub width: usize,
+    /// Height of the map.
+    pub height: usize,
+    /// Cluster id per cell, row-major.
+    pub labels: Vec<u16>,
+    /// Cosine similarity of each cell to its centroid.
+    pub similarity: Vec<f32>,
+}
+
+/// One line of `metrics.json`'s `epochs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epoch, from 1.
+    pub epoch: usize,
+    /// Pixel accuracy in percent (with labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc: Option<f64>,
+    /// Mean IoU in percent (with labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miou: Option<f64>,
+    /// Seconds spent computing features and clustering.
+    pub seconds_clustering: f64,
+    /// Seconds spent optimising.
+    pub seconds_training: f64,
+    /// Seconds spent evaluating.
+    pub seconds_evaluation: f64,
+    /// Training throughput.
+    pub images_per_second: f64,
+    /// Mean loss terms over the epoch.
+    pub loss: LossTerms,
+    /// Fraction of pixels whose view-1 label changed since the previous epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_change: Option<f64>,
+}
+
+/// Everything the trainer reports.
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// Training is about to start.
+    Started {
+        /// The device, in words.
+        device: String,
+        /// Where the starting weights came from, in words (says so for random init).
+        weights: String,
+        /// Images in the dataset.
+        images: usize,
+        /// Clusters K.
+        clusters: usize,
+        /// The first epoch this run will train (after a resume, not 1).
+        first_epoch: usize,
+        /// The last epoch.
+        epochs: usize,
+        /// Optimisation steps per epoch.
+        steps_per_epoch: usize,
+    },
+    /// A phase started or advanced (`done` of `total` units).
+    Phase {
+        /// Epoch (0 before training).
+        epoch: usize,
+        /// Which phase.
+        phase: TrainPhase,
+        /// Units done.
+        done: usize,
+        /// Units in all.
+        total: usize,
+    },
+    /// One optimisation step finished.
+    Step(StepProgress),
+    /// An epoch's clustering of view 1 finished.
+    Clustered(ClusterStatistics),
+    /// Cluster maps of the preview images.
+    Preview {
+        /// Epoch.
+        epoch: usize,
+        /// Step within the epoch (0: after the clustering).
+        step: usize,
+        /// One map per preview image.
+        maps: Vec<ClusterMap>,
+    },
+    /// The un-augmented images were scored against the labels.
+    Evaluated {
+        /// Epoch (0: the untrained network).
+        epoch: usize,
+        /// The scores.
+        evaluation: Evaluation,
+    },
+    /// An epoch ended and its checkpoint was written.
+    EpochFinished(EpochRecord),
+    /// Training paused (true) or resumed (false) at a batch boundary.
+    Paused(bool),
+    /// Training ended; `stopped` when it ended on a stop request.
+    Finished {
+        /// Whether a stop request ended it early.
+        stopped: bool,
+    },
+}
+
+/// Receives the trainer's events, on the training thread: keep it quick.
+pub trait TrainObserver {
+    /// Called for every event.
+    fn on_event(&mut self, event: &TrainEvent);
+}
+
+impl<F: FnMut(&TrainEvent)> TrainObserver for F {
+    fn on_event(&mut self, event: &TrainEvent) {
+        self(event)
+    }
+}
+
+/// An observer that ignores everything.
+pub struct NullObserver;
+
+impl TrainObserver for NullObserver {
+    fn on_event(&mut self, _event: &TrainEvent) {}
+}

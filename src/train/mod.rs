@@ -1,0 +1,22 @@
+//! The PiCIE training loop, its run folder, and the event interface the GUI and CLI consume.
+//!
+//! An epoch: build both views of every image (parameters seeded per image and epoch), compute
+//! the pixel features of both views, cluster each view's features with k-means from scratch,
+//! label every pixel with its nearest centroid, then optimise the network over the same views
+//! with the PiCIE loss. Observers get progress, the four loss terms, centroid statistics and
+//! preview cluster maps; a [`TrainControl`] pauses, resumes or stops at batch boundaries.
+
+mod control;
+mod data;
+mod events;
+pub mod run;
+mod trainer;
+
+pub use control::{ControlState, TrainControl};
+pub use data::TrainingData;
+pub use events::{
+    ClusterMap, ClusterStatistics, EpochRecord, LossTerms, NullObserver, StepProgress, TrainEvent,
+    TrainObserver, TrainPhase,
+};
+pub use run::{RunError, RunFolder};
+pub use trainer::{TrainError, TrainOutcome, Trainer, cluster_unaugmented, evaluate_network};

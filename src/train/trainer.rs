@@ -1,0 +1,823 @@
+//! The training loop.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+use super::control::TrainControl;
+use super::data::TrainingData;
+use super::events::{
+    ClusterMap, ClusterStatistics, EpochRecord, LossTerms, StepProgress, TrainEvent, TrainObserver,
+    TrainPhase,
+};
+use super::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
+use crate::cluster::{self, Centroids, FeatureStore, KMeansConfig, PixelLabels, SpillConfig};
+use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig};
+use crate::data::views::{self, ViewParams};
+use crate::device::{ComputeDevice, DeviceError, select_device};
+use crate::eval::{ConfusionMatrix, Evaluation};
+use crate::loss::{class_weights, picie_loss};
+use crate::model::{FEATURE_DIM, PicieNet, WeightsError, build_network, images_to_tensor};
+
+/// Why training could not run or continue.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No usable device.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Weights could not be loaded.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The run folder could not be read or written.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// Clustering failed.
+    #[error("clustering failed: {0}")]
+    Cluster(String),
+    /// The dataset does not fit the configuration.
+    #[error("{0}")]
+    Data(String),
+}
+
+/// How a training run ended.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The last epoch with a checkpoint (0: only the untrained network).
+    pub last_epoch: usize,
+    /// Whether a stop request ended training early.
+    pub stopped: bool,
+    /// The metrics written to `metrics.json`.
+    pub metrics: Metrics,
+}
+
+/// Trains PiCIE on a dataset into a run folder.
+pub struct Trainer {
+    config: TrainConfig,
+    run: RunFolder,
+    data: Arc<TrainingData>,
+    control: TrainControl,
+    resume: bool,
+}
+
+/// The network being trained and its optimiser.
+struct Model {
+    network: PicieNet,
+    optimizer: ModuleOptimizer,
+}
+
+/// One epoch's pseudo-labels and centroids for both views.
+struct EpochClusters {
+    centroids_first: Centroids,
+    centroids_second: Centroids,
+    labels_first: PixelLabels,
+    labels_second: PixelLabels,
+    compactness_first: Vec<Option<f64>>,
+    weights_first: Option<Vec<f32>>,
+    weights_second: Option<Vec<f32>>,
+}
+
+impl Trainer {
+    /// A trainer writing into `run`; with `resume` it continues from the run's latest
+    /// checkpoint (and the run's own config).
+    pub fn new(
+        config: TrainConfig,
+        run: RunFolder,
+        data: Arc<TrainingData>,
+        control: TrainControl,
+        resume: bool,
+    ) -> Result<Self, TrainError> {
+        config.validate()?;
+        if data.is_empty() {
+            return Err(TrainError::Data("the dataset has no images".into()));
+        }
+        if data.base_size != config.base_size || data.eval_size != config.input_size {
+            return Err(TrainError::Data(format!(
+                "the dataset was decoded at {}/{} but the config asks for base {} and input {}",
+                data.base_size, data.eval_size, config.base_size, config.input_size
+            )));
+        }
+        Ok(Self {
+            config,
+            run,
+            data,
+            control,
+            resume,
+        })
+    }
+
+    /// Runs the remaining epochs. Returns after the last epoch or, on a stop request, after
+    /// the current batch with a checkpoint of the last completed epoch.
+    pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
+        let compute = select_device(self.config.device)?;
+        compute.device.seed(self.config.seed);
+        let clusters = self.config.clusters_for(self.data.classes());
+        let batches_per_epoch = self.data.len().div_ceil(self.config.batch_size);
+
+        let mut weights = String::from("the run's latest checkpoint");
+        let (mut model, first_epoch, mut metrics, mut previous_labels) = if self.resume {
+            self.restore(&compute)?
+        } else {
+            let (network, origin) = build_network(
+                self.config.backbone,
+                self.config.weights.as_deref(),
+                self.config.seed,
+                &compute.device,
+            )?;
+            weights = origin.to_string();
+            let optimizer = AdamConfig::new().init();
+            (Model { network, optimizer }, 1, Metrics::default(), None)
+        };
+        observer.on_event(&TrainEvent::Started {
+            device: compute.description.clone(),
+            weights,
+            images: self.data.len(),
+            clusters,
+            first_epoch,
+            epochs: self.config.epochs,
+            steps_per_epoch: batches_per_epoch,
+        });
+
+        if first_epoch == 1 {
+            // The untrained network, scored and saved exactly as trained ones are.
+            let network = model.network.valid();
+            let evaluation = self.evaluate(&network, &compute.device, 0, observer)?;
+            if let Some(evaluation) = &evaluation {
+                metrics.no_train = Some(Score {
+                    acc: evaluation.accuracy,
+                    miou: evaluation.mean_iou,
+                });
+            }
+            self.run.write_metrics(&metrics)?;
+            if self.config.epochs == 0 {
+                self.finish_run(&model, 0, &compute.device, observer)?;
+                observer.on_event(&TrainEvent::Finished { stopped: false });
+                return Ok(TrainOutcome {
+                    last_epoch: 0,
+                    stopped: false,
+                    metrics,
+                });
+            }
+        }
+
+        let training_device = compute.device.clone().autodiff();
+        model.network = model.network.fork(&training_device).train();
+        let mut last_epoch = first_epoch - 1;
+        let mut stopped = false;
+        let run_started = Instant::now();
+        for epoch in first_epoch..=self.config.epochs {
+            let order = self.batch_order(epoch);
+            let params: Vec<ViewParams> = (0..self.data.len())
+                .map(|index| {
+                    views::draw_view_params(
+                        self.config.seed,
+                        epoch,
+                        index,
+                        self.config.feature_grid(),
+                    )
+                })
+                .collect();
+
+            let clustering_started = Instant::now();
+            let epoch_clusters = self.cluster_epoch(
+                &model.network,
+                &training_device,
+                epoch,
+                &order,
+                &params,
+                clusters,
+                observer,
+            )?;
+            let seconds_clustering = clustering_started.elapsed().as_secs_f64();
+            let label_change = previous_labels.as_ref().and_then(|previous| {
+                cluster::label_change_fraction(previous, &epoch_clusters.labels_first).ok()
+            });
+            self.report_clusters(epoch, &order, &epoch_clusters, label_change, observer);
+            if self.control.is_stopping() {
+                stopped = true;
+                break;
+            }
+
+            let training_started = Instant::now();
+            let (loss, completed) = self.train_epoch(
+                &mut model,
+                &training_device,
+                epoch,
+                &order,
+                &params,
+                &epoch_clusters,
+                run_started,
+                first_epoch,
+                observer,
+            )?;
+            let seconds_training = training_started.elapsed().as_secs_f64();
+            if !completed {
+                // Stopped inside the epoch: the last complete epoch's checkpoint stands.
+                stopped = true;
+                break;
+            }
+
+            let evaluation_started = Instant::now();
+            let evaluation =
+                self.evaluate(&model.network.valid(), &compute.device, epoch, observer)?;
+            let record = EpochRecord {
+                epoch,
+                acc: evaluation.as_ref().map(|e| e.accuracy),
+                miou: evaluation.as_ref().map(|e| e.mean_iou),
+                seconds_clustering,
+                seconds_training,
+                seconds_evaluation: evaluation_started.elapsed().as_secs_f64(),
+                images_per_second: self.data.len() as f64 / seconds_training.max(1e-9),
+                loss,
+                label_change,
+            };
+            observer.on_event(&TrainEvent::Phase {
+                epoch,
+                phase: TrainPhase::Checkpointing,
+                done: 0,
+                total: 1,
+            });
+            let labels_bytes = labels_to_bytes(&epoch_clusters.labels_first);
+            self.run.write_checkpoint(
+                &CheckpointState {
+                    epoch,
+                    seed: self.config.seed,
+                    clusters,
+                    dim: FEATURE_DIM,
+                    centroids_first: epoch_clusters.centroids_first.values.clone(),
+                    centroids_second: epoch_clusters.centroids_second.values.clone(),
+                },
+                &model.network.valid(),
+                &model.optimizer,
+                &labels_bytes,
+            )?;
+            metrics.epochs.retain(|existing| existing.epoch < epoch);
+            metrics.epochs.push(record.clone());
+            self.run.write_metrics(&metrics)?;
+            observer.on_event(&TrainEvent::EpochFinished(record));
+            previous_labels = Some(epoch_clusters.labels_first);
+            last_epoch = epoch;
+            if self.control.is_stopping() {
+                stopped = epoch < self.config.epochs;
+                break;
+            }
+        }
+        if last_epoch >= 1 && !stopped {
+            self.finish_run(&model, last_epoch, &compute.device, observer)?;
+        } else if last_epoch >= 1 {
+            // A stopped run is still usable for segmenting with its last checkpoint.
+            let valid = Model {
+                network: self.run.latest_network(&compute.device)?.0,
+                optimizer: AdamConfig::new().init(),
+            };
+            self.finish_run(&valid, last_epoch, &compute.device, observer)?;
+        }
+        observer.on_event(&TrainEvent::Finished { stopped });
+        Ok(TrainOutcome {
+            last_epoch,
+            stopped,
+            metrics,
+        })
+    }
+
+    /// Loads the latest checkpoint of the run.
+    fn restore(
+        &self,
+        compute: &ComputeDevice,
+    ) -> Result<(Model, usize, Metrics, Option<PixelLabels>), TrainError> {
+        let Some((directory, state)) = self.run.latest_checkpoint()? else {
+            return Err(RunError::NoCheckpoint(self.run.root().to_owned()).into());
+        };
+        let (network, _) = PicieNet::load(&directory.join("network.safetensors"), &compute.device)?;
+        let optimizer_path = directory.join("optimizer.bpk");
+        let optimizer = if state.epoch == 0 {
+            AdamConfig::new().init()
+        } else {
+            AdamConfig::new()
+                .init()
+                .load(&optimizer_path)
+                .map_err(|error| RunError::Read {
+                    path: optimizer_path.clone(),
+                    reason: format!("{error:?}"),
+                })?
+        };
+        let previous = RunFolder::checkpoint_labels(&directory)
+            .ok()
+            .filter(|bytes| !bytes.is_empty())
+            .map(|bytes| labels_from_bytes(&bytes, state.clusters));
+        Ok((
+            Model { network, optimizer },
+            state.epoch + 1,
+            self.run.metrics()?,
+            previous,
+        ))
+    }
+
+    /// A feature store for one view that spills to the run folder past a memory budget, so
+    /// datasets of 10^7..10^8 pixels fit.
+    fn feature_store(&self, name: &str) -> Result<FeatureStore, TrainError> {
+        const MEMORY_BUDGET_BYTES: usize = 2 << 30;
+        let folder = self.run.root().join("features").join(name);
+        FeatureStore::new(
+            FEATURE_DIM,
+            Some(SpillConfig::new(folder, MEMORY_BUDGET_BYTES)),
+        )
+        .map_err(cluster_error)
+    }
+
+    /// The seeded order of images in this epoch's batches.
+    fn batch_order(&self, epoch: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        order.shuffle(&mut rng);
+        order
+    }
+
+    fn batches<'a>(&self, order: &'a [usize]) -> impl Iterator<Item = &'a [usize]> + 'a {
+        order.chunks(self.config.batch_size)
+    }
+
+    /// Builds the two views of a batch and returns them with the geometric parameters.
+    fn views_of(
+        &self,
+        batch: &[usize],
+        params: &[ViewParams],
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>, Vec<views::GeometricParams>) {
+        let bases: Vec<&[u8]> = batch
+            .iter()
+            .map(|&index| self.data.bases[index].as_slice())
+            .collect();
+        let batch_params: Vec<ViewParams> = batch.iter().map(|&index| params[index]).collect();
+        let (first, second) = views::build_views(
+            &bases,
+            self.config.base_size as usize,
+            self.config.input_size as usize,
+            &batch_params,
+            device,
+        );
+        let geometric = batch_params.iter().map(|p| p.geometric).collect();
+        (first, second, geometric)
+    }
+
+    /// Computes both views' features for the whole dataset and clusters them.
+    #[allow(clippy::too_many_arguments)]
+    fn cluster_epoch(
+        &self,
+        network: &PicieNet,
+        training_device: &Device,
+        epoch: usize,
+        order: &[usize],
+        params: &[ViewParams],
+        clusters: usize,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<EpochClusters, TrainError> {
+        let network = match self.config.cluster_batch_norm {
+            // Batch statistics as in the reference; the forward graph is dropped unused.
+            ClusterBatchNorm::Train => network.clone(),
+            ClusterBatchNorm::Eval => network.valid(),
+        };
+        let device = match self.config.cluster_batch_norm {
+            ClusterBatchNorm::Train => training_device.clone(),
+            ClusterBatchNorm::Eval => training_device.clone().inner(),
+        };
+        let mut first = self.feature_store("view1")?;
+        let mut second = self.feature_store("view2")?;
+        let batches: Vec<&[usize]> = self.batches(order).collect();
+        for (done, batch) in batches.iter().enumerate() {
+            observer.on_event(&TrainEvent::Phase {
+                epoch,
+                phase: TrainPhase::Features,
+                done,
+                total: batches.len(),
+            });
+            let (view_first, view_second, geometric) = self.views_of(batch, params, &device);
+            let output_first = network.forward(view_first);
+            let output_second = network.forward(view_second);
+            let features_first = output_first.clone().detach();
+            let features_second =
+                views::geometric_on_features(output_second.clone().detach(), &geometric);
+            first
+                .push_feature_maps(features_first.inner())
+                .map_err(cluster_error)?;
+            second
+                .push_feature_maps(features_second.inner())
+                .map_err(cluster_error)?;
+            if self.config.cluster_batch_norm == ClusterBatchNorm::Train {
+                // burn's autodiff frees a graph only in a backward pass: without one, every
+                // batch's graph stays alive and memory grows with the dataset.
+                let _ = (output_first.sum() + output_second.sum())
+                    .mul_scalar(0.0)
+                    .backward();
+            }
+            if self.control.is_stopping() {
+                break;
+            }
+        }
+        observer.on_event(&TrainEvent::Phase {
+            epoch,
+            phase: TrainPhase::Clustering,
+            done: 0,
+            total: 2,
+        });
+        let compute_device = training_device.clone().inner();
+        let kmeans = |store: &FeatureStore, view: u64| -> Result<_, TrainError> {
+            let config = KMeansConfig::new(clusters)
+                .with_iterations(self.config.kmeans_iterations)
+                .with_seed(
+                    self.config
+                        .seed
+                        .wrapping_mul(1000)
+                        .wrapping_add(2 * epoch as u64 + view),
+                );
+            let centroids = cluster::kmeans(store, &config, &compute_device)
+                .map_err(cluster_error)?
+                .centroids;
+            let assignment =
+                cluster::assign(store, &centroids, &compute_device).map_err(cluster_error)?;
+            Ok((centroids, assignment))
+        };
+        let (centroids_first, assignment_first) = kmeans(&first, 0)?;
+        observer.on_event(&TrainEvent::Phase {
+            epoch,
+            phase: TrainPhase::Clustering,
+            done: 1,
+            total: 2,
+        });
+        let (centroids_second, assignment_second) = kmeans(&second, 1)?;
+        Ok(EpochClusters {
+            weights_first: class_weights(&assignment_first.counts, self.config.balance),
+            weights_second: class_weights(&assignment_second.counts, self.config.balance),
+            centroids_first,
+            centroids_second,
+            compactness_first: assignment_first.compactness,
+            labels_first: assignment_first.labels,
+            labels_second: assignment_second.labels,
+        })
+    }
+
+    fn report_clusters(
+        &self,
+        epoch: usize,
+        order: &[usize],
+        clusters: &EpochClusters,
+        label_change: Option<f64>,
+        observer: &mut dyn TrainObserver,
+    ) {
+        let grid = self.config.feature_grid();
+        let cells = grid * grid;
+        let k = clusters.centroids_first.clusters;
+        let mut pixel_counts = vec![0u64; k];
+        let mut images_with = vec![0usize; k];
+        let labels: Vec<usize> = clusters.labels_first.iter().collect();
+        for image_labels in labels.chunks(cells) {
+            let mut seen = vec![false; k];
+            for &label in image_labels {
+                pixel_counts[label] += 1;
+                seen[label] = true;
+            }
+            for (count, present) in images_with.iter_mut().zip(seen) {
+                *count += usize::from(present);
+            }
+        }
+        let total = clusters.labels_first.len().max(1) as f64;
+        observer.on_event(&TrainEvent::Clustered(ClusterStatistics {
+            epoch,
+            pixel_share: pixel_counts.iter().map(|&c| c as f64 / total).collect(),
+            compactness: clusters
+                .compactness_first
+                .iter()
+                .map(|value| value.unwrap_or(0.0))
+                .collect(),
+            images_with_cluster: images_with,
+            label_change,
+        }));
+        // Preview maps: the first preview images in dataset order, found in this epoch's order.
+        let maps = (0..self.config.preview_images.min(self.data.len()))
+            .filter_map(|image| {
+                let position = order.iter().position(|&i| i == image)?;
+                let labels = labels[position * cells..(position + 1) * cells]
+                    .iter()
+                    .map(|&label| label as u16)
+                    .collect();
+                Some(ClusterMap {
+                    image_index: image,
+                    width: grid,
+                    height: grid,
+                    labels,
+                    similarity: Vec::new(),
+                })
+            })
+            .collect();
+        observer.on_event(&TrainEvent::Preview {
+            epoch,
+            step: 0,
+            maps,
+        });
+    }
+
+    /// One pass of optimisation over the epoch's batches. Returns the mean loss terms and
+    /// whether the epoch completed (false on a stop request).
+    #[allow(clippy::too_many_arguments)]
+    fn train_epoch(
+        &self,
+        model: &mut Model,
+        device: &Device,
+        epoch: usize,
+        order: &[usize],
+        params: &[ViewParams],
+        clusters: &EpochClusters,
+        run_started: Instant,
+        first_epoch: usize,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<(LossTerms, bool), TrainError> {
+        let grid = self.config.feature_grid();
+        let cells = grid * grid;
+        let mu_first = clusters.centroids_first.to_tensor(device);
+        let mu_second = clusters.centroids_second.to_tensor(device);
+        let weights = |weights: &Option<Vec<f32>>| {
+            weights
+                .as_ref()
+                .map(|w| Tensor::<1>::from_data(TensorData::new(w.clone(), [w.len()]), device))
+        };
+        let (weights_first, weights_second) = (
+            weights(&clusters.weights_first),
+            weights(&clusters.weights_second),
+        );
+        let batches: Vec<&[usize]> = self.batches(order).collect();
+        let mut sums = LossTerms::default();
+        let mut images_done = 0usize;
+        let started = Instant::now();
+        let mut offset = 0usize;
+        for (step, batch) in batches.iter().enumerate() {
+            if self
+                .control
+                .wait_if_paused(|paused| observer.on_event(&TrainEvent::Paused(paused)))
+            {
+                return Ok((mean_loss(sums, step), false));
+            }
+            let (view_first, view_second, geometric) = self.views_of(batch, params, device);
+            let labels = |labels: &PixelLabels| -> Result<Tensor<3, Int>, TrainError> {
+                let slice: Vec<i64> = labels
+                    .slice_usize(offset * cells..(offset + batch.len()) * cells)
+                    .map_err(cluster_error)?
+                    .into_iter()
+                    .map(|label| label as i64)
+                    .collect();
+                Ok(Tensor::<3, Int>::from_data(
+                    TensorData::new(slice, [batch.len(), grid, grid]),
+                    device,
+                ))
+            };
+            let (labels_first, labels_second) = (
+                labels(&clusters.labels_first)?,
+                labels(&clusters.labels_second)?,
+            );
+            offset += batch.len();
+
+            let features_first = model.network.forward(view_first);
+            let features_second =
+                views::geometric_on_features(model.network.forward(view_second), &geometric);
+            let loss = picie_loss(
+                features_first,
+                features_second,
+                mu_first.clone(),
+                mu_second.clone(),
+                labels_first,
+                labels_second,
+                weights_first.clone(),
+                weights_second.clone(),
+            );
+            let terms = loss.terms();
+            let gradients = GradientsParams::from_grads(loss.total.backward(), &model.network);
+            // Parameters are shared handles, so the clone is cheap; the step returns the update.
+            model.network =
+                model
+                    .optimizer
+                    .step(self.config.learning_rate, model.network.clone(), gradients);
+
+            images_done += batch.len();
+            sums = add_loss(sums, terms);
+            let elapsed = started.elapsed().as_secs_f64();
+            let images_per_second = images_done as f64 / elapsed.max(1e-9);
+            let epochs_done =
+                (epoch - first_epoch) as f64 + (step + 1) as f64 / batches.len() as f64;
+            let per_epoch = run_started.elapsed().as_secs_f64() / epochs_done.max(1e-9);
+            let eta_seconds =
+                per_epoch * ((self.config.epochs + 1 - first_epoch) as f64 - epochs_done);
+            observer.on_event(&TrainEvent::Step(StepProgress {
+                epoch,
+                step: step + 1,
+                steps: batches.len(),
+                images_per_second,
+                eta_seconds,
+                loss: terms,
+            }));
+        }
+        Ok((mean_loss(sums, batches.len()), true))
+    }
+
+    fn evaluate(
+        &self,
+        network: &PicieNet,
+        device: &Device,
+        epoch: usize,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<Option<Evaluation>, TrainError> {
+        evaluate_network(network, &self.data, &self.config, device, epoch, observer)
+    }
+
+    /// Writes the final checkpoint (for epoch 0) and the centroids of the un-augmented images
+    /// that segmenting and exporting use.
+    fn finish_run(
+        &self,
+        model: &Model,
+        epoch: usize,
+        device: &Device,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<(), TrainError> {
+        let network = model.network.valid();
+        let clusters = self.config.clusters_for(self.data.classes());
+        if epoch == 0 {
+            self.run.write_checkpoint(
+                &CheckpointState {
+                    epoch: 0,
+                    seed: self.config.seed,
+                    clusters,
+                    dim: FEATURE_DIM,
+                    centroids_first: Vec::new(),
+                    centroids_second: Vec::new(),
+                },
+                &network,
+                &model.optimizer,
+                &[],
+            )?;
+        }
+        let centroids = cluster_unaugmented(
+            &network,
+            &self.data,
+            &self.config,
+            clusters,
+            device,
+            epoch,
+            observer,
+        )?;
+        self.run.write_segmentation(&SegmentationCentroids {
+            epoch,
+            clusters,
+            dim: FEATURE_DIM,
+            centroids: centroids.values,
+        })?;
+        Ok(())
+    }
+}
+
+fn cluster_error(error: impl std::fmt::Display) -> TrainError {
+    TrainError::Cluster(error.to_string())
+}
+
+fn add_loss(sum: LossTerms, terms: LossTerms) -> LossTerms {
+    LossTerms {
+        within_first: sum.within_first + terms.within_first,
+        within_second: sum.within_second + terms.within_second,
+        cross_first_second: sum.cross_first_second + terms.cross_first_second,
+        cross_second_first: sum.cross_second_first + terms.cross_second_first,
+        total: sum.total + terms.total,
+    }
+}
+
+fn mean_loss(sum: LossTerms, steps: usize) -> LossTerms {
+    let n = steps.max(1) as f32;
+    LossTerms {
+        within_first: sum.within_first / n,
+        within_second: sum.within_second / n,
+        cross_first_second: sum.cross_first_second / n,
+        cross_second_first: sum.cross_second_first / n,
+        total: sum.total / n,
+    }
+}
+
+/// Labels as stored in a checkpoint: one byte per pixel, or two (little-endian) for K > 255.
+fn labels_to_bytes(labels: &PixelLabels) -> Vec<u8> {
+    match labels {
+        PixelLabels::U8(values) => values.clone(),
+        PixelLabels::U16(values) => values
+            .iter()
+            .flat_map(|label| label.to_le_bytes())
+            .collect(),
+    }
+}
+
+fn labels_from_bytes(bytes: &[u8], clusters: usize) -> PixelLabels {
+    if clusters <= cluster::MAX_U8_CLUSTERS {
+        PixelLabels::U8(bytes.to_vec())
+    } else {
+        PixelLabels::U16(
+            bytes
+                .chunks_exact(2)
+                .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
+                .collect(),
+        )
+    }
+}
+
+/// Features of the un-augmented images (network in eval mode), in dataset order.
+fn eval_features(
+    network: &PicieNet,
+    data: &TrainingData,
+    config: &TrainConfig,
+    device: &Device,
+    epoch: usize,
+    observer: &mut dyn TrainObserver,
+) -> Result<FeatureStore, TrainError> {
+    let size = data.eval_size as usize;
+    let mut store = FeatureStore::in_memory(FEATURE_DIM).map_err(cluster_error)?;
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let batches: Vec<&[usize]> = indices.chunks(config.batch_size).collect();
+    for (done, batch) in batches.iter().enumerate() {
+        observer.on_event(&TrainEvent::Phase {
+            epoch,
+            phase: TrainPhase::Evaluating,
+            done,
+            total: batches.len(),
+        });
+        let images: Vec<&[u8]> = batch
+            .iter()
+            .map(|&i| data.eval_images[i].as_slice())
+            .collect();
+        let features = network.forward(images_to_tensor(&images, size, device));
+        store.push_feature_maps(features).map_err(cluster_error)?;
+    }
+    Ok(store)
+}
+
+/// Clusters the un-augmented images afresh into `clusters` centroids.
+pub fn cluster_unaugmented(
+    network: &PicieNet,
+    data: &TrainingData,
+    config: &TrainConfig,
+    clusters: usize,
+    device: &Device,
+    epoch: usize,
+    observer: &mut dyn TrainObserver,
+) -> Result<Centroids, TrainError> {
+    let store = eval_features(network, data, config, device, epoch, observer)?;
+    let kmeans = KMeansConfig::new(clusters)
+        .with_iterations(config.kmeans_iterations)
+        .with_seed(config.seed);
+    Ok(cluster::kmeans(&store, &kmeans, device)
+        .map_err(cluster_error)?
+        .centroids)
+}
+
+/// Clusters the un-augmented images afresh (K = the number of classes unless the config says
+/// otherwise) and scores the clusters against the labels with Hungarian matching, as the
+/// reference does. `None` when the dataset has no labels.
+pub fn evaluate_network(
+    network: &PicieNet,
+    data: &TrainingData,
+    config: &TrainConfig,
+    device: &Device,
+    epoch: usize,
+    observer: &mut dyn TrainObserver,
+) -> Result<Option<Evaluation>, TrainError> {
+    let (Some(labels), Some(classes)) = (&data.eval_labels, data.classes()) else {
+        return Ok(None);
+    };
+    let k = config.eval_clusters.unwrap_or(classes);
+    let centroids = cluster_unaugmented(network, data, config, k, device, epoch, observer)?;
+    let size = data.eval_size as usize;
+    let mut confusion = ConfusionMatrix::new(k, classes);
+    let mu = centroids.to_tensor(device);
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for batch in indices.chunks(config.batch_size) {
+        let images: Vec<&[u8]> = batch
+            .iter()
+            .map(|&i| data.eval_images[i].as_slice())
+            .collect();
+        let features = network.forward(images_to_tensor(&images, size, device));
+        let predictions = crate::eval::upsample_logits_argmax(features, mu.clone(), [size, size])
+            .map_err(cluster_error)?;
+        for (prediction, &index) in predictions.iter().zip(batch.iter()) {
+            let prediction: Vec<usize> = prediction.iter().collect();
+            confusion
+                .add(&prediction, &labels[index])
+                .map_err(cluster_error)?;
+        }
+    }
+    let evaluation = Evaluation::from_confusion(&confusion);
+    observer.on_event(&TrainEvent::Evaluated {
+        epoch,
+        evaluation: evaluation.clone(),
+    });
+    Ok(Some(evaluation))
+}

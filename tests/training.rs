@@ -1,0 +1,166 @@
+//! End-to-end training on the CPU backend: PiCIE learns something on the demo data, a run
+//! folder is complete, and a resumed run reproduces the uninterrupted one.
+
+use std::sync::Arc;
+
+use picie::config::TrainConfig;
+use picie::data::{DemoOptions, write_demo_dataset};
+use picie::device::DeviceChoice;
+use picie::model::BackboneKind;
+use picie::train::{NullObserver, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+
+fn demo_config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        backbone: BackboneKind::MobilenetV2,
+        device: DeviceChoice::Cpu,
+        base_size: 128,
+        input_size: 64,
+        batch_size: 8,
+        learning_rate: 1e-3,
+        epochs,
+        kmeans_iterations: 10,
+        preview_images: 2,
+        seed: 7,
+        ..TrainConfig::default()
+    }
+}
+
+fn demo_data(folder: &std::path::Path, images: usize) -> Arc<TrainingData> {
+    let summary = write_demo_dataset(
+        folder,
+        &DemoOptions {
+            images,
+            size: 128,
+            seed: 3,
+        },
+    )
+    .unwrap();
+    Arc::new(
+        TrainingData::load(
+            &summary.images_dir,
+            Some(&summary.labels_dir),
+            128,
+            64,
+            &|_, _| {},
+        )
+        .unwrap(),
+    )
+}
+
+#[test]
+fn training_beats_the_untrained_network_and_writes_a_complete_run() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 32);
+    let config = demo_config(4);
+    let run_dir = folder.path().join("run");
+    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
+    let mut steps = 0;
+    let mut previews = 0;
+    let mut observer = |event: &TrainEvent| match event {
+        TrainEvent::Step(_) => steps += 1,
+        TrainEvent::Preview { maps, .. } => previews += maps.len(),
+        _ => {}
+    };
+    let outcome = trainer.run(&mut observer).unwrap();
+    assert_eq!(outcome.last_epoch, 4);
+    assert_eq!(steps, 4 * 4);
+    assert!(previews >= 4 * 2);
+
+    let metrics = &outcome.metrics;
+    let baseline = metrics.no_train.as_ref().unwrap().acc;
+    let best = metrics
+        .epochs
+        .iter()
+        .filter_map(|record| record.acc)
+        .fold(f64::MIN, f64::max);
+    println!("no-train Acc {baseline:.2}, best trained Acc {best:.2}");
+    assert!(
+        best > baseline + 5.0,
+        "training should beat the untrained network clearly: {baseline:.2} -> {best:.2}"
+    );
+
+    // The run folder holds what eval/segment and the app need.
+    for file in [
+        "config.json",
+        "metrics.json",
+        "latest.json",
+        "segmentation.json",
+    ] {
+        assert!(run_dir.join(file).is_file(), "{file} missing");
+    }
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("metrics.json")).unwrap())
+            .unwrap();
+    assert!(written["no_train"]["acc"].is_number());
+    assert_eq!(written["epochs"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn resumed_run_reproduces_the_uninterrupted_run() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 16);
+
+    let straight_dir = folder.path().join("straight");
+    let config = demo_config(2);
+    let run = RunFolder::create(&straight_dir, &config).unwrap();
+    let straight = Trainer::new(
+        config.clone(),
+        run,
+        data.clone(),
+        TrainControl::new(),
+        false,
+    )
+    .unwrap()
+    .run(&mut NullObserver)
+    .unwrap();
+
+    // The same run, stopped after its first epoch and resumed.
+    let split_dir = folder.path().join("split");
+    let run = RunFolder::create(&split_dir, &demo_config(1)).unwrap();
+    Trainer::new(
+        demo_config(1),
+        run,
+        data.clone(),
+        TrainControl::new(),
+        false,
+    )
+    .unwrap()
+    .run(&mut NullObserver)
+    .unwrap();
+    let run = RunFolder::open(&split_dir).unwrap();
+    let resumed = Trainer::new(config, run, data, TrainControl::new(), true)
+        .unwrap()
+        .run(&mut NullObserver)
+        .unwrap();
+
+    assert_eq!(resumed.last_epoch, 2);
+    let a = &straight.metrics.epochs;
+    let b = &resumed.metrics.epochs;
+    assert_eq!(a.len(), 2);
+    assert_eq!(b.len(), 2);
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.acc, y.acc, "epoch {} accuracy differs", x.epoch);
+        assert_eq!(x.loss.total, y.loss.total, "epoch {} loss differs", x.epoch);
+    }
+}
+
+#[test]
+fn zero_epochs_makes_a_valid_run_of_the_untrained_network() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 8);
+    let run_dir = folder.path().join("run");
+    let config = demo_config(0);
+    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let outcome = Trainer::new(config, run, data, TrainControl::new(), false)
+        .unwrap()
+        .run(&mut NullObserver)
+        .unwrap();
+    assert_eq!(outcome.last_epoch, 0);
+    assert!(outcome.metrics.no_train.is_some());
+    let run = RunFolder::open(&run_dir).unwrap();
+    let segmentation = run.segmentation().unwrap();
+    assert_eq!(segmentation.clusters, 8);
+    let (_, epoch) = run.latest_network(&burn::tensor::Device::flex()).unwrap();
+    assert_eq!(epoch, 0);
+}
