@@ -164,3 +164,33 @@ fn zero_epochs_makes_a_valid_run_of_the_untrained_network() {
     let (_, epoch) = run.latest_network(&burn::tensor::Device::flex()).unwrap();
     assert_eq!(epoch, 0);
 }
+
+#[test]
+fn overclustering_head_trains_alongside_the_main_one() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 8);
+    let config = TrainConfig {
+        overclusters: Some(20),
+        ..demo_config(1)
+    };
+    let run = RunFolder::create(&folder.path().join("run"), &config).unwrap();
+    let mut clustering_units = 0;
+    let mut losses = Vec::new();
+    let mut observer = |event: &TrainEvent| match event {
+        TrainEvent::Phase {
+            phase: picie::train::TrainPhase::Clustering,
+            total,
+            ..
+        } => clustering_units = *total,
+        TrainEvent::Step(progress) => losses.push(progress.loss.total),
+        _ => {}
+    };
+    let outcome = Trainer::new(config, run, data, TrainControl::new(), false)
+        .unwrap()
+        .run(&mut observer)
+        .unwrap();
+    assert_eq!(outcome.last_epoch, 1);
+    // Both views clustered with K and with K2.
+    assert_eq!(clustering_units, 4);
+    assert!(!losses.is_empty() && losses.iter().all(|loss| loss.is_finite() && *loss > 0.0));
+}

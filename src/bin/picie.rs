@@ -495,7 +495,7 @@ impl TrainObserver for TerminalObserver {
                 epochs,
                 steps_per_epoch,
             } => self.say(format!(
-                "device: {device}\nstarting from {weights}\ntraining epochs {first_epoch}..={epochs} on {images} images, K = {clusters}, {steps_per_epoch} steps an epoch"
+                "device: {device}\nweights: {weights}\ntraining epochs {first_epoch}..={epochs} on {images} images, K = {clusters}, {steps_per_epoch} steps an epoch"
             )),
             TrainEvent::Phase {
                 epoch,

@@ -73,6 +73,30 @@ struct Model {
     optimizer: ModuleOptimizer,
 }
 
+/// A clustering head's centroids and class weights as tensors on the training device.
+struct HeadTensors {
+    mu_first: Tensor<2>,
+    mu_second: Tensor<2>,
+    weights_first: Option<Tensor<1>>,
+    weights_second: Option<Tensor<1>>,
+}
+
+impl HeadTensors {
+    fn new(head: &EpochClusters, device: &Device) -> Self {
+        let weights = |weights: &Option<Vec<f32>>| {
+            weights
+                .as_ref()
+                .map(|w| Tensor::<1>::from_data(TensorData::new(w.clone(), [w.len()]), device))
+        };
+        Self {
+            mu_first: head.centroids_first.to_tensor(device),
+            mu_second: head.centroids_second.to_tensor(device),
+            weights_first: weights(&head.weights_first),
+            weights_second: weights(&head.weights_second),
+        }
+    }
+}
+
 /// One epoch's pseudo-labels and centroids for both views.
 struct EpochClusters {
     centroids_first: Centroids,
@@ -82,6 +106,8 @@ struct EpochClusters {
     compactness_first: Vec<Option<f64>>,
     weights_first: Option<Vec<f32>>,
     weights_second: Option<Vec<f32>>,
+    /// The K2 clustering of PiCIE + H, when enabled.
+    overclustering: Option<Box<EpochClusters>>,
 }
 
 impl Trainer {
@@ -430,7 +456,7 @@ impl Trainer {
             total: 2,
         });
         let compute_device = training_device.clone().inner();
-        let kmeans = |store: &FeatureStore, view: u64| -> Result<_, TrainError> {
+        let kmeans = |store: &FeatureStore, view: u64, clusters: usize| -> Result<_, TrainError> {
             let config = KMeansConfig::new(clusters)
                 .with_iterations(self.config.kmeans_iterations)
                 .with_seed(
@@ -446,23 +472,43 @@ impl Trainer {
                 cluster::assign(store, &centroids, &compute_device).map_err(cluster_error)?;
             Ok((centroids, assignment))
         };
-        let (centroids_first, assignment_first) = kmeans(&first, 0)?;
-        observer.on_event(&TrainEvent::Phase {
-            epoch,
-            phase: TrainPhase::Clustering,
-            done: 1,
-            total: 2,
-        });
-        let (centroids_second, assignment_second) = kmeans(&second, 1)?;
-        Ok(EpochClusters {
-            weights_first: class_weights(&assignment_first.counts, self.config.balance),
-            weights_second: class_weights(&assignment_second.counts, self.config.balance),
-            centroids_first,
-            centroids_second,
-            compactness_first: assignment_first.compactness,
-            labels_first: assignment_first.labels,
-            labels_second: assignment_second.labels,
-        })
+        let heads: Vec<(usize, u64)> = std::iter::once((clusters, 0))
+            .chain(self.config.overclusters.map(|k2| (k2, 2)))
+            .collect();
+        let total = 2 * heads.len();
+        let mut results = Vec::with_capacity(heads.len());
+        for (head, &(k, salt)) in heads.iter().enumerate() {
+            observer.on_event(&TrainEvent::Phase {
+                epoch,
+                phase: TrainPhase::Clustering,
+                done: 2 * head,
+                total,
+            });
+            let (centroids_first, assignment_first) = kmeans(&first, salt, k)?;
+            observer.on_event(&TrainEvent::Phase {
+                epoch,
+                phase: TrainPhase::Clustering,
+                done: 2 * head + 1,
+                total,
+            });
+            let (centroids_second, assignment_second) = kmeans(&second, salt + 1, k)?;
+            results.push(EpochClusters {
+                weights_first: class_weights(&assignment_first.counts, self.config.balance),
+                weights_second: class_weights(&assignment_second.counts, self.config.balance),
+                centroids_first,
+                centroids_second,
+                compactness_first: assignment_first.compactness,
+                labels_first: assignment_first.labels,
+                labels_second: assignment_second.labels,
+                overclustering: None,
+            });
+        }
+        let mut heads = results.into_iter();
+        let mut main = heads
+            .next()
+            .ok_or_else(|| TrainError::Cluster("no clustering head".into()))?;
+        main.overclustering = heads.next().map(Box::new);
+        Ok(main)
     }
 
     fn report_clusters(
@@ -542,17 +588,19 @@ impl Trainer {
     ) -> Result<(LossTerms, bool), TrainError> {
         let grid = self.config.feature_grid();
         let cells = grid * grid;
-        let mu_first = clusters.centroids_first.to_tensor(device);
-        let mu_second = clusters.centroids_second.to_tensor(device);
-        let weights = |weights: &Option<Vec<f32>>| {
-            weights
-                .as_ref()
-                .map(|w| Tensor::<1>::from_data(TensorData::new(w.clone(), [w.len()]), device))
+        // One head, or two for PiCIE + H (K and K2), each with its own weight in the loss.
+        let head_weights = match (&clusters.overclustering, self.config.overclusters) {
+            (Some(_), Some(k2)) => {
+                let (lambda1, lambda2) =
+                    crate::loss::overclustering_weights(clusters.centroids_first.clusters, k2);
+                vec![lambda1, lambda2]
+            }
+            _ => vec![1.0],
         };
-        let (weights_first, weights_second) = (
-            weights(&clusters.weights_first),
-            weights(&clusters.weights_second),
-        );
+        let heads: Vec<HeadTensors> = std::iter::once(clusters)
+            .chain(clusters.overclustering.as_deref())
+            .map(|head| HeadTensors::new(head, device))
+            .collect();
         let batches: Vec<&[usize]> = self.batches(order).collect();
         let mut sums = LossTerms::default();
         let mut images_done = 0usize;
@@ -566,37 +614,47 @@ impl Trainer {
                 return Ok((mean_loss(sums, step), false));
             }
             let (view_first, view_second, geometric) = self.views_of(batch, params, device);
-            let labels = |labels: &PixelLabels| -> Result<Tensor<3, Int>, TrainError> {
-                let slice: Vec<i64> = labels
-                    .slice_usize(offset * cells..(offset + batch.len()) * cells)
-                    .map_err(cluster_error)?
-                    .into_iter()
-                    .map(|label| label as i64)
-                    .collect();
-                Ok(Tensor::<3, Int>::from_data(
-                    TensorData::new(slice, [batch.len(), grid, grid]),
-                    device,
-                ))
-            };
-            let (labels_first, labels_second) = (
-                labels(&clusters.labels_first)?,
-                labels(&clusters.labels_second)?,
-            );
+            let range = offset * cells..(offset + batch.len()) * cells;
             offset += batch.len();
 
             let features_first = model.network.forward(view_first);
             let features_second =
                 views::geometric_on_features(model.network.forward(view_second), &geometric);
-            let loss = picie_loss(
-                features_first,
-                features_second,
-                mu_first.clone(),
-                mu_second.clone(),
-                labels_first,
-                labels_second,
-                weights_first.clone(),
-                weights_second.clone(),
-            );
+            let mut loss = None;
+            for ((head, tensors), &weight) in std::iter::once(clusters)
+                .chain(clusters.overclustering.as_deref())
+                .zip(&heads)
+                .zip(&head_weights)
+            {
+                let labels = |labels: &PixelLabels| -> Result<Tensor<3, Int>, TrainError> {
+                    let slice: Vec<i64> = labels
+                        .slice_usize(range.clone())
+                        .map_err(cluster_error)?
+                        .into_iter()
+                        .map(|label| label as i64)
+                        .collect();
+                    Ok(Tensor::<3, Int>::from_data(
+                        TensorData::new(slice, [batch.len(), grid, grid]),
+                        device,
+                    ))
+                };
+                let head_loss = picie_loss(
+                    features_first.clone(),
+                    features_second.clone(),
+                    tensors.mu_first.clone(),
+                    tensors.mu_second.clone(),
+                    labels(&head.labels_first)?,
+                    labels(&head.labels_second)?,
+                    tensors.weights_first.clone(),
+                    tensors.weights_second.clone(),
+                )
+                .scaled(weight);
+                loss = Some(match loss {
+                    None => head_loss,
+                    Some(sum) => head_loss.combined(sum),
+                });
+            }
+            let loss = loss.ok_or_else(|| TrainError::Cluster("no clustering head".into()))?;
             let terms = loss.terms();
             let gradients = GradientsParams::from_grads(loss.total.backward(), &model.network);
             // Parameters are shared handles, so the clone is cheap; the step returns the update.
