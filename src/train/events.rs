@@ -37,6 +37,34 @@ pub struct LossTerms {
     pub total: f32,
 }
 
+impl std::ops::Add for LossTerms {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            within_first: self.within_first + other.within_first,
+            within_second: self.within_second + other.within_second,
+            cross_first_second: self.cross_first_second + other.cross_first_second,
+            cross_second_first: self.cross_second_first + other.cross_second_first,
+            total: self.total + other.total,
+        }
+    }
+}
+
+impl LossTerms {
+    /// Every term divided by `count` (a mean over steps); unchanged for a count of 0.
+    pub fn divided_by(self, count: usize) -> Self {
+        let n = count.max(1) as f32;
+        Self {
+            within_first: self.within_first / n,
+            within_second: self.within_second / n,
+            cross_first_second: self.cross_first_second / n,
+            cross_second_first: self.cross_second_first / n,
+            total: self.total / n,
+        }
+    }
+}
+
 /// Progress after one optimisation step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepProgress {

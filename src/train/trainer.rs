@@ -611,7 +611,7 @@ impl Trainer {
                 .control
                 .wait_if_paused(|paused| observer.on_event(&TrainEvent::Paused(paused)))
             {
-                return Ok((mean_loss(sums, step), false));
+                return Ok((sums.divided_by(step), false));
             }
             let (view_first, view_second, geometric) = self.views_of(batch, params, device);
             let range = offset * cells..(offset + batch.len()) * cells;
@@ -664,7 +664,7 @@ impl Trainer {
                     .step(self.config.learning_rate, model.network.clone(), gradients);
 
             images_done += batch.len();
-            sums = add_loss(sums, terms);
+            sums = sums + terms;
             let elapsed = started.elapsed().as_secs_f64();
             let images_per_second = images_done as f64 / elapsed.max(1e-9);
             let epochs_done =
@@ -681,7 +681,7 @@ impl Trainer {
                 loss: terms,
             }));
         }
-        Ok((mean_loss(sums, batches.len()), true))
+        Ok((sums.divided_by(batches.len()), true))
     }
 
     fn evaluate(
@@ -741,27 +741,6 @@ impl Trainer {
 
 fn cluster_error(error: impl std::fmt::Display) -> TrainError {
     TrainError::Cluster(error.to_string())
-}
-
-fn add_loss(sum: LossTerms, terms: LossTerms) -> LossTerms {
-    LossTerms {
-        within_first: sum.within_first + terms.within_first,
-        within_second: sum.within_second + terms.within_second,
-        cross_first_second: sum.cross_first_second + terms.cross_first_second,
-        cross_second_first: sum.cross_second_first + terms.cross_second_first,
-        total: sum.total + terms.total,
-    }
-}
-
-fn mean_loss(sum: LossTerms, steps: usize) -> LossTerms {
-    let n = steps.max(1) as f32;
-    LossTerms {
-        within_first: sum.within_first / n,
-        within_second: sum.within_second / n,
-        cross_first_second: sum.cross_first_second / n,
-        cross_second_first: sum.cross_second_first / n,
-        total: sum.total / n,
-    }
 }
 
 /// Labels as stored in a checkpoint: one byte per pixel, or two (little-endian) for K > 255.
