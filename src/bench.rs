@@ -150,7 +150,9 @@ pub fn time_training_step(
     const CLUSTERS: usize = 27;
     let training_device = device.device.clone().autodiff();
     device.device.seed(0);
-    let mut network = PicieNet::new(backbone, &device.device).fork(&training_device);
+    let mut network = PicieNet::new(backbone, &device.device)
+        .fork(&training_device)
+        .train();
     let mut optimizer = AdamConfig::new().init();
     let grid = size / FEATURE_STRIDE;
     let geometric: Vec<GeometricParams> = (0..batch)
