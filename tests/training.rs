@@ -51,21 +51,36 @@ fn demo_data(folder: &std::path::Path, images: usize) -> Arc<TrainingData> {
 fn training_beats_the_untrained_network_and_writes_a_complete_run() {
     let folder = tempfile::tempdir().unwrap();
     let data = demo_data(&folder.path().join("demo"), 32);
-    let config = demo_config(4);
+    let config = TrainConfig {
+        preview_every_steps: 2,
+        ..demo_config(4)
+    };
     let run_dir = folder.path().join("run");
     let run = RunFolder::create(&run_dir, &config).unwrap();
     let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
     let mut steps = 0;
     let mut previews = 0;
+    let mut previews_within_epochs = 0;
     let mut observer = |event: &TrainEvent| match event {
         TrainEvent::Step(_) => steps += 1,
-        TrainEvent::Preview { maps, .. } => previews += maps.len(),
+        TrainEvent::Preview { maps, step, .. } => {
+            previews += maps.len();
+            previews_within_epochs += usize::from(*step > 0);
+            for map in maps {
+                assert_eq!(map.labels.len(), map.width * map.height);
+                assert_eq!(map.similarity.len(), map.labels.len());
+                assert!(map.labels.iter().all(|&label| label < 8));
+                assert!(map.similarity.iter().all(|s| (-1.01..=1.01).contains(s)));
+            }
+        }
         _ => {}
     };
     let outcome = trainer.run(&mut observer).unwrap();
     assert_eq!(outcome.last_epoch, 4);
     assert_eq!(steps, 4 * 4);
     assert!(previews >= 4 * 2);
+    // Four steps an epoch, a preview every two steps: one inside each epoch.
+    assert_eq!(previews_within_epochs, 4);
 
     let metrics = &outcome.metrics;
     let baseline = metrics.no_train.as_ref().unwrap().acc;

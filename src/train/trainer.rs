@@ -225,7 +225,16 @@ impl Trainer {
             let label_change = previous_labels.as_ref().and_then(|previous| {
                 cluster::label_change_fraction(previous, &epoch_clusters.labels_first).ok()
             });
-            self.report_clusters(epoch, &order, &epoch_clusters, label_change, observer);
+            self.report_clusters(epoch, &epoch_clusters, label_change, observer);
+            observer.on_event(&TrainEvent::Preview {
+                epoch,
+                step: 0,
+                maps: self.preview_maps(
+                    &model.network.valid(),
+                    &epoch_clusters.centroids_first,
+                    &compute.device,
+                ),
+            });
             if self.control.is_stopping() {
                 stopped = true;
                 break;
@@ -514,7 +523,6 @@ impl Trainer {
     fn report_clusters(
         &self,
         epoch: usize,
-        order: &[usize],
         clusters: &EpochClusters,
         label_change: Option<f64>,
         observer: &mut dyn TrainObserver,
@@ -547,28 +555,58 @@ impl Trainer {
             images_with_cluster: images_with,
             label_change,
         }));
-        // Preview maps: the first preview images in dataset order, found in this epoch's order.
-        let maps = (0..self.config.preview_images.min(self.data.len()))
-            .filter_map(|image| {
-                let position = order.iter().position(|&i| i == image)?;
-                let labels = labels[position * cells..(position + 1) * cells]
+    }
+
+    /// Cluster maps of the first `preview_images` images as the network sees them now: the
+    /// un-augmented image's features assigned to the epoch's view-1 centroids, with each
+    /// cell's cosine similarity to its centroid.
+    fn preview_maps(
+        &self,
+        network: &PicieNet,
+        centroids: &Centroids,
+        device: &Device,
+    ) -> Vec<ClusterMap> {
+        let count = self.config.preview_images.min(self.data.len());
+        if count == 0 {
+            return Vec::new();
+        }
+        let size = self.data.eval_size as usize;
+        let images: Vec<&[u8]> = (0..count)
+            .map(|index| self.data.eval_images[index].as_slice())
+            .collect();
+        let features = network.forward(images_to_tensor(&images, size, device));
+        let [batch, dim, height, width] = features.dims();
+        // [B, D, h, w] -> [B, h*w, D] -> [B*h*w, D] x [D, K] -> [B*h*w, K]
+        let pixels = features
+            .reshape([batch, dim, height * width])
+            .swap_dims(1, 2)
+            .reshape([batch * height * width, dim]);
+        let similarities = pixels.matmul(centroids.to_tensor(device).transpose());
+        let (best, index) = similarities.max_dim_with_indices(1);
+        let best = best
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        let index = index
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .unwrap_or_default();
+        let cells = height * width;
+        (0..batch)
+            .filter(|image| index.len() >= (image + 1) * cells && best.len() >= (image + 1) * cells)
+            .map(|image| ClusterMap {
+                image_index: image,
+                width,
+                height,
+                labels: index[image * cells..(image + 1) * cells]
                     .iter()
                     .map(|&label| label as u16)
-                    .collect();
-                Some(ClusterMap {
-                    image_index: image,
-                    width: grid,
-                    height: grid,
-                    labels,
-                    similarity: Vec::new(),
-                })
+                    .collect(),
+                similarity: best[image * cells..(image + 1) * cells].to_vec(),
             })
-            .collect();
-        observer.on_event(&TrainEvent::Preview {
-            epoch,
-            step: 0,
-            maps,
-        });
+            .collect()
     }
 
     /// One pass of optimisation over the epoch's batches. Returns the mean loss terms and
@@ -672,6 +710,18 @@ impl Trainer {
             let per_epoch = run_started.elapsed().as_secs_f64() / epochs_done.max(1e-9);
             let eta_seconds =
                 per_epoch * ((self.config.epochs + 1 - first_epoch) as f64 - epochs_done);
+            let every = self.config.preview_every_steps;
+            if every > 0 && (step + 1) % every == 0 && step + 1 < batches.len() {
+                observer.on_event(&TrainEvent::Preview {
+                    epoch,
+                    step: step + 1,
+                    maps: self.preview_maps(
+                        &model.network.valid(),
+                        &clusters.centroids_first,
+                        &device.clone().inner(),
+                    ),
+                });
+            }
             observer.on_event(&TrainEvent::Step(StepProgress {
                 epoch,
                 step: step + 1,
