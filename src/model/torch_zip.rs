@@ -14,7 +14,7 @@ use super::weights::StoredTensor;
 
 /// The element types a storage can have, from its pickled class name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StorageType {
+pub(super) enum StorageType {
     F32,
     F64,
     F16,
@@ -56,6 +56,14 @@ impl StorageType {
             Self::Other => 0.0,
         }
     }
+}
+
+/// Little-endian elements of `kind` as f32, for every reader of PyTorch tensors.
+pub(super) fn decode_floats(kind: StorageType, bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(kind.size())
+        .map(|element| kind.read(element))
+        .collect()
 }
 
 /// A value on the pickle machine's stack.

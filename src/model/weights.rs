@@ -15,6 +15,7 @@ use burn::nn::{BatchNorm, Linear};
 use burn::store::pytorch_reader::{DType as TorchDType, PytorchReader};
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::torch_zip::{StorageType, decode_floats};
 use crate::fsutil;
 
 /// Errors of reading, matching and writing weights. Each names the file and, where there is
@@ -519,28 +520,13 @@ fn read_with_burn(path: &Path) -> Result<BTreeMap<String, StoredTensor>, String>
         let bytes = tensor
             .read()
             .map_err(|error| format!("tensor '{key}': {error}"))?;
-        let values = match dtype {
-            TorchDType::F32 => bytes
-                .chunks_exact(4)
-                .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
-                .collect(),
-            TorchDType::F64 => bytes
-                .chunks_exact(8)
-                .map(|chunk| {
-                    let mut array = [0u8; 8];
-                    array.copy_from_slice(chunk);
-                    f64::from_le_bytes(array) as f32
-                })
-                .collect(),
-            TorchDType::F16 => bytes
-                .chunks_exact(2)
-                .map(|chunk| half::f16::from_le_bytes([chunk[0], chunk[1]]).to_f32())
-                .collect(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|chunk| half::bf16::from_le_bytes([chunk[0], chunk[1]]).to_f32())
-                .collect(),
+        let kind = match dtype {
+            TorchDType::F32 => StorageType::F32,
+            TorchDType::F64 => StorageType::F64,
+            TorchDType::F16 => StorageType::F16,
+            _ => StorageType::BF16,
         };
+        let values = decode_floats(kind, &bytes);
         tensors.insert(key, StoredTensor { shape, values });
     }
     Ok(tensors)
