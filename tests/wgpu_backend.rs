@@ -60,3 +60,66 @@ fn wgpu_forward_matches_the_cpu_backend() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-3, "largest difference {worst}");
 }
+
+/// A whole PiCIE epoch on the wgpu backend: clustering, the four-term loss, backward through
+/// the FPN's bilinear upsampling and G on the features, Adam, a checkpoint and an evaluation.
+#[test]
+fn wgpu_trains_an_epoch_and_writes_a_checkpoint() {
+    use std::sync::Arc;
+
+    use picie::config::TrainConfig;
+    use picie::data::{DemoOptions, write_demo_dataset};
+    use picie::device::DeviceChoice;
+    use picie::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+
+    if list_adapters().is_empty() {
+        eprintln!("no wgpu adapter on this machine: install mesa-vulkan-drivers to run this test");
+        return;
+    }
+    let folder = tempfile::tempdir().unwrap();
+    let demo = write_demo_dataset(
+        &folder.path().join("demo"),
+        &DemoOptions {
+            images: 4,
+            size: 64,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    // Tiny on purpose: lavapipe runs the kernels on one CPU core.
+    let data = Arc::new(
+        TrainingData::load(&demo.images_dir, Some(&demo.labels_dir), 64, 32, &|_, _| {}).unwrap(),
+    );
+    let config = TrainConfig {
+        backbone: BackboneKind::MobilenetV2,
+        device: DeviceChoice::Wgpu,
+        base_size: 64,
+        input_size: 32,
+        batch_size: 2,
+        epochs: 1,
+        kmeans_iterations: 3,
+        preview_images: 1,
+        seed: 5,
+        ..TrainConfig::default()
+    };
+    let run_dir = folder.path().join("run");
+    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
+    let mut losses = Vec::new();
+    let mut observer = |event: &TrainEvent| {
+        if let TrainEvent::Step(progress) = event {
+            losses.push(progress.loss.total);
+        }
+    };
+    let outcome = trainer.run(&mut observer).unwrap();
+    assert_eq!(outcome.last_epoch, 1);
+    assert_eq!(losses.len(), 2, "two batches of two images");
+    assert!(
+        losses.iter().all(|loss| loss.is_finite() && *loss > 0.0),
+        "losses {losses:?}"
+    );
+    let accuracy = outcome.metrics.epochs[0].acc.expect("labels were given");
+    assert!((0.0..=100.0).contains(&accuracy), "accuracy {accuracy}");
+    let reopened = RunFolder::open(&run_dir).unwrap();
+    assert_eq!(reopened.latest_checkpoint().unwrap().unwrap().1.epoch, 1);
+}

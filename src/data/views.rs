@@ -23,7 +23,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model::fpn::{l2_normalize_channels, upsample_bilinear};
+use crate::model::fpn::l2_normalize_channels;
+use crate::model::resize::{AxisWindow, resample_windows};
 use crate::model::{FEATURE_STRIDE, IMAGENET_MEAN, IMAGENET_STD};
 
 /// Probability of each colour-jitter change (brightness, contrast, saturation, hue).
@@ -663,7 +664,7 @@ pub fn build_views(
 ///
 /// When `params` does not have one entry per image of the batch.
 pub fn geometric_on_features(features: Tensor<4>, params: &[GeometricParams]) -> Tensor<4> {
-    let [batch, dim, height, width] = features.dims();
+    let [batch, _, height, width] = features.dims();
     assert_eq!(
         batch,
         params.len(),
@@ -672,27 +673,23 @@ pub fn geometric_on_features(features: Tensor<4>, params: &[GeometricParams]) ->
     if batch == 0 || height == 0 || width == 0 {
         return features;
     }
-    let crops = params
+    // One batched product for all crops, flips included (see `model::resize`).
+    let windows: Vec<(AxisWindow, AxisWindow)> = params
         .iter()
-        .enumerate()
-        .map(|(index, geometric)| {
+        .map(|geometric| {
             let (x0, y0, side_x, side_y) = geometric.clamped(width, height);
-            // [B, D, h, w] -> [1, D, side, side]
-            let crop = features.clone().slice([
-                index..index + 1,
-                0..dim,
-                y0..y0 + side_y,
-                x0..x0 + side_x,
-            ]);
-            // [1, D, side, side] -> [1, D, h, w]
-            let resized = upsample_bilinear(crop, [height, width]);
-            if geometric.flip {
-                resized.flip([3])
-            } else {
-                resized
-            }
+            let rows = AxisWindow {
+                start: y0,
+                len: side_y,
+                flip: false,
+            };
+            let columns = AxisWindow {
+                start: x0,
+                len: side_x,
+                flip: geometric.flip,
+            };
+            (rows, columns)
         })
         .collect();
-    // B x [1, D, h, w] -> [B, D, h, w]
-    l2_normalize_channels(Tensor::cat(crops, 0))
+    l2_normalize_channels(resample_windows(features, &windows, [height, width]))
 }

@@ -4,8 +4,6 @@
 //! mean IoU over the classes present in the labels.
 
 use burn::tensor::Tensor;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use pathfinding::kuhn_munkres::kuhn_munkres;
 use pathfinding::matrix::Matrix;
 use serde::{Deserialize, Serialize};
@@ -352,12 +350,7 @@ pub fn upsample_logits_argmax(
     let logits = if [height, width] == out_size {
         logits
     } else {
-        interpolate(
-            logits,
-            InterpolateOptions::new(InterpolateMode::Bilinear)
-                .with_align_corners(false)
-                .with_output_size(out_size),
-        )
+        crate::model::resize::resize_bilinear(logits, out_size)
     };
     // [B, K, H, W] -> [B, 1, H, W]
     let labels = logits

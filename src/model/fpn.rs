@@ -2,8 +2,6 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 
 use super::weights::{ParamVisitor, WeightsError};
@@ -48,18 +46,10 @@ impl Fpn {
     }
 }
 
-/// Bilinear resize with `align_corners = false`, as PyTorch's `F.interpolate` default.
+/// Bilinear resize with `align_corners = false`, as PyTorch's `F.interpolate` default, in a
+/// form that differentiates on every backend (see [`super::resize`]).
 pub fn upsample_bilinear(input: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-    let [_, _, height, width] = input.dims();
-    if [height, width] == size {
-        return input;
-    }
-    interpolate(
-        input,
-        InterpolateOptions::new(InterpolateMode::Bilinear)
-            .with_align_corners(false)
-            .with_output_size(size),
-    )
+    super::resize::resize_bilinear(input, size)
 }
 
 /// Divides each pixel's feature vector by its L2 norm (clamped like `F.normalize`).

@@ -3,6 +3,7 @@
 pub mod fpn;
 pub mod layers;
 pub mod mobilenet;
+pub mod resize;
 pub mod resnet;
 mod torch_zip;
 pub mod weights;

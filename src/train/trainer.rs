@@ -143,15 +143,6 @@ impl Trainer {
     /// the current batch with a checkpoint of the last completed epoch.
     pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
         let compute = select_device(self.config.device)?;
-        if compute.backend == crate::device::BackendKind::Wgpu {
-            // burn 0.22's wgpu kernels have no backward for bilinear interpolation, which the
-            // FPN and the view-2 transform need: fail clearly instead of panicking mid-step.
-            return Err(TrainError::Data(format!(
-                "training on the wgpu backend ({}) is not supported yet: burn's wgpu kernels lack \
-                 the bilinear-interpolation gradient; train with --device cpu",
-                compute.description
-            )));
-        }
         compute.device.seed(self.config.seed);
         let clusters = self.config.clusters_for(self.data.classes());
         let batches_per_epoch = self.data.len().div_ceil(self.config.batch_size);
