@@ -88,7 +88,15 @@ pub fn time_forward(
     })
 }
 
-/// Peak resident set size of this process in MiB (Linux; `None` elsewhere).
+/// Resident memory of this process now, in MiB (Linux; `None` elsewhere).
+pub fn current_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Peak resident memory of this process in MiB (Linux; `None` elsewhere).
 pub fn peak_memory_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;

@@ -5,6 +5,8 @@
 //! CLI are thin layers over these modules.
 #![warn(missing_docs)]
 
+#[cfg(feature = "gui")]
+pub mod app;
 pub mod bench;
 pub mod cluster;
 pub mod config;
@@ -17,4 +19,5 @@ pub mod loss;
 pub mod model;
 pub mod palette;
 pub mod segment;
+pub mod session;
 pub mod train;

@@ -572,6 +572,7 @@ fn eval(
         &config,
         &compute.device,
         epoch,
+        None,
         &mut observer,
     )?
     .ok_or_else(|| {

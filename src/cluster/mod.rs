@@ -6,6 +6,7 @@
 //! exists for all points at once; [`assign`] then labels every pixel with its nearest centroid
 //! (largest inner product) as a compact [`PixelLabels`].
 
+mod align;
 mod assign;
 mod kmeans;
 mod store;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+pub use align::{match_to_previous, permute_centroids, permute_labels, permute_per_cluster};
 pub use assign::{Assignment, assign, assign_chunked};
 pub use kmeans::{
     AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_INIT_SAMPLE,

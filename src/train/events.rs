@@ -95,13 +95,20 @@ pub struct ClusterStatistics {
     pub images_with_cluster: Vec<usize>,
     /// Fraction of pixels whose label changed since the previous epoch (view 1).
     pub label_change: Option<f64>,
+    /// The view-1 centroids, `K * dim` row-major unit vectors.
+    pub centroids: Vec<f32>,
+    /// Feature dimension of the centroids.
+    pub dim: usize,
 }
 
 /// The cluster map of one preview image.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterMap {
     /// Index of the image in the dataset.
     pub image_index: usize,
+    /// The image's path relative to the image folder.
+    #[serde(default)]
+    pub image_name: String,
     /// Width of the map (feature-grid cells or pixels).
     pub width: usize,
     /// Height of the map.

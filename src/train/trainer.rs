@@ -110,6 +110,31 @@ struct EpochClusters {
     overclustering: Option<Box<EpochClusters>>,
 }
 
+impl EpochClusters {
+    /// Renumbers the view-1 clusters to match `previous` (see [`cluster::match_to_previous`]),
+    /// so a cluster keeps its id, and its colour in the app, from epoch to epoch. View 2's
+    /// numbering only ever meets its own labels, so it is left alone.
+    fn keep_ids_of(&mut self, previous: &Centroids) {
+        let new_ids = cluster::match_to_previous(previous, &self.centroids_first);
+        if new_ids.iter().enumerate().all(|(old, &new)| old == new) {
+            return;
+        }
+        self.centroids_first = cluster::permute_centroids(&self.centroids_first, &new_ids);
+        cluster::permute_labels(&mut self.labels_first, &new_ids);
+        self.compactness_first = cluster::permute_per_cluster(&self.compactness_first, &new_ids);
+        self.weights_first = self
+            .weights_first
+            .as_ref()
+            .map(|weights| cluster::permute_per_cluster(weights, &new_ids));
+    }
+}
+
+/// What the next epoch's clustering is compared with.
+struct PreviousEpoch {
+    labels: PixelLabels,
+    centroids: Centroids,
+}
+
 impl Trainer {
     /// A trainer writing into `run`; with `resume` it continues from the run's latest
     /// checkpoint (and the run's own config).
@@ -148,7 +173,7 @@ impl Trainer {
         let batches_per_epoch = self.data.len().div_ceil(self.config.batch_size);
 
         let mut weights = String::from("the run's latest checkpoint");
-        let (mut model, first_epoch, mut metrics, mut previous_labels) = if self.resume {
+        let (mut model, first_epoch, mut metrics, mut previous) = if self.resume {
             self.restore(&compute)?
         } else {
             let (network, origin) = build_network(
@@ -174,7 +199,7 @@ impl Trainer {
         if first_epoch == 1 {
             // The untrained network, scored and saved exactly as trained ones are.
             let network = model.network.valid();
-            let evaluation = self.evaluate(&network, &compute.device, 0, observer)?;
+            let evaluation = self.evaluate(&network, &compute.device, 0, None, observer)?;
             if let Some(evaluation) = &evaluation {
                 metrics.no_train = Some(Score {
                     acc: evaluation.accuracy,
@@ -212,7 +237,7 @@ impl Trainer {
                 .collect();
 
             let clustering_started = Instant::now();
-            let epoch_clusters = self.cluster_epoch(
+            let mut epoch_clusters = self.cluster_epoch(
                 &model.network,
                 &training_device,
                 epoch,
@@ -221,9 +246,12 @@ impl Trainer {
                 clusters,
                 observer,
             )?;
+            if let Some(previous) = &previous {
+                epoch_clusters.keep_ids_of(&previous.centroids);
+            }
             let seconds_clustering = clustering_started.elapsed().as_secs_f64();
-            let label_change = previous_labels.as_ref().and_then(|previous| {
-                cluster::label_change_fraction(previous, &epoch_clusters.labels_first).ok()
+            let label_change = previous.as_ref().and_then(|previous| {
+                cluster::label_change_fraction(&previous.labels, &epoch_clusters.labels_first).ok()
             });
             self.report_clusters(epoch, &epoch_clusters, label_change, observer);
             observer.on_event(&TrainEvent::Preview {
@@ -260,8 +288,13 @@ impl Trainer {
             }
 
             let evaluation_started = Instant::now();
-            let evaluation =
-                self.evaluate(&model.network.valid(), &compute.device, epoch, observer)?;
+            let evaluation = self.evaluate(
+                &model.network.valid(),
+                &compute.device,
+                epoch,
+                Some(&epoch_clusters.centroids_first),
+                observer,
+            )?;
             let record = EpochRecord {
                 epoch,
                 acc: evaluation.as_ref().map(|e| e.accuracy),
@@ -297,7 +330,10 @@ impl Trainer {
             metrics.epochs.push(record.clone());
             self.run.write_metrics(&metrics)?;
             observer.on_event(&TrainEvent::EpochFinished(record));
-            previous_labels = Some(epoch_clusters.labels_first);
+            previous = Some(PreviousEpoch {
+                labels: epoch_clusters.labels_first,
+                centroids: epoch_clusters.centroids_first,
+            });
             last_epoch = epoch;
             if self.control.is_stopping() {
                 stopped = epoch < self.config.epochs;
@@ -326,7 +362,7 @@ impl Trainer {
     fn restore(
         &self,
         compute: &ComputeDevice,
-    ) -> Result<(Model, usize, Metrics, Option<PixelLabels>), TrainError> {
+    ) -> Result<(Model, usize, Metrics, Option<PreviousEpoch>), TrainError> {
         let Some((directory, state)) = self.run.latest_checkpoint()? else {
             return Err(RunError::NoCheckpoint(self.run.root().to_owned()).into());
         };
@@ -343,10 +379,15 @@ impl Trainer {
                     reason: format!("{error:?}"),
                 })?
         };
-        let previous = RunFolder::checkpoint_labels(&directory)
+        let labels = RunFolder::checkpoint_labels(&directory)
             .ok()
             .filter(|bytes| !bytes.is_empty())
             .map(|bytes| labels_from_bytes(&bytes, state.clusters));
+        let centroids = Centroids::new(state.centroids_first.clone(), state.clusters, state.dim);
+        let previous = match (labels, centroids) {
+            (Some(labels), Ok(centroids)) => Some(PreviousEpoch { labels, centroids }),
+            _ => None,
+        };
         Ok((
             Model { network, optimizer },
             state.epoch + 1,
@@ -554,6 +595,8 @@ impl Trainer {
                 .collect(),
             images_with_cluster: images_with,
             label_change,
+            centroids: clusters.centroids_first.values.clone(),
+            dim: clusters.centroids_first.dim,
         }));
     }
 
@@ -598,6 +641,7 @@ impl Trainer {
             .filter(|image| index.len() >= (image + 1) * cells && best.len() >= (image + 1) * cells)
             .map(|image| ClusterMap {
                 image_index: image,
+                image_name: self.data.names.get(image).cloned().unwrap_or_default(),
                 width,
                 height,
                 labels: index[image * cells..(image + 1) * cells]
@@ -739,9 +783,18 @@ impl Trainer {
         network: &PicieNet,
         device: &Device,
         epoch: usize,
+        cluster_ids_of: Option<&Centroids>,
         observer: &mut dyn TrainObserver,
     ) -> Result<Option<Evaluation>, TrainError> {
-        evaluate_network(network, &self.data, &self.config, device, epoch, observer)
+        evaluate_network(
+            network,
+            &self.data,
+            &self.config,
+            device,
+            epoch,
+            cluster_ids_of,
+            observer,
+        )
     }
 
     /// Writes the final checkpoint (for epoch 0) and the centroids of the un-augmented images
@@ -868,20 +921,28 @@ pub fn cluster_unaugmented(
 
 /// Clusters the un-augmented images afresh (K = the number of classes unless the config says
 /// otherwise) and scores the clusters against the labels with Hungarian matching, as the
-/// reference does. `None` when the dataset has no labels.
+/// reference does. `None` when the dataset has no labels. With `cluster_ids_of`, the fresh
+/// clusters are numbered to match those centroids.
 pub fn evaluate_network(
     network: &PicieNet,
     data: &TrainingData,
     config: &TrainConfig,
     device: &Device,
     epoch: usize,
+    cluster_ids_of: Option<&Centroids>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Option<Evaluation>, TrainError> {
     let (Some(labels), Some(classes)) = (&data.eval_labels, data.classes()) else {
         return Ok(None);
     };
     let k = config.eval_clusters.unwrap_or(classes);
-    let centroids = cluster_unaugmented(network, data, config, k, device, epoch, observer)?;
+    let mut centroids = cluster_unaugmented(network, data, config, k, device, epoch, observer)?;
+    // Numbered like the training clusters, so the cluster-to-class matching names the
+    // clusters the user sees; the scores do not depend on the numbering.
+    if let Some(reference) = cluster_ids_of {
+        let new_ids = cluster::match_to_previous(reference, &centroids);
+        centroids = cluster::permute_centroids(&centroids, &new_ids);
+    }
     let size = data.eval_size as usize;
     let mut confusion = ConfusionMatrix::new(k, classes);
     let mu = centroids.to_tensor(device);

@@ -1,0 +1,851 @@
+//! PiCIE Explorer's window: a start page, then the explorer with the training panel, live
+//! cluster maps, the timeline and the statistics. Training runs on a background thread
+//! ([`crate::session::worker`]); this module only draws and sends commands.
+
+mod gpu;
+mod images;
+mod maps;
+mod stats;
+mod training;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use eframe::egui;
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::data::{DemoOptions, ImageFolder, write_demo_dataset};
+use crate::session::{Command, DatasetPaths, SessionState, TrainRequest, TrainerHandle};
+
+pub use images::{ImageCache, ImageRequest};
+pub use maps::MapView;
+pub use training::WeightsChoice;
+
+/// Key of the settings in eframe's storage.
+const SETTINGS_KEY: &str = "picie-explorer-settings";
+/// Recent datasets remembered.
+const RECENT_LIMIT: usize = 8;
+
+/// Which view the explorer's centre shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Tab {
+    /// Preview images with their cluster maps.
+    #[default]
+    Maps,
+    /// Cluster statistics and curves.
+    Statistics,
+    /// Thumbnails of the whole dataset.
+    Dataset,
+}
+
+/// What the app remembers between launches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Most recent first.
+    pub recent: Vec<DatasetPaths>,
+    /// The dataset open when the app was closed.
+    pub last_dataset: Option<DatasetPaths>,
+    /// The run open when the app was closed.
+    pub last_run: Option<PathBuf>,
+    /// The training settings last used.
+    pub config: TrainConfig,
+    /// Where the starting weights come from.
+    pub weights: WeightsChoice,
+    /// The centre view.
+    pub tab: Tab,
+    /// Overlay opacity.
+    pub opacity: f32,
+    /// Draw cluster boundaries.
+    pub boundaries: bool,
+    /// Show the training panel.
+    pub show_training_panel: bool,
+    /// Show the cluster list.
+    pub show_cluster_panel: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            recent: Vec::new(),
+            last_dataset: None,
+            last_run: None,
+            config: training::app_default_config(),
+            weights: WeightsChoice::ImageNet,
+            tab: Tab::Maps,
+            opacity: 0.6,
+            boundaries: true,
+            show_training_panel: true,
+            show_cluster_panel: true,
+        }
+    }
+}
+
+/// The dataset currently open.
+pub struct OpenDataset {
+    /// Its folders.
+    pub paths: DatasetPaths,
+    /// Image names (relative paths) in dataset order.
+    pub names: Vec<String>,
+    /// Class names when the labels come with `classes.txt`.
+    pub class_names: Option<Vec<String>>,
+    /// Images without a label file (when there are labels).
+    pub unlabelled: usize,
+}
+
+/// Per-frame UI cost, to show and to report (the UI must never wait on the trainer).
+#[derive(Default)]
+pub struct FrameTimes {
+    /// Milliseconds of UI work per frame while training ran, newest last (bounded).
+    pub while_training: Vec<f32>,
+    /// The last frame's milliseconds.
+    pub last: f32,
+}
+
+impl FrameTimes {
+    const KEPT: usize = 100_000;
+
+    fn record(&mut self, milliseconds: f32, training: bool) {
+        self.last = milliseconds;
+        if training && self.while_training.len() < Self::KEPT {
+            self.while_training.push(milliseconds);
+        }
+    }
+
+    /// Median and worst frame while training, in milliseconds.
+    pub fn summary(&self) -> Option<(f32, f32, usize)> {
+        if self.while_training.is_empty() {
+            return None;
+        }
+        let mut sorted = self.while_training.clone();
+        sorted.sort_by(f32::total_cmp);
+        Some((sorted[sorted.len() / 2], sorted[sorted.len() - 1], sorted.len()))
+    }
+}
+
+/// The whole application state.
+pub struct ExplorerApp {
+    /// Remembered settings.
+    pub settings: Settings,
+    /// The open dataset.
+    pub dataset: Option<OpenDataset>,
+    /// The session shown (live or reopened).
+    pub session: Option<SessionState>,
+    /// The running trainer, if any.
+    pub trainer: Option<TrainerHandle>,
+    /// How the maps are shown.
+    pub view: MapView,
+    /// Frame costs.
+    pub frame_times: FrameTimes,
+    images: Option<ImageCache>,
+    notice: Option<Notice>,
+    gpu_overlays: bool,
+    training: training::TrainingPanel,
+    frame: u64,
+    /// Where the demo dataset and new runs go; `None`: the user's cache folder.
+    pub cache_root: Option<PathBuf>,
+}
+
+/// A message at the top of the window.
+struct Notice {
+    text: String,
+    error: bool,
+}
+
+impl Default for ExplorerApp {
+    fn default() -> Self {
+        Self::with_settings(Settings::default(), false)
+    }
+}
+
+impl ExplorerApp {
+    /// The app as eframe creates it: settings from storage, the GPU overlay when running on
+    /// wgpu, and the last dataset and run reopened.
+    pub fn new(creation: &eframe::CreationContext<'_>) -> Self {
+        let settings: Settings = creation
+            .storage
+            .and_then(|storage| eframe::get_value(storage, SETTINGS_KEY))
+            .unwrap_or_default();
+        let gpu = gpu::OverlayRenderer::install(creation.wgpu_render_state.as_ref());
+        let mut app = Self::with_settings(settings, gpu);
+        if let Some(paths) = app.settings.last_dataset.clone()
+            && paths.images.is_dir()
+        {
+            app.open_dataset(paths);
+        }
+        if let Some(run) = app.settings.last_run.clone()
+            && SessionState::path_in(&run).is_file()
+        {
+            app.open_run(&run);
+        }
+        app
+    }
+
+    /// The app with given settings; `gpu_overlays` when the wgpu overlay pipeline exists.
+    pub fn with_settings(settings: Settings, gpu_overlays: bool) -> Self {
+        Self {
+            settings,
+            dataset: None,
+            session: None,
+            trainer: None,
+            view: MapView::default(),
+            frame_times: FrameTimes::default(),
+            images: None,
+            notice: None,
+            gpu_overlays,
+            training: training::TrainingPanel::default(),
+            frame: 0,
+            cache_root: None,
+        }
+    }
+
+    fn images(&mut self, ctx: &egui::Context) -> &mut ImageCache {
+        self.images.get_or_insert_with(|| {
+            let ctx = ctx.clone();
+            ImageCache::new(move || ctx.request_repaint())
+        })
+    }
+
+    fn notify(&mut self, text: impl Into<String>, error: bool) {
+        self.notice = Some(Notice {
+            text: text.into(),
+            error,
+        });
+    }
+
+    /// Opens a dataset: scans the folder (names only; images decode in the background).
+    pub fn open_dataset(&mut self, paths: DatasetPaths) {
+        if self.is_training() {
+            self.notify("Stop training before opening another dataset.", true);
+            return;
+        }
+        match ImageFolder::scan(&paths.images, paths.labels.as_deref()) {
+            Ok(folder) if folder.is_empty() => self.notify(
+                format!(
+                    "{} has no images (PNG, JPEG, BMP, TIFF or WebP); choose another folder.",
+                    paths.images.display()
+                ),
+                true,
+            ),
+            Ok(folder) => {
+                let unlabelled = if paths.labels.is_some() {
+                    folder.unlabelled().len()
+                } else {
+                    0
+                };
+                self.dataset = Some(OpenDataset {
+                    names: folder.entries().iter().map(|e| e.name.clone()).collect(),
+                    class_names: folder.class_names().map(<[String]>::to_vec),
+                    unlabelled,
+                    paths: paths.clone(),
+                });
+                self.session = None;
+                self.view = MapView::default();
+                if let Some(images) = &mut self.images {
+                    images.clear();
+                }
+                self.settings.recent.retain(|recent| recent != &paths);
+                self.settings.recent.insert(0, paths.clone());
+                self.settings.recent.truncate(RECENT_LIMIT);
+                self.settings.last_dataset = Some(paths);
+                self.settings.last_run = None;
+                self.notice = None;
+            }
+            Err(error) => self.notify(format!("{error}"), true),
+        }
+    }
+
+    /// The folder holding the demo dataset and the runs (`~/.cache/picie-explorer` unless
+    /// `PICIE_CACHE_DIR` or [`Self::cache_root`] says otherwise).
+    pub fn cache_folder(&self) -> Result<PathBuf, String> {
+        match &self.cache_root {
+            Some(root) => Ok(root.clone()),
+            None => crate::download::weights_cache_dir()
+                .map(|weights| weights.with_file_name(""))
+                .map_err(|error| error.to_string()),
+        }
+    }
+
+    /// Generates the demo dataset into the cache folder on first use and opens it.
+    pub fn open_demo(&mut self) {
+        match self.cache_folder() {
+            Ok(root) => self.open_demo_in(&root.join("demo")),
+            Err(error) => self.notify(error, true),
+        }
+    }
+
+    /// Generates (if missing) and opens the demo dataset in `folder`.
+    pub fn open_demo_in(&mut self, folder: &Path) {
+        if !folder.join("images").is_dir()
+            && let Err(error) = write_demo_dataset(folder, &DemoOptions::default())
+        {
+            self.notify(
+                format!("could not write the demo dataset to {}: {error}", folder.display()),
+                true,
+            );
+            return;
+        }
+        self.open_dataset(DatasetPaths::from_folder(folder));
+        // The demo is small and synthetic: settings that show clusters forming in a minute
+        // or two on a CPU.
+        if self.dataset.is_some() {
+            self.settings.config = training::demo_config(&self.settings.config);
+            self.settings.weights = WeightsChoice::Random;
+        }
+    }
+
+    /// Reopens a run trained in the app: maps, statistics and timeline, without training.
+    pub fn open_run(&mut self, run_dir: &Path) {
+        if self.is_training() {
+            self.notify("Stop training before opening another run.", true);
+            return;
+        }
+        match SessionState::load(run_dir) {
+            Ok(session) => {
+                if let Some(paths) = session.dataset.clone()
+                    && paths.images.is_dir()
+                {
+                    self.open_dataset(paths);
+                }
+                if let Ok(config) = crate::train::RunFolder::open(run_dir).and_then(|run| run.config())
+                {
+                    self.settings.config = config;
+                }
+                self.view = MapView::default();
+                self.session = Some(session);
+                self.settings.last_run = Some(run_dir.to_owned());
+            }
+            Err(error) => self.notify(error, true),
+        }
+    }
+
+    /// Whether a trainer thread is running.
+    pub fn is_training(&self) -> bool {
+        self.trainer.as_ref().is_some_and(|trainer| !trainer.is_finished())
+            || self.session.as_ref().is_some_and(|session| session.status.running)
+    }
+
+    /// Starts training the open dataset into a new run folder (or resumes `resume_run`).
+    pub fn start_training(&mut self, ctx: &egui::Context, resume_run: Option<PathBuf>) {
+        let Some(dataset) = &self.dataset else {
+            self.notify("Open a dataset first.", true);
+            return;
+        };
+        let mut config = self.settings.config.clone();
+        match self
+            .training
+            .resolve_weights(&self.settings.weights, config.backbone)
+        {
+            Ok(weights) => config.weights = weights,
+            Err(message) => {
+                self.notify(message, true);
+                return;
+            }
+        }
+        if let Err(error) = config.validate() {
+            self.notify(format!("Check the training settings: {error}"), true);
+            return;
+        }
+        let run_dir = match &resume_run {
+            Some(run) => run.clone(),
+            None => match self
+                .cache_folder()
+                .map(|root| new_run_folder(&root.join("runs"), &dataset.paths))
+            {
+                Ok(folder) => folder,
+                Err(message) => {
+                    self.notify(message, true);
+                    return;
+                }
+            },
+        };
+        let request = TrainRequest {
+            images: dataset.paths.images.clone(),
+            labels: dataset.paths.labels.clone(),
+            run_dir: run_dir.clone(),
+            config,
+            resume: resume_run.is_some(),
+        };
+        let wake_ctx = ctx.clone();
+        match TrainerHandle::spawn(request, Arc::new(move || wake_ctx.request_repaint())) {
+            Ok(handle) => {
+                let mut session = match (&resume_run, self.session.take()) {
+                    (Some(_), Some(previous)) if previous.run_dir == run_dir => previous,
+                    _ => SessionState::new(&run_dir),
+                };
+                session.dataset = Some(dataset.paths.clone());
+                session.class_names = dataset.class_names.clone();
+                session.status.running = true;
+                session.status.error = None;
+                session.status.activity = "Starting".into();
+                self.session = Some(session);
+                self.trainer = Some(handle);
+                self.view.follow_latest = true;
+                self.settings.last_run = Some(run_dir);
+                self.notice = None;
+            }
+            Err(error) => self.notify(format!("could not start the trainer thread: {error}"), true),
+        }
+    }
+
+    /// Sends a command to the running trainer.
+    pub fn command(&mut self, command: Command) {
+        if let Some(trainer) = &self.trainer {
+            trainer.send(command);
+        }
+        if let Some(session) = &mut self.session {
+            match command {
+                Command::Pause => session.status.activity = "Pausing after this batch".into(),
+                Command::Stop => session.status.activity = "Stopping after this batch".into(),
+                Command::Resume => {}
+            }
+        }
+    }
+
+    /// Applies the trainer's messages; saves the session at epoch ends.
+    fn drain_trainer(&mut self) {
+        let Some(trainer) = &self.trainer else {
+            return;
+        };
+        let events = trainer.drain();
+        let finished = trainer.is_finished();
+        if let Some(session) = &mut self.session {
+            let mut save = false;
+            for event in &events {
+                save |= session.apply(event);
+            }
+            if save && let Err(error) = session.save() {
+                self.notice = Some(Notice {
+                    text: format!(
+                        "could not save the session in {}: {error}",
+                        session.run_dir.display()
+                    ),
+                    error: true,
+                });
+            }
+        }
+        if finished && events.is_empty() {
+            self.trainer = None;
+            if let Some(session) = &mut self.session {
+                session.status.running = false;
+            }
+        }
+    }
+
+    /// One frame of the whole window.
+    pub fn show(&mut self, ui: &mut egui::Ui) {
+        let started = Instant::now();
+        self.frame += 1;
+        let ctx = ui.ctx().clone();
+        self.drain_trainer();
+        self.images(&ctx).poll(&ctx);
+        self.handle_dropped_files(&ctx);
+        self.handle_shortcuts(&ctx);
+
+        egui::Panel::top("menu").show(ui, |ui| self.menu_bar(ui));
+        egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
+        if self.dataset.is_none() && self.session.is_none() {
+            egui::CentralPanel::default().show(ui, |ui| self.start_page(ui));
+        } else {
+            if self.settings.show_training_panel {
+                egui::Panel::left("training")
+                    .resizable(true)
+                    .default_size(270.0)
+                    .show(ui, |ui| self.training_panel(ui));
+            }
+            if self.settings.show_cluster_panel {
+                egui::Panel::right("clusters")
+                    .resizable(true)
+                    .default_size(240.0)
+                    .show(ui, |ui| self.cluster_panel(ui));
+            }
+            egui::CentralPanel::default().show(ui, |ui| {
+                self.notice_line(ui);
+                match self.settings.tab {
+                    Tab::Maps => self.maps_tab(ui),
+                    Tab::Statistics => self.statistics_tab(ui),
+                    Tab::Dataset => self.dataset_tab(ui),
+                }
+            });
+        }
+        self.zoom_window(&ctx);
+        let training = self.is_training();
+        self.frame_times
+            .record(started.elapsed().as_secs_f32() * 1000.0, training);
+    }
+
+    /// Opens what a path names: a run folder made by the app, or a folder of images.
+    pub fn open_path(&mut self, path: &Path) {
+        if SessionState::path_in(path).is_file() {
+            self.open_run(path);
+        } else if path.is_dir() {
+            self.open_dataset(DatasetPaths::from_folder(path));
+        } else {
+            self.notify(
+                format!(
+                    "{} is not a folder: open a folder of images (or a run folder) instead.",
+                    path.display()
+                ),
+                true,
+            );
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|input| {
+            input
+                .raw
+                .dropped_files
+                .iter()
+                .map(|file| file.path().to_path_buf())
+                .collect()
+        });
+        if let Some(path) = dropped.into_iter().next() {
+            self.open_path(&path);
+        }
+    }
+
+    fn handle_shortcuts(&mut self, ctx: &egui::Context) {
+        let open = egui::KeyboardShortcut::new(egui::Modifiers::COMMAND, egui::Key::O);
+        if ctx.input_mut(|input| input.consume_shortcut(&open)) {
+            self.pick_folder();
+        }
+    }
+
+    fn pick_folder(&mut self) {
+        if let Some(folder) = rfd::FileDialog::new()
+            .set_title("Open a folder of images")
+            .pick_folder()
+        {
+            self.open_dataset(DatasetPaths::from_folder(&folder));
+        }
+    }
+
+    fn pick_run(&mut self) {
+        let start = self.cache_folder().map(|root| root.join("runs")).ok();
+        let mut dialog = rfd::FileDialog::new().set_title("Open a run folder");
+        if let Some(start) = start.filter(|path| path.is_dir()) {
+            dialog = dialog.set_directory(start);
+        }
+        if let Some(folder) = dialog.pick_folder() {
+            self.open_run(&folder);
+        }
+    }
+
+    fn menu_bar(&mut self, ui: &mut egui::Ui) {
+        egui::MenuBar::new().ui(ui, |ui| {
+            ui.menu_button("File", |ui| {
+                if ui.button("Open folder…  (Ctrl+O)").clicked() {
+                    ui.close();
+                    self.pick_folder();
+                }
+                if ui.button("Open run…").clicked() {
+                    ui.close();
+                    self.pick_run();
+                }
+                if ui.button("Try the demo dataset").clicked() {
+                    ui.close();
+                    self.open_demo();
+                }
+                ui.menu_button("Recent", |ui| {
+                    if self.settings.recent.is_empty() {
+                        ui.label("Nothing yet");
+                    }
+                    for recent in self.settings.recent.clone() {
+                        if ui
+                            .button(recent.display_name())
+                            .on_hover_text(recent.images.display().to_string())
+                            .clicked()
+                        {
+                            ui.close();
+                            self.open_dataset(recent);
+                        }
+                    }
+                });
+                ui.separator();
+                if ui.button("Quit").clicked() {
+                    ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+                }
+            });
+            ui.menu_button("View", |ui| {
+                ui.checkbox(&mut self.settings.show_training_panel, "Training panel");
+                ui.checkbox(&mut self.settings.show_cluster_panel, "Cluster list");
+            });
+            if self.dataset.is_some() || self.session.is_some() {
+                ui.separator();
+                ui.selectable_value(&mut self.settings.tab, Tab::Maps, "Cluster maps");
+                ui.selectable_value(&mut self.settings.tab, Tab::Statistics, "Statistics");
+                ui.selectable_value(&mut self.settings.tab, Tab::Dataset, "Dataset");
+            }
+        });
+    }
+
+    fn notice_line(&mut self, ui: &mut egui::Ui) {
+        let mut dismiss = false;
+        if let Some(notice) = &self.notice {
+            ui.horizontal(|ui| {
+                let colour = if notice.error {
+                    ui.visuals().error_fg_color
+                } else {
+                    ui.visuals().warn_fg_color
+                };
+                ui.colored_label(colour, &notice.text);
+                dismiss = ui.small_button("Dismiss").clicked();
+            });
+            ui.separator();
+        }
+        if dismiss {
+            self.notice = None;
+        }
+    }
+
+    fn start_page(&mut self, ui: &mut egui::Ui) {
+        ui.add_space(24.0);
+        ui.vertical_centered(|ui| {
+            ui.heading("PiCIE Explorer");
+            ui.label(
+                "Find the visual concepts in a folder of unlabelled images: PiCIE learns pixel \
+                 features and clusters them, and each cluster becomes a segment class.",
+            );
+        });
+        ui.add_space(16.0);
+        self.notice_line(ui);
+        ui.vertical_centered(|ui| {
+            if ui
+                .add_sized([260.0, 32.0], egui::Button::new("Open folder…"))
+                .on_hover_text("A folder of images; an images/ + labels/ layout is recognised")
+                .clicked()
+            {
+                self.pick_folder();
+            }
+            ui.add_space(6.0);
+            if ui
+                .add_sized([260.0, 32.0], egui::Button::new("Try the demo dataset"))
+                .on_hover_text("Generates 48 small labelled synthetic scenes, offline")
+                .clicked()
+            {
+                self.open_demo();
+            }
+            ui.add_space(6.0);
+            if ui
+                .add_sized([260.0, 32.0], egui::Button::new("Open run…"))
+                .on_hover_text("Reopen a training run made in this app")
+                .clicked()
+            {
+                self.pick_run();
+            }
+            ui.add_space(8.0);
+            ui.weak("…or drop a folder onto this window.");
+            ui.add_space(16.0);
+            if !self.settings.recent.is_empty() {
+                ui.strong("Recent datasets");
+                for recent in self.settings.recent.clone() {
+                    if ui
+                        .link(recent.display_name())
+                        .on_hover_text(recent.images.display().to_string())
+                        .clicked()
+                    {
+                        self.open_dataset(recent);
+                    }
+                }
+            }
+        });
+    }
+
+    fn status_bar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            let Some(session) = &self.session else {
+                match &self.dataset {
+                    Some(dataset) => ui.label(format!(
+                        "{}: {} images{}",
+                        dataset.paths.display_name(),
+                        dataset.names.len(),
+                        if dataset.paths.labels.is_some() {
+                            ", with labels"
+                        } else {
+                            ""
+                        }
+                    )),
+                    None => ui.label("No dataset open"),
+                };
+                return;
+            };
+            let status = &session.status;
+            if !status.device.is_empty() {
+                ui.label(&status.device).on_hover_text(&status.weights);
+                ui.separator();
+            }
+            ui.label(&status.activity);
+            if let Some(fraction) = status.activity_fraction.filter(|_| status.running) {
+                ui.add(egui::ProgressBar::new(fraction).desired_width(120.0));
+            }
+            ui.separator();
+            if status.epochs > 0 {
+                ui.label(format!("epoch {}/{}", status.epoch, status.epochs));
+                if status.steps_per_epoch > 0 {
+                    ui.label(format!("step {}/{}", status.step, status.steps_per_epoch));
+                }
+                ui.separator();
+            }
+            if status.images_per_second > 0.0 {
+                ui.label(format!("{:.1} images/s", status.images_per_second));
+                if status.running {
+                    ui.label(format!("ETA {}", format_duration(status.eta_seconds)));
+                }
+                ui.separator();
+            }
+            if let Some(memory) = crate::bench::current_memory_mib() {
+                ui.label(format!("{memory:.0} MiB"))
+                    .on_hover_text("Memory used by the app (resident)");
+                ui.separator();
+            }
+            ui.weak(format!("UI {:.1} ms", self.frame_times.last))
+                .on_hover_text("Time spent building the last frame");
+        });
+    }
+
+    fn dataset_tab(&mut self, ui: &mut egui::Ui) {
+        let Some(dataset) = &self.dataset else {
+            ui.label("The run's dataset folder is not available.");
+            return;
+        };
+        ui.horizontal(|ui| {
+            ui.strong(dataset.paths.images.display().to_string());
+            ui.label(format!("{} images", dataset.names.len()));
+            if let Some(labels) = &dataset.paths.labels {
+                ui.label(format!("labels in {}", labels.display()));
+                if dataset.unlabelled > 0 {
+                    ui.colored_label(
+                        ui.visuals().warn_fg_color,
+                        format!("{} images have no label file", dataset.unlabelled),
+                    );
+                }
+            }
+        });
+        if let Some(classes) = &dataset.class_names {
+            ui.label(format!("classes: {}", classes.join(", ")));
+        }
+        ui.separator();
+        let thumbnail = 112.0;
+        let names = dataset.names.clone();
+        let root = dataset.paths.images.clone();
+        let columns = ((ui.available_width() / (thumbnail + 8.0)).floor() as usize).max(1);
+        let rows = names.len().div_ceil(columns);
+        let ctx = ui.ctx().clone();
+        egui::ScrollArea::vertical().show_rows(ui, thumbnail + 24.0, rows, |ui, visible| {
+            for row in visible {
+                ui.horizontal(|ui| {
+                    for name in names.iter().skip(row * columns).take(columns) {
+                        let request = ImageRequest::Thumbnail(root.join(name), 128);
+                        ui.vertical(|ui| {
+                            ui.set_width(thumbnail);
+                            let images = self.images(&ctx);
+                            if let Some(texture) = images.get(&request) {
+                                ui.add(
+                                    egui::Image::new(texture)
+                                        .max_size(egui::vec2(thumbnail, thumbnail)),
+                                );
+                            } else if let Some(error) = images.error(&request) {
+                                ui.colored_label(ui.visuals().error_fg_color, "unreadable")
+                                    .on_hover_text(error.to_string());
+                            } else {
+                                ui.add_sized([thumbnail, thumbnail], egui::Spinner::new());
+                            }
+                            ui.add(egui::Label::new(egui::RichText::new(name).small()).truncate());
+                        });
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl eframe::App for ExplorerApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.show(ui);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+    }
+
+    fn on_exit(&mut self) {
+        // Stop at a batch boundary: the last completed epoch's checkpoint and the session
+        // stay on disk, so nothing is lost by closing the window.
+        if let Some(trainer) = self.trainer.take() {
+            trainer.stop_and_join();
+        }
+        if let Some(session) = &self.session {
+            let _ = session.save();
+        }
+        if let Some((median, worst, frames)) = self.frame_times.summary() {
+            eprintln!(
+                "frame times while training: median {median:.2} ms, worst {worst:.2} ms over \
+                 {frames} frames"
+            );
+        }
+    }
+}
+
+/// A new run folder for a dataset: `<runs>/<dataset>-<YYYYMMDD-HHMMSS>`.
+fn new_run_folder(runs: &Path, dataset: &DatasetPaths) -> PathBuf {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    let stamp = format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    );
+    let name: String = dataset
+        .display_name()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    runs.join(format!("{name}-{stamp}"))
+}
+
+/// Days since 1970-01-01 to a (year, month, day) date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// `1 h 02 min`, `3 min 05 s`, `12 s`.
+pub fn format_duration(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    if seconds >= 3600 {
+        format!("{} h {:02} min", seconds / 3600, seconds % 3600 / 60)
+    } else if seconds >= 60 {
+        format!("{} min {:02} s", seconds / 60, seconds % 60)
+    } else {
+        format!("{seconds} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_durations_read_well() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
+        assert_eq!(format_duration(3725.0), "1 h 02 min");
+        assert_eq!(format_duration(185.0), "3 min 05 s");
+        assert_eq!(format_duration(12.4), "12 s");
+    }
+}

@@ -1,0 +1,421 @@
+//! The training panel: every hyperparameter with a tooltip, the starting weights (ImageNet
+//! download with progress, a file, or random init) and Start / Pause / Resume / Stop.
+
+use std::path::PathBuf;
+
+use crossbeam::channel::{Receiver, unbounded};
+use eframe::egui;
+use serde::{Deserialize, Serialize};
+
+use super::ExplorerApp;
+use crate::config::TrainConfig;
+use crate::device::DeviceChoice;
+use crate::download::{self, DownloadProgress};
+use crate::loss::BalanceMode;
+use crate::model::BackboneKind;
+use crate::session::Command;
+
+/// Where the network's starting weights come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum WeightsChoice {
+    /// torchvision's ImageNet weights for the backbone (downloaded once into the cache).
+    #[default]
+    ImageNet,
+    /// A `.pth` / `.safetensors` file.
+    File(PathBuf),
+    /// Random initialisation (seeded).
+    Random,
+}
+
+/// The app's defaults: the paper's settings, with a preview refresh every 5 steps so the maps
+/// move during an epoch.
+pub fn app_default_config() -> TrainConfig {
+    TrainConfig {
+        preview_every_steps: 5,
+        ..TrainConfig::default()
+    }
+}
+
+/// Small, quick settings for the demo dataset (64 images of 128 px) on a CPU.
+pub fn demo_config(current: &TrainConfig) -> TrainConfig {
+    TrainConfig {
+        backbone: BackboneKind::MobilenetV2,
+        base_size: 128,
+        input_size: 64,
+        batch_size: 8,
+        learning_rate: 1e-3,
+        epochs: 10,
+        kmeans_iterations: 10,
+        preview_images: 8,
+        preview_every_steps: 2,
+        ..current.clone()
+    }
+}
+
+enum DownloadMessage {
+    Progress(DownloadProgress),
+    Done(Result<PathBuf, String>),
+}
+
+/// State of the panel that is not a setting.
+#[derive(Default)]
+pub struct TrainingPanel {
+    download: Option<(Receiver<DownloadMessage>, Option<DownloadProgress>)>,
+    download_error: Option<String>,
+}
+
+impl TrainingPanel {
+    /// The weights file for a choice, or why training cannot start with it.
+    pub fn resolve_weights(
+        &self,
+        choice: &WeightsChoice,
+        backbone: BackboneKind,
+    ) -> Result<Option<PathBuf>, String> {
+        match choice {
+            WeightsChoice::Random => Ok(None),
+            WeightsChoice::File(path) if path.is_file() => Ok(Some(path.clone())),
+            WeightsChoice::File(path) => Err(format!(
+                "the weights file {} does not exist; choose another or use random init",
+                path.display()
+            )),
+            WeightsChoice::ImageNet => download::known_weights(backbone_name(backbone))
+                .and_then(download::cached_weights_path)
+                .map(Some)
+                .ok_or_else(|| {
+                    "the ImageNet weights are not downloaded yet: press Download, choose a \
+                     file, or use random init"
+                        .to_string()
+                }),
+        }
+    }
+}
+
+fn backbone_name(backbone: BackboneKind) -> &'static str {
+    match backbone {
+        BackboneKind::Resnet18 => "resnet18",
+        BackboneKind::MobilenetV2 => "mobilenet_v2",
+    }
+}
+
+impl ExplorerApp {
+    pub(super) fn training_panel(&mut self, ui: &mut egui::Ui) {
+        self.poll_download(ui.ctx());
+        let running = self.is_training();
+        ui.heading("Training");
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            ui.add_enabled_ui(!running, |ui| self.settings_grid(ui));
+            ui.add_space(8.0);
+            self.weights_ui(ui, running);
+            ui.add_space(12.0);
+            self.control_buttons(ui, running);
+            if let Some(session) = &self.session
+                && !session.warnings.is_empty()
+            {
+                ui.add_space(8.0);
+                ui.colored_label(
+                    ui.visuals().warn_fg_color,
+                    format!("{} files skipped", session.warnings.len()),
+                )
+                .on_hover_text(session.warnings.join("\n"));
+            }
+        });
+    }
+
+    fn settings_grid(&mut self, ui: &mut egui::Ui) {
+        let config = &mut self.settings.config;
+        egui::Grid::new("training-settings")
+            .num_columns(2)
+            .spacing([8.0, 6.0])
+            .show(ui, |ui| {
+                ui.label("Backbone").on_hover_text(
+                    "The feature extractor under the FPN. ResNet-18 is the paper's; MobileNetV2 \
+                     is about 3x faster on a CPU.",
+                );
+                egui::ComboBox::from_id_salt("backbone")
+                    .selected_text(backbone_name(config.backbone))
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut config.backbone, BackboneKind::Resnet18, "resnet18");
+                        ui.selectable_value(
+                            &mut config.backbone,
+                            BackboneKind::MobilenetV2,
+                            "mobilenet_v2",
+                        );
+                    });
+                ui.end_row();
+
+                ui.label("Clusters K").on_hover_text(
+                    "How many concepts to find. Auto: the number of labelled classes, else 27.",
+                );
+                let mut auto = config.clusters.is_none();
+                ui.horizontal(|ui| {
+                    ui.checkbox(&mut auto, "auto");
+                    if auto {
+                        config.clusters = None;
+                    } else {
+                        let mut k = config.clusters.unwrap_or(27);
+                        ui.add(egui::DragValue::new(&mut k).range(2..=255));
+                        config.clusters = Some(k);
+                    }
+                });
+                ui.end_row();
+
+                ui.label("Overclustering K2").on_hover_text(
+                    "PiCIE + H: a second, larger clustering head trained alongside (the paper \
+                     uses 100). Off by default.",
+                );
+                let mut overcluster = config.overclusters.is_some();
+                ui.horizontal(|ui| {
+                    ui.checkbox(&mut overcluster, "on");
+                    if overcluster {
+                        let mut k2 = config.overclusters.unwrap_or(100);
+                        ui.add(egui::DragValue::new(&mut k2).range(2..=1000));
+                        config.overclusters = Some(k2);
+                    } else {
+                        config.overclusters = None;
+                    }
+                });
+                ui.end_row();
+
+                ui.label("Input size").on_hover_text(
+                    "Side of the square the network sees, in pixels. Larger sees more detail \
+                     and costs quadratically more.",
+                );
+                ui.add(egui::DragValue::new(&mut config.input_size).range(32..=1024).speed(8));
+                ui.end_row();
+
+                ui.label("Base size").on_hover_text(
+                    "Images are first resized so the shorter side is this, then centre-cropped \
+                     square; crops for the views come from there.",
+                );
+                ui.add(egui::DragValue::new(&mut config.base_size).range(32..=2048).speed(8));
+                ui.end_row();
+
+                ui.label("Epochs").on_hover_text(
+                    "Each epoch clusters the whole dataset again, then trains on the new labels.",
+                );
+                ui.add(egui::DragValue::new(&mut config.epochs).range(1..=1000));
+                ui.end_row();
+
+                ui.label("Batch").on_hover_text("Images per optimisation step.");
+                ui.add(egui::DragValue::new(&mut config.batch_size).range(1..=256));
+                ui.end_row();
+
+                ui.label("Learning rate").on_hover_text("Adam's step size (the paper: 1e-4).");
+                ui.add(
+                    egui::DragValue::new(&mut config.learning_rate)
+                        .range(1e-6..=1e-1)
+                        .speed(1e-5)
+                        .custom_formatter(|value, _| format!("{value:.0e}")),
+                );
+                ui.end_row();
+
+                ui.label("Balance").on_hover_text(
+                    "Class weights in the loss: reference = the authors' (weights proportional \
+                     to cluster size), inverse = rare clusters weigh more, none = plain.",
+                );
+                egui::ComboBox::from_id_salt("balance")
+                    .selected_text(format!("{:?}", config.balance).to_lowercase())
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut config.balance, BalanceMode::Reference, "reference");
+                        ui.selectable_value(&mut config.balance, BalanceMode::Inverse, "inverse");
+                        ui.selectable_value(&mut config.balance, BalanceMode::None, "none");
+                    });
+                ui.end_row();
+
+                ui.label("Device").on_hover_text(
+                    "auto: a real GPU through wgpu if there is one, else the CPU. wgpu forces \
+                     the GPU backend even on a software adapter (slow).",
+                );
+                egui::ComboBox::from_id_salt("device")
+                    .selected_text(format!("{:?}", config.device).to_lowercase())
+                    .show_ui(ui, |ui| {
+                        for (choice, name) in [
+                            (DeviceChoice::Auto, "auto"),
+                            (DeviceChoice::Gpu, "gpu"),
+                            (DeviceChoice::Cpu, "cpu"),
+                            (DeviceChoice::Wgpu, "wgpu"),
+                        ] {
+                            ui.selectable_value(&mut config.device, choice, name);
+                        }
+                    });
+                ui.end_row();
+
+                ui.label("Seed").on_hover_text(
+                    "Fixes the views, the batch order, k-means and random init: the same seed \
+                     repeats a run exactly on the CPU.",
+                );
+                ui.add(egui::DragValue::new(&mut config.seed));
+                ui.end_row();
+
+                ui.label("Preview images")
+                    .on_hover_text("How many images get live cluster maps.");
+                ui.add(egui::DragValue::new(&mut config.preview_images).range(0..=64));
+                ui.end_row();
+
+                ui.label("Refresh maps every").on_hover_text(
+                    "Steps between map updates within an epoch (0: only after each clustering).",
+                );
+                ui.horizontal(|ui| {
+                    ui.add(egui::DragValue::new(&mut config.preview_every_steps).range(0..=1000));
+                    ui.label("steps");
+                });
+                ui.end_row();
+            });
+    }
+
+    fn weights_ui(&mut self, ui: &mut egui::Ui, running: bool) {
+        ui.label("Starting weights").on_hover_text(
+            "ImageNet weights make clusters meaningful from the first epoch; random init needs \
+             much longer training.",
+        );
+        let backbone = backbone_name(self.settings.config.backbone);
+        let known = download::known_weights(backbone);
+        let cached = known.and_then(download::cached_weights_path);
+        ui.add_enabled_ui(!running, |ui| {
+            ui.radio_value(&mut self.settings.weights, WeightsChoice::ImageNet, "ImageNet (torchvision)");
+            if self.settings.weights == WeightsChoice::ImageNet {
+                ui.indent("imagenet", |ui| match (&cached, &self.training.download) {
+                    (Some(path), _) => {
+                        ui.weak(format!("cached: {}", path.display()));
+                    }
+                    (None, Some((_, progress))) => {
+                        let fraction = progress.as_ref().and_then(DownloadProgress::fraction);
+                        let text = progress.as_ref().map_or("starting".to_string(), |p| {
+                            format!("{:.1} MB", p.downloaded as f64 / 1e6)
+                        });
+                        ui.add(egui::ProgressBar::new(fraction.unwrap_or(0.0)).text(text));
+                    }
+                    (None, None) => {
+                        if ui
+                            .button("Download")
+                            .on_hover_text(known.map_or(String::new(), |k| k.url.to_string()))
+                            .clicked()
+                            && let Some(known) = known
+                        {
+                            self.training.download_error = None;
+                            let (sender, receiver) = unbounded();
+                            let ctx = ui.ctx().clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("picie-download".into())
+                                .spawn(move || {
+                                    let result = download::download_known_weights(
+                                        known,
+                                        &mut |progress| {
+                                            let _ = sender.send(DownloadMessage::Progress(progress));
+                                            ctx.request_repaint();
+                                        },
+                                    )
+                                    .map_err(|error| error.to_string());
+                                    let _ = sender.send(DownloadMessage::Done(result));
+                                    ctx.request_repaint();
+                                });
+                            if spawned.is_ok() {
+                                self.training.download = Some((receiver, None));
+                            }
+                        }
+                    }
+                });
+            }
+            let file_label = match &self.settings.weights {
+                WeightsChoice::File(path) => format!(
+                    "File: {}",
+                    path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())
+                ),
+                _ => "File…".to_string(),
+            };
+            let is_file = matches!(self.settings.weights, WeightsChoice::File(_));
+            if ui.radio(is_file, file_label).clicked()
+                && let Some(path) = rfd::FileDialog::new()
+                    .add_filter("weights", &["pth", "pt", "safetensors"])
+                    .pick_file()
+            {
+                self.settings.weights = WeightsChoice::File(path);
+            }
+            ui.radio_value(&mut self.settings.weights, WeightsChoice::Random, "Random init");
+        });
+        if let Some(error) = &self.training.download_error {
+            ui.colored_label(ui.visuals().error_fg_color, error);
+        }
+    }
+
+    fn control_buttons(&mut self, ui: &mut egui::Ui, running: bool) {
+        let paused = self.session.as_ref().is_some_and(|s| s.status.paused);
+        let resumable = self.resumable_run();
+        ui.horizontal(|ui| {
+            if !running {
+                let start = ui
+                    .add_enabled(self.dataset.is_some(), egui::Button::new("Start"))
+                    .on_hover_text("Train a new run on this dataset");
+                if start.clicked() {
+                    let ctx = ui.ctx().clone();
+                    self.start_training(&ctx, None);
+                }
+                if let Some(run) = resumable
+                    && ui
+                        .button("Continue")
+                        .on_hover_text("Continue this run from its last checkpoint")
+                        .clicked()
+                {
+                    let ctx = ui.ctx().clone();
+                    self.start_training(&ctx, Some(run));
+                }
+            } else {
+                if paused {
+                    if ui.button("Resume").clicked() {
+                        self.command(Command::Resume);
+                    }
+                } else if ui
+                    .button("Pause")
+                    .on_hover_text("Pause after the current batch")
+                    .clicked()
+                {
+                    self.command(Command::Pause);
+                }
+                if ui
+                    .button("Stop")
+                    .on_hover_text("Stop after the current batch; completed epochs are kept")
+                    .clicked()
+                {
+                    self.command(Command::Stop);
+                }
+            }
+        });
+        if let Some(session) = &self.session
+            && let Some(error) = &session.status.error
+        {
+            ui.colored_label(ui.visuals().error_fg_color, error);
+        }
+        if let Some(session) = &self.session {
+            ui.add_space(6.0);
+            ui.weak(format!("Run folder: {}", session.run_dir.display()));
+        }
+    }
+
+    /// A stopped run of the open dataset with a checkpoint and epochs left to train.
+    fn resumable_run(&self) -> Option<PathBuf> {
+        let session = self.session.as_ref()?;
+        let run = crate::train::RunFolder::open(&session.run_dir).ok()?;
+        let (_, state) = run.latest_checkpoint().ok()??;
+        let config = run.config().ok()?;
+        (state.epoch < config.epochs && self.dataset.is_some()).then(|| session.run_dir.clone())
+    }
+
+    fn poll_download(&mut self, _ctx: &egui::Context) {
+        let Some((receiver, progress)) = &mut self.training.download else {
+            return;
+        };
+        let mut done = None;
+        for message in receiver.try_iter() {
+            match message {
+                DownloadMessage::Progress(update) => *progress = Some(update),
+                DownloadMessage::Done(result) => done = Some(result),
+            }
+        }
+        if let Some(result) = done {
+            self.training.download = None;
+            if let Err(error) = result {
+                self.training.download_error = Some(format!("Download failed: {error}"));
+            }
+        }
+    }
+}

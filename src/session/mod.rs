@@ -1,0 +1,12 @@
+//! A training session as the desktop app sees it, without any GUI code: the background
+//! trainer thread ([`worker`]), the kept cluster-map snapshots ([`timeline`]) and everything
+//! the explorer displays, built from the trainer's events and saved in the run folder
+//! ([`state`]).
+
+pub mod state;
+pub mod timeline;
+pub mod worker;
+
+pub use state::{DatasetPaths, EpochScore, LossPoint, SessionState, SessionStatus};
+pub use timeline::{Snapshot, Timeline};
+pub use worker::{Command, TrainRequest, TrainerHandle, WorkerEvent};

@@ -1,0 +1,322 @@
+//! Everything the explorer shows about a session, built from the trainer's events, and saved
+//! in the run folder (`RUN_DIR/explorer/session.json`) so a reopened run shows its maps,
+//! statistics and timeline without retraining.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::timeline::{Snapshot, Timeline};
+use super::worker::WorkerEvent;
+use crate::train::{ClusterStatistics, LossTerms, TrainEvent, TrainPhase};
+
+/// File name of the saved session inside `RUN_DIR/explorer`.
+pub const SESSION_FILE: &str = "session.json";
+
+/// A dataset the user opened: images and, when found, labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetPaths {
+    /// The image folder.
+    pub images: PathBuf,
+    /// The label folder (evaluation format), if any.
+    pub labels: Option<PathBuf>,
+}
+
+impl DatasetPaths {
+    /// What a chosen folder means: `images/` (and `labels/`) inside it when it has them, as
+    /// the demo dataset and CamVid are laid out, else the folder itself without labels.
+    pub fn from_folder(folder: &Path) -> Self {
+        let images = folder.join("images");
+        if images.is_dir() {
+            let labels = folder.join("labels");
+            Self {
+                images,
+                labels: labels.is_dir().then_some(labels),
+            }
+        } else {
+            Self {
+                images: folder.to_owned(),
+                labels: None,
+            }
+        }
+    }
+
+    /// A short name for lists and window titles.
+    pub fn display_name(&self) -> String {
+        let folder = if self.images.file_name().is_some_and(|name| name == "images") {
+            self.images.parent().unwrap_or(&self.images)
+        } else {
+            &self.images
+        };
+        folder
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| folder.display().to_string())
+    }
+}
+
+/// The live status line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// The device, in words.
+    pub device: String,
+    /// Where the starting weights came from.
+    pub weights: String,
+    /// Images in the dataset.
+    pub images: usize,
+    /// Clusters K.
+    pub clusters: usize,
+    /// Current epoch.
+    pub epoch: usize,
+    /// Last epoch.
+    pub epochs: usize,
+    /// Current step within the epoch.
+    pub step: usize,
+    /// Steps per epoch.
+    pub steps_per_epoch: usize,
+    /// Training throughput.
+    pub images_per_second: f64,
+    /// Estimated seconds left.
+    pub eta_seconds: f64,
+    /// What the trainer is doing, in words.
+    pub activity: String,
+    /// Progress of that activity, 0..1, when known.
+    pub activity_fraction: Option<f32>,
+    /// Paused at a batch boundary.
+    pub paused: bool,
+    /// The trainer thread is running.
+    pub running: bool,
+    /// Training ended (completed or stopped).
+    pub finished: bool,
+    /// Why training failed, with what to do.
+    pub error: Option<String>,
+}
+
+/// One training step's loss terms on a time axis in epochs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct LossPoint {
+    /// `epoch - 1 + step / steps_per_epoch`.
+    pub time: f64,
+    /// The four terms and their combination.
+    pub loss: LossTerms,
+}
+
+/// Scores of one epoch against the labels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochScore {
+    /// Epoch (0: untrained).
+    pub epoch: usize,
+    /// Pixel accuracy in percent.
+    pub accuracy: f64,
+    /// Mean IoU in percent.
+    pub mean_iou: f64,
+    /// The class each cluster is matched to.
+    pub cluster_class: Vec<Option<usize>>,
+}
+
+/// The explorer's model of a session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionState {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// The status line.
+    pub status: SessionStatus,
+    /// Every step's losses.
+    pub losses: Vec<LossPoint>,
+    /// View-1 cluster statistics of every epoch (ids stable across epochs).
+    pub clusters: Vec<ClusterStatistics>,
+    /// Scores per epoch, when the dataset has labels.
+    pub scores: Vec<EpochScore>,
+    /// Cluster-map snapshots.
+    pub timeline: Timeline,
+    /// Class names of the labels, when known.
+    pub class_names: Option<Vec<String>>,
+    /// Files the trainer skipped, with the reason.
+    pub warnings: Vec<String>,
+    /// The dataset trained on.
+    pub dataset: Option<DatasetPaths>,
+}
+
+impl SessionState {
+    /// A fresh session writing into `run_dir`.
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            run_dir: run_dir.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Applies one message of the trainer thread. Returns true when an epoch ended or
+    /// training ended, the moments worth saving the session.
+    pub fn apply(&mut self, event: &WorkerEvent) -> bool {
+        match event {
+            WorkerEvent::Loading { done, total } => {
+                self.status.running = true;
+                self.status.activity = format!("Loading images {done}/{total}");
+                self.status.activity_fraction = Some(*done as f32 / (*total).max(1) as f32);
+                false
+            }
+            WorkerEvent::Skipped(files) => {
+                self.warnings.extend(files.iter().cloned());
+                false
+            }
+            WorkerEvent::Train(event) => self.apply_train(event),
+            WorkerEvent::Failed(message) => {
+                self.status.error = Some(message.clone());
+                self.status.activity = "Failed".into();
+                self.status.running = false;
+                true
+            }
+            WorkerEvent::Ended => {
+                self.status.running = false;
+                self.status.paused = false;
+                true
+            }
+        }
+    }
+
+    fn apply_train(&mut self, event: &TrainEvent) -> bool {
+        let status = &mut self.status;
+        match event {
+            TrainEvent::Started {
+                device,
+                weights,
+                images,
+                clusters,
+                first_epoch,
+                epochs,
+                steps_per_epoch,
+            } => {
+                status.device = device.clone();
+                status.weights = weights.clone();
+                status.images = *images;
+                status.clusters = *clusters;
+                status.epoch = first_epoch.saturating_sub(1);
+                status.epochs = *epochs;
+                status.steps_per_epoch = *steps_per_epoch;
+                status.running = true;
+                status.finished = false;
+                status.error = None;
+                false
+            }
+            TrainEvent::Phase {
+                epoch,
+                phase,
+                done,
+                total,
+            } => {
+                status.epoch = *epoch;
+                status.activity = phase_words(*phase).to_string();
+                status.activity_fraction = (*total > 0).then(|| *done as f32 / *total as f32);
+                false
+            }
+            TrainEvent::Step(progress) => {
+                status.epoch = progress.epoch;
+                status.step = progress.step;
+                status.steps_per_epoch = progress.steps;
+                status.images_per_second = progress.images_per_second;
+                status.eta_seconds = progress.eta_seconds;
+                status.activity = "Training".into();
+                status.activity_fraction = Some(progress.step as f32 / progress.steps.max(1) as f32);
+                self.losses.push(LossPoint {
+                    time: progress.epoch.saturating_sub(1) as f64
+                        + progress.step as f64 / progress.steps.max(1) as f64,
+                    loss: progress.loss,
+                });
+                false
+            }
+            TrainEvent::Clustered(statistics) => {
+                self.clusters.retain(|existing| existing.epoch != statistics.epoch);
+                self.clusters.push(statistics.clone());
+                false
+            }
+            TrainEvent::Preview { epoch, step, maps } => {
+                self.timeline.push(Snapshot {
+                    epoch: *epoch,
+                    step: *step,
+                    maps: maps.clone(),
+                });
+                false
+            }
+            TrainEvent::Evaluated { epoch, evaluation } => {
+                self.scores.retain(|existing| existing.epoch != *epoch);
+                self.scores.push(EpochScore {
+                    epoch: *epoch,
+                    accuracy: evaluation.accuracy,
+                    mean_iou: evaluation.mean_iou,
+                    cluster_class: evaluation.assignment.clone(),
+                });
+                false
+            }
+            TrainEvent::EpochFinished(_) => true,
+            TrainEvent::Paused(paused) => {
+                status.paused = *paused;
+                status.activity = if *paused { "Paused" } else { "Training" }.into();
+                false
+            }
+            TrainEvent::Finished { stopped } => {
+                status.finished = true;
+                status.paused = false;
+                status.activity = if *stopped { "Stopped" } else { "Finished" }.into();
+                status.activity_fraction = None;
+                true
+            }
+        }
+    }
+
+    /// Where the session of a run folder is saved.
+    pub fn path_in(run_dir: &Path) -> PathBuf {
+        run_dir.join("explorer").join(SESSION_FILE)
+    }
+
+    /// Saves the session atomically into its run folder.
+    pub fn save(&self) -> std::io::Result<()> {
+        let path = Self::path_in(&self.run_dir);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut saved = self.clone();
+        // A saved session is never running: reopening shows what was kept.
+        saved.status.running = false;
+        saved.status.paused = false;
+        crate::fsutil::write_atomic(&path, |writer| {
+            serde_json::to_writer(writer, &saved).map_err(std::io::Error::other)
+        })
+    }
+
+    /// Reopens the session saved in `run_dir`.
+    pub fn load(run_dir: &Path) -> Result<Self, String> {
+        let path = Self::path_in(run_dir);
+        let text = std::fs::read_to_string(&path).map_err(|error| {
+            format!(
+                "{} has no saved explorer session ({error}); was it trained in the app?",
+                run_dir.display()
+            )
+        })?;
+        let mut state: Self = serde_json::from_str(&text)
+            .map_err(|error| format!("{} is damaged: {error}", path.display()))?;
+        state.run_dir = run_dir.to_owned();
+        Ok(state)
+    }
+
+    /// The cluster statistics of the newest epoch.
+    pub fn latest_clusters(&self) -> Option<&ClusterStatistics> {
+        self.clusters.iter().max_by_key(|statistics| statistics.epoch)
+    }
+
+    /// The newest scores.
+    pub fn latest_score(&self) -> Option<&EpochScore> {
+        self.scores.iter().max_by_key(|score| score.epoch)
+    }
+}
+
+fn phase_words(phase: TrainPhase) -> &'static str {
+    match phase {
+        TrainPhase::Loading => "Loading images",
+        TrainPhase::Features => "Computing pixel features",
+        TrainPhase::Clustering => "Clustering",
+        TrainPhase::Training => "Training",
+        TrainPhase::Evaluating => "Evaluating",
+        TrainPhase::Checkpointing => "Writing checkpoint",
+    }
+}

@@ -1,0 +1,202 @@
+//! The background trainer: a named thread that loads the dataset and runs [`Trainer`], talking
+//! to the app only through typed messages on bounded crossbeam channels. The engine wakes the
+//! UI through a plain callback, so it never depends on egui.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
+
+use crate::config::TrainConfig;
+use crate::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+
+/// Commands from the app to the trainer; they take effect at the next batch boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Pause after the current batch.
+    Pause,
+    /// Continue after a pause.
+    Resume,
+    /// Finish the current batch, keep the last completed epoch's checkpoint and end.
+    Stop,
+}
+
+/// Messages from the trainer thread to the app.
+#[derive(Debug, Clone)]
+pub enum WorkerEvent {
+    /// Decoding the dataset: `done` of `total` images.
+    Loading {
+        /// Images decoded.
+        done: usize,
+        /// Images in all.
+        total: usize,
+    },
+    /// Files of the dataset that could not be read (each with the reason); training goes on
+    /// without them.
+    Skipped(Vec<String>),
+    /// An event of the trainer itself.
+    Train(TrainEvent),
+    /// Training could not start or failed; the message says why and what to do.
+    Failed(String),
+    /// The thread is about to end (after `Finished` or `Failed`).
+    Ended,
+}
+
+/// What to train.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    /// The image folder.
+    pub images: PathBuf,
+    /// Its label folder, when there is one (enables Acc / mIoU).
+    pub labels: Option<PathBuf>,
+    /// Where checkpoints, metrics and snapshots go.
+    pub run_dir: PathBuf,
+    /// The hyperparameters.
+    pub config: TrainConfig,
+    /// Continue the run's latest checkpoint instead of starting anew.
+    pub resume: bool,
+}
+
+/// Messages waiting for the app at most; the trainer blocks (it never drops a message) when
+/// the app falls this far behind, which only happens when the window is frozen.
+const EVENT_CAPACITY: usize = 4096;
+/// Commands are few and handled at once.
+const COMMAND_CAPACITY: usize = 16;
+
+/// The app's side of a running trainer thread.
+pub struct TrainerHandle {
+    commands: Sender<Command>,
+    events: Receiver<WorkerEvent>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TrainerHandle {
+    /// Starts the trainer thread (`picie-trainer`). `wake` is called after every message, from
+    /// the trainer thread, so the app can repaint without polling.
+    pub fn spawn(
+        request: TrainRequest,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Self> {
+        let (command_sender, command_receiver) = bounded::<Command>(COMMAND_CAPACITY);
+        let (event_sender, event_receiver) = bounded::<WorkerEvent>(EVENT_CAPACITY);
+        let control = TrainControl::new();
+
+        // Commands are applied by their own small thread: while the trainer is paused it
+        // waits inside the engine and could not read them itself.
+        let command_control = control.clone();
+        std::thread::Builder::new()
+            .name("picie-commands".into())
+            .spawn(move || {
+                for command in command_receiver {
+                    match command {
+                        Command::Pause => command_control.pause(),
+                        Command::Resume => command_control.resume(),
+                        Command::Stop => command_control.stop(),
+                    }
+                }
+                // The app is gone: do not train for nobody.
+                command_control.stop();
+            })?;
+
+        let thread = std::thread::Builder::new()
+            .name("picie-trainer".into())
+            .spawn(move || {
+                let send = |event: WorkerEvent| {
+                    let delivered = event_sender.send(event).is_ok();
+                    wake();
+                    delivered
+                };
+                if let Err(message) = run_training(request, control.clone(), &send) {
+                    send(WorkerEvent::Failed(message));
+                }
+                send(WorkerEvent::Ended);
+            })?;
+        Ok(Self {
+            commands: command_sender,
+            events: event_receiver,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends a command; false when the trainer has already ended.
+    pub fn send(&self, command: Command) -> bool {
+        match self.commands.try_send(command) {
+            Ok(()) => true,
+            // Full means a burst of clicks: the state they ask for is already on its way.
+            Err(TrySendError::Full(_)) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// The messages that arrived since the last call, without waiting.
+    pub fn drain(&self) -> Vec<WorkerEvent> {
+        self.events.try_iter().collect()
+    }
+
+    /// Waits for the next message (for tests and the CLI; the app never blocks on this).
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<WorkerEvent> {
+        self.events.recv_timeout(timeout).ok()
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Asks the trainer to stop and waits for it (it finishes its batch first).
+    pub fn stop_and_join(mut self) {
+        self.send(Command::Stop);
+        // Keep draining so a trainer blocked on a full channel can reach its stop check.
+        while let Some(thread) = self.thread.take() {
+            while !thread.is_finished() {
+                let _ = self.events.recv_timeout(std::time::Duration::from_millis(50));
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_training(
+    request: TrainRequest,
+    control: TrainControl,
+    send: &(dyn Fn(WorkerEvent) -> bool + Sync),
+) -> Result<(), String> {
+    let config = request.config;
+    let data = TrainingData::load(
+        &request.images,
+        request.labels.as_deref(),
+        config.base_size,
+        config.input_size,
+        &|done, total| {
+            send(WorkerEvent::Loading { done, total });
+        },
+    )
+    .map_err(|error| format!("could not load the dataset: {error}"))?;
+    if !data.skipped.is_empty() {
+        send(WorkerEvent::Skipped(
+            data.skipped
+                .iter()
+                .map(|file| format!("{}: {}", file.name, file.reason))
+                .collect(),
+        ));
+    }
+    let run = if request.resume {
+        RunFolder::open(&request.run_dir)
+    } else {
+        RunFolder::create(&request.run_dir, &config)
+    }
+    .map_err(|error| error.to_string())?;
+    let mut trainer = Trainer::new(config, run, Arc::new(data), control.clone(), request.resume)
+        .map_err(|error| error.to_string())?;
+    let mut observer = |event: &TrainEvent| {
+        if !send(WorkerEvent::Train(event.clone())) {
+            // Nobody listens any more: stop at the next batch boundary.
+            control.stop();
+        }
+    };
+    trainer
+        .run(&mut observer)
+        .map(|_| ())
+        .map_err(|error| error.to_string())
+}
