@@ -41,7 +41,9 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
     let images = harness.state().dataset.as_ref().map(|d| d.names.len());
     assert_eq!(images, Some(48), "the demo dataset is open");
     assert!(cache.path().join("demo/images").is_dir());
-    harness.get_by_label_contains("48 images");
+    // A new dataset opens on its thumbnails (they load in the background).
+    assert!(harness.query_all_by_label_contains("48 images").count() >= 1);
+    harness.get_by_label("demo_0000.png");
 
     // A short run on the CPU backend (the panel's values, set as a user would type them).
     {
@@ -62,9 +64,7 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
     let clusters = harness.state().cluster_count();
     assert_eq!(clusters, 8, "K defaults to the demo's 8 classes");
     // The cluster list names each cluster after the class it matches (the demo has labels).
-    let listed = harness
-        .query_all_by_label_contains("cluster 0 · ")
-        .count();
+    let listed = harness.query_all_by_label_contains("cluster 0 · ").count();
     assert!(listed >= 1, "cluster 0 is listed with its matched class");
 
     // Pause: the trainer stops at the next batch boundary and stays there.
@@ -79,7 +79,10 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let steps_after_waiting = harness.state().session.as_ref().unwrap().losses.len();
-    assert_eq!(steps_when_paused, steps_after_waiting, "no steps while paused");
+    assert_eq!(
+        steps_when_paused, steps_after_waiting,
+        "no steps while paused"
+    );
 
     // Scrub the timeline back one snapshot with the keyboard, then forward with the slider's
     // neighbour key; the label says where we are.

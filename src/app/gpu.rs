@@ -258,7 +258,12 @@ fn create_map(
             view_formats: &[],
         })
     };
-    let labels = texture("cluster_labels", width, height, wgpu::TextureFormat::R16Uint);
+    let labels = texture(
+        "cluster_labels",
+        width,
+        height,
+        wgpu::TextureFormat::R16Uint,
+    );
     let palette = texture(
         "cluster_palette",
         palette_len,
@@ -303,7 +308,13 @@ fn create_map(
     }
 }
 
-fn upload_labels(queue: &wgpu::Queue, texture: &wgpu::Texture, labels: &[u16], width: u32, height: u32) {
+fn upload_labels(
+    queue: &wgpu::Queue,
+    texture: &wgpu::Texture,
+    labels: &[u16],
+    width: u32,
+    height: u32,
+) {
     if labels.len() != (width * height) as usize || labels.is_empty() {
         return;
     }

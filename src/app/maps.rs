@@ -104,7 +104,11 @@ impl ExplorerApp {
     /// The name shown for a cluster: its matched class when the dataset has labels.
     pub fn cluster_name(&self, cluster: usize) -> String {
         let matched = self.session.as_ref().and_then(|session| {
-            let class = session.latest_score()?.cluster_class.get(cluster).copied()??;
+            let class = session
+                .latest_score()?
+                .cluster_class
+                .get(cluster)
+                .copied()??;
             let names = session.class_names.as_ref()?;
             names.get(class).cloned()
         });
@@ -123,7 +127,11 @@ impl ExplorerApp {
         (0..clusters)
             .map(|cluster| {
                 let [r, g, b] = cluster_colour(cluster);
-                let alpha = if self.view.hidden.contains(&cluster) { 0 } else { 255 };
+                let alpha = if self.view.hidden.contains(&cluster) {
+                    0
+                } else {
+                    255
+                };
                 [r, g, b, alpha]
             })
             .collect()
@@ -164,10 +172,8 @@ impl ExplorerApp {
                 .show(ui, |ui| {
                     for (index, map) in snapshot.maps.iter().enumerate() {
                         ui.vertical(|ui| {
-                            let (rect, response) = ui.allocate_exact_size(
-                                egui::vec2(tile, tile),
-                                egui::Sense::click(),
-                            );
+                            let (rect, response) = ui
+                                .allocate_exact_size(egui::vec2(tile, tile), egui::Sense::click());
                             let clip = ui.clip_rect();
                             self.paint_map(ui, map, &snapshot, rect, clip);
                             self.hover_readout(ui, &response, map, rect);
@@ -238,7 +244,9 @@ impl ExplorerApp {
                 }
             }
             ui.ctx()
-                .request_repaint_after(std::time::Duration::from_secs_f64(PLAY_SECONDS_PER_SNAPSHOT));
+                .request_repaint_after(std::time::Duration::from_secs_f64(
+                    PLAY_SECONDS_PER_SNAPSHOT,
+                ));
         }
         ui.horizontal(|ui| {
             let play_label = if self.view.playing { "Pause" } else { "Play" };
@@ -297,10 +305,9 @@ impl ExplorerApp {
     ) {
         let painter = ui.painter().with_clip_rect(clip.intersect(ui.clip_rect()));
         let base_size = self.settings.config.base_size;
-        let request = self
-            .dataset
-            .as_ref()
-            .map(|dataset| ImageRequest::Base(dataset.paths.images.join(&map.image_name), base_size));
+        let request = self.dataset.as_ref().map(|dataset| {
+            ImageRequest::Base(dataset.paths.images.join(&map.image_name), base_size)
+        });
         let ctx = ui.ctx().clone();
         let texture = request
             .as_ref()
@@ -364,7 +371,9 @@ impl ExplorerApp {
         let palette = self.palette_rgba(clusters);
         let scale = CPU_OVERLAY_SCALE;
         let (width, height) = (map.width * scale, map.height * scale);
-        let label_at = |x: usize, y: usize| map.labels[y.min(map.height - 1) * map.width + x.min(map.width - 1)];
+        let label_at = |x: usize, y: usize| {
+            map.labels[y.min(map.height - 1) * map.width + x.min(map.width - 1)]
+        };
         let opacity = self.settings.opacity;
         let mut pixels = Vec::with_capacity(width * height);
         for y in 0..height {
@@ -419,7 +428,8 @@ impl ExplorerApp {
         )
         .show(|ui| {
             ui.horizontal(|ui| {
-                let (swatch, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+                let (swatch, _) =
+                    ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
                 ui.painter().rect_filled(swatch, 2.0, colour);
                 ui.strong(name);
             });
@@ -465,7 +475,8 @@ impl ExplorerApp {
                     }
                     let (swatch, _) =
                         ui.allocate_exact_size(egui::vec2(14.0, 14.0), egui::Sense::hover());
-                    ui.painter().rect_filled(swatch, 3.0, self.colour32(cluster));
+                    ui.painter()
+                        .rect_filled(swatch, 3.0, self.colour32(cluster));
                     ui.label(self.cluster_name(cluster));
                     if let Some(share) = shares.get(cluster) {
                         ui.weak(format!("{:.1}%", share * 100.0));
@@ -542,11 +553,20 @@ pub fn cell_at(map: &ClusterMap, rect: egui::Rect, pointer: egui::Pos2) -> Optio
     let x = (u * map.width as f32) as usize;
     let y = (v * map.height as f32) as usize;
     let index = y * map.width + x;
-    Some((*map.labels.get(index)?, map.similarity.get(index).copied().unwrap_or(0.0)))
+    Some((
+        *map.labels.get(index)?,
+        map.similarity.get(index).copied().unwrap_or(0.0),
+    ))
 }
 
 fn map_key(snapshot: &Snapshot, map: &ClusterMap) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (snapshot.epoch, snapshot.step, map.image_index, &map.image_name).hash(&mut hasher);
+    (
+        snapshot.epoch,
+        snapshot.step,
+        map.image_index,
+        &map.image_name,
+    )
+        .hash(&mut hasher);
     hasher.finish()
 }

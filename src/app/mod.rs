@@ -98,31 +98,44 @@ pub struct OpenDataset {
 /// Per-frame UI cost, to show and to report (the UI must never wait on the trainer).
 #[derive(Default)]
 pub struct FrameTimes {
-    /// Milliseconds of UI work per frame while training ran, newest last (bounded).
+    /// Milliseconds building the UI per frame while training ran (bounded).
     pub while_training: Vec<f32>,
-    /// The last frame's milliseconds.
+    /// eframe's whole-frame CPU milliseconds (UI, tessellation, painting) while training ran.
+    pub whole_frames_while_training: Vec<f32>,
+    /// The last frame's UI milliseconds.
     pub last: f32,
 }
 
 impl FrameTimes {
     const KEPT: usize = 100_000;
 
-    fn record(&mut self, milliseconds: f32, training: bool) {
+    fn record(&mut self, milliseconds: f32, whole_frame: Option<f32>, training: bool) {
         self.last = milliseconds;
         if training && self.while_training.len() < Self::KEPT {
             self.while_training.push(milliseconds);
+            if let Some(whole) = whole_frame {
+                self.whole_frames_while_training.push(whole);
+            }
         }
     }
 
-    /// Median and worst frame while training, in milliseconds.
+    /// Median and worst UI time while training, in milliseconds, and the frame count.
     pub fn summary(&self) -> Option<(f32, f32, usize)> {
-        if self.while_training.is_empty() {
-            return None;
-        }
-        let mut sorted = self.while_training.clone();
-        sorted.sort_by(f32::total_cmp);
-        Some((sorted[sorted.len() / 2], sorted[sorted.len() - 1], sorted.len()))
+        median_and_worst(&self.while_training)
     }
+}
+
+fn median_and_worst(values: &[f32]) -> Option<(f32, f32, usize)> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f32::total_cmp);
+    Some((
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1],
+        sorted.len(),
+    ))
 }
 
 /// The whole application state.
@@ -243,6 +256,8 @@ impl ExplorerApp {
                 });
                 self.session = None;
                 self.view = MapView::default();
+                // A new dataset: show its images until there are clusters to show.
+                self.settings.tab = Tab::Dataset;
                 if let Some(images) = &mut self.images {
                     images.clear();
                 }
@@ -282,7 +297,10 @@ impl ExplorerApp {
             && let Err(error) = write_demo_dataset(folder, &DemoOptions::default())
         {
             self.notify(
-                format!("could not write the demo dataset to {}: {error}", folder.display()),
+                format!(
+                    "could not write the demo dataset to {}: {error}",
+                    folder.display()
+                ),
                 true,
             );
             return;
@@ -309,12 +327,14 @@ impl ExplorerApp {
                 {
                     self.open_dataset(paths);
                 }
-                if let Ok(config) = crate::train::RunFolder::open(run_dir).and_then(|run| run.config())
+                if let Ok(config) =
+                    crate::train::RunFolder::open(run_dir).and_then(|run| run.config())
                 {
                     self.settings.config = config;
                 }
                 self.view = MapView::default();
                 self.session = Some(session);
+                self.settings.tab = Tab::Maps;
                 self.settings.last_run = Some(run_dir.to_owned());
             }
             Err(error) => self.notify(error, true),
@@ -323,8 +343,13 @@ impl ExplorerApp {
 
     /// Whether a trainer thread is running.
     pub fn is_training(&self) -> bool {
-        self.trainer.as_ref().is_some_and(|trainer| !trainer.is_finished())
-            || self.session.as_ref().is_some_and(|session| session.status.running)
+        self.trainer
+            .as_ref()
+            .is_some_and(|trainer| !trainer.is_finished())
+            || self
+                .session
+                .as_ref()
+                .is_some_and(|session| session.status.running)
     }
 
     /// Starts training the open dataset into a new run folder (or resumes `resume_run`).
@@ -383,6 +408,7 @@ impl ExplorerApp {
                 self.session = Some(session);
                 self.trainer = Some(handle);
                 self.view.follow_latest = true;
+                self.settings.tab = Tab::Maps;
                 self.settings.last_run = Some(run_dir);
                 self.notice = None;
             }
@@ -411,19 +437,10 @@ impl ExplorerApp {
         };
         let events = trainer.drain();
         let finished = trainer.is_finished();
+        // The trainer thread saves the session; the window only follows it.
         if let Some(session) = &mut self.session {
-            let mut save = false;
             for event in &events {
-                save |= session.apply(event);
-            }
-            if save && let Err(error) = session.save() {
-                self.notice = Some(Notice {
-                    text: format!(
-                        "could not save the session in {}: {error}",
-                        session.run_dir.display()
-                    ),
-                    error: true,
-                });
+                session.apply(event);
             }
         }
         if finished && events.is_empty() {
@@ -436,6 +453,11 @@ impl ExplorerApp {
 
     /// One frame of the whole window.
     pub fn show(&mut self, ui: &mut egui::Ui) {
+        self.show_frame(ui, None);
+    }
+
+    /// One frame; `previous_frame_ms` is eframe's CPU time of the previous whole frame.
+    fn show_frame(&mut self, ui: &mut egui::Ui, previous_frame_ms: Option<f32>) {
         let started = Instant::now();
         self.frame += 1;
         let ctx = ui.ctx().clone();
@@ -472,8 +494,11 @@ impl ExplorerApp {
         }
         self.zoom_window(&ctx);
         let training = self.is_training();
-        self.frame_times
-            .record(started.elapsed().as_secs_f32() * 1000.0, training);
+        self.frame_times.record(
+            started.elapsed().as_secs_f32() * 1000.0,
+            previous_frame_ms,
+            training,
+        );
     }
 
     /// Opens what a path names: a run folder made by the app, or a folder of images.
@@ -511,6 +536,10 @@ impl ExplorerApp {
         let open = egui::KeyboardShortcut::new(egui::Modifiers::COMMAND, egui::Key::O);
         if ctx.input_mut(|input| input.consume_shortcut(&open)) {
             self.pick_folder();
+        }
+        let quit = egui::KeyboardShortcut::new(egui::Modifiers::COMMAND, egui::Key::Q);
+        if ctx.input_mut(|input| input.consume_shortcut(&quit)) {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
         }
     }
 
@@ -565,7 +594,7 @@ impl ExplorerApp {
                     }
                 });
                 ui.separator();
-                if ui.button("Quit").clicked() {
+                if ui.button("Quit  (Ctrl+Q)").clicked() {
                     ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
                 }
             });
@@ -697,8 +726,11 @@ impl ExplorerApp {
                 ui.separator();
             }
             if let Some(memory) = crate::bench::current_memory_mib() {
-                ui.label(format!("{memory:.0} MiB"))
-                    .on_hover_text("Memory used by the app (resident)");
+                ui.label(format!("{memory:.0} MiB")).on_hover_text(format!(
+                    "Memory used by the app (resident); {} snapshots of maps kept, {:.1} MiB",
+                    session.timeline.len(),
+                    session.timeline.bytes() as f64 / (1 << 20) as f64
+                ));
                 ui.separator();
             }
             ui.weak(format!("UI {:.1} ms", self.frame_times.last))
@@ -763,8 +795,9 @@ impl ExplorerApp {
 }
 
 impl eframe::App for ExplorerApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        self.show(ui);
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        let previous_frame_ms = frame.info().cpu_usage.map(|seconds| seconds * 1000.0);
+        self.show_frame(ui, previous_frame_ms);
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
@@ -777,13 +810,26 @@ impl eframe::App for ExplorerApp {
         if let Some(trainer) = self.trainer.take() {
             trainer.stop_and_join();
         }
-        if let Some(session) = &self.session {
-            let _ = session.save();
-        }
         if let Some((median, worst, frames)) = self.frame_times.summary() {
             eprintln!(
-                "frame times while training: median {median:.2} ms, worst {worst:.2} ms over \
-                 {frames} frames"
+                "UI time per frame while training: median {median:.2} ms, worst {worst:.2} ms \
+                 over {frames} frames"
+            );
+        }
+        if let Some((median, worst, frames)) =
+            median_and_worst(&self.frame_times.whole_frames_while_training)
+        {
+            eprintln!(
+                "whole-frame CPU time while training: median {median:.2} ms, worst {worst:.2} \
+                 ms over {frames} frames"
+            );
+        }
+        if let Some(session) = &self.session {
+            eprintln!(
+                "timeline: {} snapshots, {:.1} MiB of maps; process memory {:.0} MiB",
+                session.timeline.len(),
+                session.timeline.bytes() as f64 / (1 << 20) as f64,
+                crate::bench::current_memory_mib().unwrap_or(f64::NAN)
             );
         }
     }
@@ -806,7 +852,13 @@ fn new_run_folder(runs: &Path, dataset: &DatasetPaths) -> PathBuf {
     let name: String = dataset
         .display_name()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     runs.join(format!("{name}-{stamp}"))
 }

@@ -38,12 +38,21 @@ impl ExplorerApp {
             ui.horizontal(|ui| {
                 ui.heading(format!("Epoch {}", latest.epoch));
                 if let Some(change) = latest.label_change {
-                    ui.label(format!("{:.1}% of pixels changed cluster since the last epoch", change * 100.0));
+                    ui.label(format!(
+                        "{:.1}% of pixels changed cluster since the last epoch",
+                        change * 100.0
+                    ));
                 }
                 if let Some(score) = &score {
                     ui.separator();
-                    ui.strong(format!("Acc {:.2}  mIoU {:.2}", score.accuracy, score.mean_iou))
-                        .on_hover_text(format!("Scored after epoch {} against the labels", score.epoch));
+                    ui.strong(format!(
+                        "Acc {:.2}  mIoU {:.2}",
+                        score.accuracy, score.mean_iou
+                    ))
+                    .on_hover_text(format!(
+                        "Scored after epoch {} against the labels",
+                        score.epoch
+                    ));
                 }
             });
             ui.add_space(6.0);
@@ -54,34 +63,62 @@ impl ExplorerApp {
                 .show(ui, |ui| {
                     ui.strong("Cluster");
                     ui.strong("Pixel share");
-                    ui.strong("Images").on_hover_text("Preview and training images it appears in");
-                    ui.strong("Similarity").on_hover_text("Mean cosine similarity of its pixels to its centroid");
-                    ui.strong("Nearest cluster").on_hover_text("The most similar other centroid");
-                    ui.strong("Matched class").on_hover_text("Hungarian matching against the labels");
+                    ui.strong("Images").on_hover_text(
+                        "Images of the dataset it appears in (view 1 of this epoch)",
+                    );
+                    ui.strong("Similarity")
+                        .on_hover_text("Mean cosine similarity of its pixels to its centroid");
+                    ui.strong("Nearest cluster")
+                        .on_hover_text("The most similar other centroid");
+                    ui.strong("Matched class")
+                        .on_hover_text("Hungarian matching against the labels");
                     ui.end_row();
-                    let max_share = latest.pixel_share.iter().copied().fold(0.0, f64::max).max(1e-9);
+                    let max_share = latest
+                        .pixel_share
+                        .iter()
+                        .copied()
+                        .fold(0.0, f64::max)
+                        .max(1e-9);
                     for cluster in 0..k {
                         ui.horizontal(|ui| {
-                            let (swatch, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
-                            ui.painter().rect_filled(swatch, 2.0, self.colour32(cluster));
+                            let (swatch, _) = ui
+                                .allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+                            ui.painter()
+                                .rect_filled(swatch, 2.0, self.colour32(cluster));
                             ui.label(format!("{cluster}"));
                         });
                         let share = latest.pixel_share[cluster];
                         ui.horizontal(|ui| {
-                            let (bar, _) = ui.allocate_exact_size(egui::vec2(120.0, 12.0), egui::Sense::hover());
-                            ui.painter().rect_filled(bar, 2.0, ui.visuals().extreme_bg_color);
+                            let (bar, _) = ui
+                                .allocate_exact_size(egui::vec2(120.0, 12.0), egui::Sense::hover());
+                            ui.painter()
+                                .rect_filled(bar, 2.0, ui.visuals().extreme_bg_color);
                             let mut filled = bar;
                             filled.set_width(bar.width() * (share / max_share) as f32);
-                            ui.painter().rect_filled(filled, 2.0, self.colour32(cluster));
+                            ui.painter()
+                                .rect_filled(filled, 2.0, self.colour32(cluster));
                             ui.label(format!("{:.1}%", share * 100.0));
                         });
-                        ui.label(format!("{}", latest.images_with_cluster.get(cluster).copied().unwrap_or(0)));
-                        ui.label(format!("{:.3}", latest.compactness.get(cluster).copied().unwrap_or(0.0)));
-                        let nearest = (0..k)
-                            .filter(|&other| other != cluster)
-                            .max_by(|&a, &b| similarity[cluster * k + a].total_cmp(&similarity[cluster * k + b]));
+                        ui.label(format!(
+                            "{}",
+                            latest
+                                .images_with_cluster
+                                .get(cluster)
+                                .copied()
+                                .unwrap_or(0)
+                        ));
+                        ui.label(format!(
+                            "{:.3}",
+                            latest.compactness.get(cluster).copied().unwrap_or(0.0)
+                        ));
+                        let nearest = (0..k).filter(|&other| other != cluster).max_by(|&a, &b| {
+                            similarity[cluster * k + a].total_cmp(&similarity[cluster * k + b])
+                        });
                         match nearest {
-                            Some(other) => ui.label(format!("{other} (cos {:.2})", similarity[cluster * k + other])),
+                            Some(other) => ui.label(format!(
+                                "{other} (cos {:.2})",
+                                similarity[cluster * k + other]
+                            )),
                             None => ui.label("–"),
                         };
                         let class = score
@@ -119,9 +156,14 @@ impl ExplorerApp {
                             let points: PlotPoints = session
                                 .clusters
                                 .iter()
-                                .filter_map(|s| Some([s.epoch as f64, *s.pixel_share.get(cluster)? * 100.0]))
+                                .filter_map(|s| {
+                                    Some([s.epoch as f64, *s.pixel_share.get(cluster)? * 100.0])
+                                })
                                 .collect();
-                            plot.line(Line::new(format!("cluster {cluster}"), points).color(self.colour32(cluster)));
+                            plot.line(
+                                Line::new(format!("cluster {cluster}"), points)
+                                    .color(self.colour32(cluster)),
+                            );
                         }
                     });
                 columns[1].strong("Label change and scores per epoch");
@@ -139,8 +181,16 @@ impl ExplorerApp {
                             .collect();
                         plot.line(Line::new("label change %", change));
                         if !session.scores.is_empty() {
-                            let acc: PlotPoints = session.scores.iter().map(|s| [s.epoch as f64, s.accuracy]).collect();
-                            let miou: PlotPoints = session.scores.iter().map(|s| [s.epoch as f64, s.mean_iou]).collect();
+                            let acc: PlotPoints = session
+                                .scores
+                                .iter()
+                                .map(|s| [s.epoch as f64, s.accuracy])
+                                .collect();
+                            let miou: PlotPoints = session
+                                .scores
+                                .iter()
+                                .map(|s| [s.epoch as f64, s.mean_iou])
+                                .collect();
                             plot.line(Line::new("Acc %", acc));
                             plot.line(Line::new("mIoU %", miou));
                         }
@@ -168,7 +218,11 @@ impl ExplorerApp {
                     (255.0 * (1.0 - t).min(0.5) * 2.0) as u8,
                 );
                 let min = rect.min + egui::vec2(b as f32 * cell, a as f32 * cell);
-                painter.rect_filled(egui::Rect::from_min_size(min, egui::vec2(cell, cell)), 0.0, colour);
+                painter.rect_filled(
+                    egui::Rect::from_min_size(min, egui::vec2(cell, cell)),
+                    0.0,
+                    colour,
+                );
             }
         }
         if let Some(pointer) = response.hover_pos() {

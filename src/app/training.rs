@@ -114,7 +114,7 @@ impl ExplorerApp {
                 ui.add_space(8.0);
                 ui.colored_label(
                     ui.visuals().warn_fg_color,
-                    format!("{} files skipped", session.warnings.len()),
+                    format!("{} warnings (hover to read)", session.warnings.len()),
                 )
                 .on_hover_text(session.warnings.join("\n"));
             }
@@ -134,7 +134,11 @@ impl ExplorerApp {
                 egui::ComboBox::from_id_salt("backbone")
                     .selected_text(backbone_name(config.backbone))
                     .show_ui(ui, |ui| {
-                        ui.selectable_value(&mut config.backbone, BackboneKind::Resnet18, "resnet18");
+                        ui.selectable_value(
+                            &mut config.backbone,
+                            BackboneKind::Resnet18,
+                            "resnet18",
+                        );
                         ui.selectable_value(
                             &mut config.backbone,
                             BackboneKind::MobilenetV2,
@@ -180,14 +184,22 @@ impl ExplorerApp {
                     "Side of the square the network sees, in pixels. Larger sees more detail \
                      and costs quadratically more.",
                 );
-                ui.add(egui::DragValue::new(&mut config.input_size).range(32..=1024).speed(8));
+                ui.add(
+                    egui::DragValue::new(&mut config.input_size)
+                        .range(32..=1024)
+                        .speed(8),
+                );
                 ui.end_row();
 
                 ui.label("Base size").on_hover_text(
                     "Images are first resized so the shorter side is this, then centre-cropped \
                      square; crops for the views come from there.",
                 );
-                ui.add(egui::DragValue::new(&mut config.base_size).range(32..=2048).speed(8));
+                ui.add(
+                    egui::DragValue::new(&mut config.base_size)
+                        .range(32..=2048)
+                        .speed(8),
+                );
                 ui.end_row();
 
                 ui.label("Epochs").on_hover_text(
@@ -196,11 +208,13 @@ impl ExplorerApp {
                 ui.add(egui::DragValue::new(&mut config.epochs).range(1..=1000));
                 ui.end_row();
 
-                ui.label("Batch").on_hover_text("Images per optimisation step.");
+                ui.label("Batch")
+                    .on_hover_text("Images per optimisation step.");
                 ui.add(egui::DragValue::new(&mut config.batch_size).range(1..=256));
                 ui.end_row();
 
-                ui.label("Learning rate").on_hover_text("Adam's step size (the paper: 1e-4).");
+                ui.label("Learning rate")
+                    .on_hover_text("Adam's step size (the paper: 1e-4).");
                 ui.add(
                     egui::DragValue::new(&mut config.learning_rate)
                         .range(1e-6..=1e-1)
@@ -216,7 +230,11 @@ impl ExplorerApp {
                 egui::ComboBox::from_id_salt("balance")
                     .selected_text(format!("{:?}", config.balance).to_lowercase())
                     .show_ui(ui, |ui| {
-                        ui.selectable_value(&mut config.balance, BalanceMode::Reference, "reference");
+                        ui.selectable_value(
+                            &mut config.balance,
+                            BalanceMode::Reference,
+                            "reference",
+                        );
                         ui.selectable_value(&mut config.balance, BalanceMode::Inverse, "inverse");
                         ui.selectable_value(&mut config.balance, BalanceMode::None, "none");
                     });
@@ -272,7 +290,11 @@ impl ExplorerApp {
         let known = download::known_weights(backbone);
         let cached = known.and_then(download::cached_weights_path);
         ui.add_enabled_ui(!running, |ui| {
-            ui.radio_value(&mut self.settings.weights, WeightsChoice::ImageNet, "ImageNet (torchvision)");
+            ui.radio_value(
+                &mut self.settings.weights,
+                WeightsChoice::ImageNet,
+                "ImageNet (torchvision)",
+            );
             if self.settings.weights == WeightsChoice::ImageNet {
                 ui.indent("imagenet", |ui| match (&cached, &self.training.download) {
                     (Some(path), _) => {
@@ -298,14 +320,13 @@ impl ExplorerApp {
                             let spawned = std::thread::Builder::new()
                                 .name("picie-download".into())
                                 .spawn(move || {
-                                    let result = download::download_known_weights(
-                                        known,
-                                        &mut |progress| {
-                                            let _ = sender.send(DownloadMessage::Progress(progress));
+                                    let result =
+                                        download::download_known_weights(known, &mut |progress| {
+                                            let _ =
+                                                sender.send(DownloadMessage::Progress(progress));
                                             ctx.request_repaint();
-                                        },
-                                    )
-                                    .map_err(|error| error.to_string());
+                                        })
+                                        .map_err(|error| error.to_string());
                                     let _ = sender.send(DownloadMessage::Done(result));
                                     ctx.request_repaint();
                                 });
@@ -319,7 +340,8 @@ impl ExplorerApp {
             let file_label = match &self.settings.weights {
                 WeightsChoice::File(path) => format!(
                     "File: {}",
-                    path.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())
+                    path.file_name()
+                        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
                 ),
                 _ => "File…".to_string(),
             };
@@ -331,7 +353,11 @@ impl ExplorerApp {
             {
                 self.settings.weights = WeightsChoice::File(path);
             }
-            ui.radio_value(&mut self.settings.weights, WeightsChoice::Random, "Random init");
+            ui.radio_value(
+                &mut self.settings.weights,
+                WeightsChoice::Random,
+                "Random init",
+            );
         });
         if let Some(error) = &self.training.download_error {
             ui.colored_label(ui.visuals().error_fg_color, error);

@@ -69,11 +69,15 @@ pub fn permute_labels(labels: &mut PixelLabels, new_ids: &[usize]) {
     match labels {
         PixelLabels::U8(values) => {
             let table: Vec<u8> = new_ids.iter().map(|&id| id as u8).collect();
-            values.iter_mut().for_each(|label| *label = table[*label as usize]);
+            values
+                .iter_mut()
+                .for_each(|label| *label = table[*label as usize]);
         }
         PixelLabels::U16(values) => {
             let table: Vec<u16> = new_ids.iter().map(|&id| id as u16).collect();
-            values.iter_mut().for_each(|label| *label = table[*label as usize]);
+            values
+                .iter_mut()
+                .for_each(|label| *label = table[*label as usize]);
         }
     }
 }
@@ -98,6 +102,9 @@ mod tests {
         let mut labels = PixelLabels::U8(vec![0, 1, 2, 2]);
         permute_labels(&mut labels, &new_ids);
         assert_eq!(labels.as_u8().unwrap(), &[2, 0, 1, 1]);
-        assert_eq!(permute_per_cluster(&[10, 20, 30], &new_ids), vec![20, 30, 10]);
+        assert_eq!(
+            permute_per_cluster(&[10, 20, 30], &new_ids),
+            vec![20, 30, 10]
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! Everything the explorer shows about a session, built from the trainer's events, and saved
-//! in the run folder (`RUN_DIR/explorer/session.json`) so a reopened run shows its maps,
-//! statistics and timeline without retraining.
+//! in the run folder so a reopened run shows its maps, statistics and timeline without
+//! retraining: `RUN_DIR/explorer/session.json` (status, curves, statistics, scores; rewritten
+//! atomically at each epoch end) and `RUN_DIR/explorer/snapshots.jsonl` (one cluster-map
+//! snapshot per line, appended as they arrive, so a crash loses at most the line being
+//! written). The trainer thread writes both; the window only reads.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,8 @@ use crate::train::{ClusterStatistics, LossTerms, TrainEvent, TrainPhase};
 
 /// File name of the saved session inside `RUN_DIR/explorer`.
 pub const SESSION_FILE: &str = "session.json";
+/// File name of the snapshot log inside `RUN_DIR/explorer`.
+pub const SNAPSHOTS_FILE: &str = "snapshots.jsonl";
 
 /// A dataset the user opened: images and, when found, labels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,7 +132,8 @@ pub struct SessionState {
     pub clusters: Vec<ClusterStatistics>,
     /// Scores per epoch, when the dataset has labels.
     pub scores: Vec<EpochScore>,
-    /// Cluster-map snapshots.
+    /// Cluster-map snapshots (saved separately, in the snapshot log).
+    #[serde(skip)]
     pub timeline: Timeline,
     /// Class names of the labels, when known.
     pub class_names: Option<Vec<String>>,
@@ -154,6 +160,10 @@ impl SessionState {
                 self.status.running = true;
                 self.status.activity = format!("Loading images {done}/{total}");
                 self.status.activity_fraction = Some(*done as f32 / (*total).max(1) as f32);
+                false
+            }
+            WorkerEvent::Warning(message) => {
+                self.warnings.push(message.clone());
                 false
             }
             WorkerEvent::Skipped(files) => {
@@ -217,7 +227,8 @@ impl SessionState {
                 status.images_per_second = progress.images_per_second;
                 status.eta_seconds = progress.eta_seconds;
                 status.activity = "Training".into();
-                status.activity_fraction = Some(progress.step as f32 / progress.steps.max(1) as f32);
+                status.activity_fraction =
+                    Some(progress.step as f32 / progress.steps.max(1) as f32);
                 self.losses.push(LossPoint {
                     time: progress.epoch.saturating_sub(1) as f64
                         + progress.step as f64 / progress.steps.max(1) as f64,
@@ -226,7 +237,8 @@ impl SessionState {
                 false
             }
             TrainEvent::Clustered(statistics) => {
-                self.clusters.retain(|existing| existing.epoch != statistics.epoch);
+                self.clusters
+                    .retain(|existing| existing.epoch != statistics.epoch);
                 self.clusters.push(statistics.clone());
                 false
             }
@@ -269,13 +281,14 @@ impl SessionState {
         run_dir.join("explorer").join(SESSION_FILE)
     }
 
-    /// Saves the session atomically into its run folder.
+    /// Saves the session (without the timeline) atomically into its run folder.
     pub fn save(&self) -> std::io::Result<()> {
         let path = Self::path_in(&self.run_dir);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         let mut saved = self.clone();
+        saved.timeline = Timeline::with_budget(0);
         // A saved session is never running: reopening shows what was kept.
         saved.status.running = false;
         saved.status.paused = false;
@@ -284,7 +297,25 @@ impl SessionState {
         })
     }
 
-    /// Reopens the session saved in `run_dir`.
+    /// Appends one snapshot to the run's snapshot log.
+    pub fn append_snapshot(run_dir: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = run_dir.join("explorer").join(SNAPSHOTS_FILE);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut line = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        // One write per line: a crash leaves at most a partial last line, skipped on load.
+        file.write_all(&line)?;
+        file.flush()
+    }
+
+    /// Reopens the session saved in `run_dir`, with its snapshots.
     pub fn load(run_dir: &Path) -> Result<Self, String> {
         let path = Self::path_in(run_dir);
         let text = std::fs::read_to_string(&path).map_err(|error| {
@@ -296,12 +327,25 @@ impl SessionState {
         let mut state: Self = serde_json::from_str(&text)
             .map_err(|error| format!("{} is damaged: {error}", path.display()))?;
         state.run_dir = run_dir.to_owned();
+        state.timeline = Timeline::default();
+        let log = run_dir.join("explorer").join(SNAPSHOTS_FILE);
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            // Lines that do not parse are the tail of an interrupted write.
+            for snapshot in text
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Snapshot>(line).ok())
+            {
+                state.timeline.push(snapshot);
+            }
+        }
         Ok(state)
     }
 
     /// The cluster statistics of the newest epoch.
     pub fn latest_clusters(&self) -> Option<&ClusterStatistics> {
-        self.clusters.iter().max_by_key(|statistics| statistics.epoch)
+        self.clusters
+            .iter()
+            .max_by_key(|statistics| statistics.epoch)
     }
 
     /// The newest scores.
@@ -318,5 +362,56 @@ fn phase_words(phase: TrainPhase) -> &'static str {
         TrainPhase::Training => "Training",
         TrainPhase::Evaluating => "Evaluating",
         TrainPhase::Checkpointing => "Writing checkpoint",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::ClusterMap;
+
+    fn snapshot(epoch: usize, step: usize) -> Snapshot {
+        Snapshot {
+            epoch,
+            step,
+            maps: vec![ClusterMap {
+                image_index: 0,
+                image_name: "a.png".into(),
+                width: 2,
+                height: 1,
+                labels: vec![0, 1],
+                similarity: vec![0.5, 0.9],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_saved_session_reopens_with_its_snapshots_even_after_a_torn_write() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut session = SessionState::new(folder.path());
+        session.apply(&WorkerEvent::Train(TrainEvent::Paused(true)));
+        for (epoch, step) in [(1, 0), (1, 2), (2, 0)] {
+            SessionState::append_snapshot(folder.path(), &snapshot(epoch, step)).unwrap();
+        }
+        session.save().unwrap();
+        // A crash in the middle of the next line.
+        let log = folder.path().join("explorer").join(SNAPSHOTS_FILE);
+        let mut text = std::fs::read_to_string(&log).unwrap();
+        text.push_str("{\"epoch\":2,\"step\":2,\"ma");
+        std::fs::write(&log, text).unwrap();
+
+        let reopened = SessionState::load(folder.path()).unwrap();
+        let kept: Vec<(usize, usize)> = reopened
+            .timeline
+            .snapshots()
+            .iter()
+            .map(|s| (s.epoch, s.step))
+            .collect();
+        assert_eq!(kept, vec![(1, 0), (1, 2), (2, 0)]);
+        assert_eq!(reopened.timeline.snapshots()[1], snapshot(1, 2));
+        assert!(!reopened.status.running && !reopened.status.paused);
+
+        let missing = SessionState::load(&folder.path().join("nothing")).unwrap_err();
+        assert!(missing.contains("no saved explorer session"), "{missing}");
     }
 }

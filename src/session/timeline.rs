@@ -146,13 +146,19 @@ mod tests {
                 assert!(timeline.bytes() <= one * 12);
             }
         }
-        let kept: Vec<(usize, usize)> =
-            timeline.snapshots().iter().map(|s| (s.epoch, s.step)).collect();
+        let kept: Vec<(usize, usize)> = timeline
+            .snapshots()
+            .iter()
+            .map(|s| (s.epoch, s.step))
+            .collect();
         assert_eq!(kept.len(), 12);
         assert_eq!(kept.last(), Some(&(10, 4)));
         // Every epoch start survives; the remaining room holds the newest steps.
         for epoch in 1..=10 {
-            assert!(kept.contains(&(epoch, 0)), "epoch {epoch} start lost: {kept:?}");
+            assert!(
+                kept.contains(&(epoch, 0)),
+                "epoch {epoch} start lost: {kept:?}"
+            );
         }
         assert!(kept.windows(2).all(|pair| pair[0] < pair[1]), "order kept");
     }

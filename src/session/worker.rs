@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 
 use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
 
+use super::state::{DatasetPaths, SessionState};
+use super::timeline::{Snapshot, Timeline};
 use crate::config::TrainConfig;
 use crate::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
@@ -35,6 +37,8 @@ pub enum WorkerEvent {
     /// Files of the dataset that could not be read (each with the reason); training goes on
     /// without them.
     Skipped(Vec<String>),
+    /// Something went wrong that does not stop training.
+    Warning(String),
     /// An event of the trainer itself.
     Train(TrainEvent),
     /// Training could not start or failed; the message says why and what to do.
@@ -150,7 +154,9 @@ impl TrainerHandle {
         // Keep draining so a trainer blocked on a full channel can reach its stop check.
         while let Some(thread) = self.thread.take() {
             while !thread.is_finished() {
-                let _ = self.events.recv_timeout(std::time::Duration::from_millis(50));
+                let _ = self
+                    .events
+                    .recv_timeout(std::time::Duration::from_millis(50));
             }
             let _ = thread.join();
         }
@@ -187,16 +193,55 @@ fn run_training(
         RunFolder::create(&request.run_dir, &config)
     }
     .map_err(|error| error.to_string())?;
+    // The session record on disk is kept by this thread, so it survives the window: the
+    // snapshot log grows as maps arrive, the rest is rewritten at each epoch end.
+    let mut record = if request.resume {
+        SessionState::load(&request.run_dir).unwrap_or_else(|_| SessionState::new(&request.run_dir))
+    } else {
+        SessionState::new(&request.run_dir)
+    };
+    record.timeline = Timeline::with_budget(0);
+    record.class_names = data.class_names.clone();
+    record.dataset = Some(DatasetPaths {
+        images: request.images.clone(),
+        labels: request.labels.clone(),
+    });
+    let mut record_error: Option<String> = None;
     let mut trainer = Trainer::new(config, run, Arc::new(data), control.clone(), request.resume)
         .map_err(|error| error.to_string())?;
     let mut observer = |event: &TrainEvent| {
+        let mut written = Ok(());
+        if let TrainEvent::Preview { epoch, step, maps } = event {
+            let snapshot = Snapshot {
+                epoch: *epoch,
+                step: *step,
+                maps: maps.clone(),
+            };
+            written = SessionState::append_snapshot(&request.run_dir, &snapshot);
+        }
+        if record.apply(&WorkerEvent::Train(event.clone())) {
+            written = written.and(record.save());
+        }
+        if let Err(error) = written
+            && record_error.is_none()
+        {
+            let message = format!(
+                "could not save the session in {}: {error}; training goes on, but the maps \
+                 will not be there when the run is reopened",
+                request.run_dir.display()
+            );
+            send(WorkerEvent::Warning(message.clone()));
+            record_error = Some(message);
+        }
         if !send(WorkerEvent::Train(event.clone())) {
             // Nobody listens any more: stop at the next batch boundary.
             control.stop();
         }
     };
-    trainer
-        .run(&mut observer)
-        .map(|_| ())
-        .map_err(|error| error.to_string())
+    let outcome = trainer.run(&mut observer);
+    if let Err(error) = &outcome {
+        record.apply(&WorkerEvent::Failed(error.to_string()));
+        let _ = record.save();
+    }
+    outcome.map(|_| ()).map_err(|error| error.to_string())
 }
