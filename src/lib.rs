@@ -15,6 +15,7 @@ pub mod device;
 pub mod download;
 pub mod eval;
 pub mod fsutil;
+pub mod labelmap;
 pub mod loss;
 pub mod model;
 pub mod palette;
