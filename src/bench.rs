@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::bank::{BankError, BankInfo, FeatureBank};
 use crate::device::ComputeDevice;
 use crate::model::{BackboneKind, WeightsError, build_network, images_to_tensor};
 
@@ -268,4 +269,160 @@ pub fn time_kmeans(
     kmeans(&store, &config, &device.device)?;
     let seconds = started.elapsed().as_secs_f64();
     Ok((seconds, (points * iterations) as f64 / seconds))
+}
+
+/// Query latency of exact nearest-neighbour search in a feature bank.
+#[derive(Debug, Clone)]
+pub struct NeighbourTiming {
+    /// Patches in the bank.
+    pub patches: usize,
+    /// Feature dimension.
+    pub dim: usize,
+    /// Neighbours per query.
+    pub k: usize,
+    /// Timed queries per path.
+    pub queries: usize,
+    /// Bytes of the stored (f16) features.
+    pub bank_bytes: usize,
+    /// Median seconds per query of the CPU path ([`FeatureBank::nearest`]).
+    pub cpu_median_seconds: f64,
+    /// Seconds to upload the bank to the device, when a device was given.
+    pub upload_seconds: Option<f64>,
+    /// Median seconds per query of the [`crate::bank::DeviceBank`] path (after one warm-up).
+    pub device_median_seconds: Option<f64>,
+    /// Whether the device path returned exactly the CPU path's neighbours for every query.
+    pub device_agrees: Option<bool>,
+}
+
+impl std::fmt::Display for NeighbourTiming {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "{} patches x {} ({:.0} MiB f16), k = {}: CPU median {:.2} ms/query",
+            self.patches,
+            self.dim,
+            self.bank_bytes as f64 / (1 << 20) as f64,
+            self.k,
+            self.cpu_median_seconds * 1e3
+        )?;
+        if let (Some(upload), Some(median)) = (self.upload_seconds, self.device_median_seconds) {
+            write!(
+                formatter,
+                "; device median {:.2} ms/query (upload {:.2} s{})",
+                median * 1e3,
+                upload,
+                match self.device_agrees {
+                    Some(true) => ", same neighbours as the CPU",
+                    Some(false) => ", NEIGHBOURS DIFFER from the CPU",
+                    None => "",
+                }
+            )?;
+        }
+        write!(formatter, " over {} queries", self.queries)
+    }
+}
+
+/// A bank of `patches` random unit vectors (seeded), laid out as images of `grid²` patches
+/// with the largest of 100, 50, 20, 10, 5, 4, 2, 1 for `grid` whose square divides `patches`.
+pub fn synthetic_bank(patches: usize, dim: usize, seed: u64) -> Result<FeatureBank, BankError> {
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+
+    let grid = [100, 50, 20, 10, 5, 4, 2, 1]
+        .into_iter()
+        .find(|grid| patches.is_multiple_of(grid * grid))
+        .unwrap_or(1);
+    let info = BankInfo {
+        dim,
+        patch: 8,
+        input_size: (grid * 8) as u32,
+        base_size: (grid * 8) as u32,
+        grid,
+        epoch: 0,
+        names: (0..patches / (grid * grid))
+            .map(|index| format!("synthetic-{index:07}.png"))
+            .collect(),
+    };
+    // Generated straight into f16 in parallel pieces (each seeded by its index), so a bank of
+    // 10^6 patches costs its 256 MB and no f32 copy.
+    const PIECE_ROWS: usize = 4096;
+    let mut values = vec![f16::ZERO; patches * dim];
+    values
+        .par_chunks_mut(PIECE_ROWS * dim.max(1))
+        .enumerate()
+        .for_each(|(piece, out)| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((piece as u64) << 20));
+            let mut row = vec![0f32; dim];
+            for out_row in out.chunks_mut(dim.max(1)) {
+                for value in row.iter_mut() {
+                    *value = rng.random::<f32>() - 0.5;
+                }
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|value| *value /= norm);
+                out_row.convert_from_f32_slice(&row);
+            }
+        });
+    FeatureBank::from_f16(info, values)
+}
+
+/// Times exact k-nearest-neighbour queries (random bank rows as queries) on a synthetic bank
+/// of `patches` unit vectors: the CPU path and, with `device`, a [`crate::bank::DeviceBank`].
+pub fn time_neighbours(
+    patches: usize,
+    dim: usize,
+    k: usize,
+    queries: usize,
+    device: Option<&burn::tensor::Device>,
+) -> Result<NeighbourTiming, BankError> {
+    use rand::{Rng, SeedableRng};
+
+    let bank = synthetic_bank(patches, dim, 0)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let queries = queries.max(1);
+    let picks: Vec<Vec<f32>> = (0..queries)
+        .map(|_| bank.feature(rng.random_range(0..patches.max(1))))
+        .collect();
+    let median = |mut timings: Vec<f64>| {
+        timings.sort_by(f64::total_cmp);
+        timings.get(timings.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut cpu_results = Vec::with_capacity(queries);
+    let mut cpu_timings = Vec::with_capacity(queries);
+    let _ = bank.nearest(&picks[0], k);
+    for query in &picks {
+        let started = Instant::now();
+        cpu_results.push(bank.nearest(query, k));
+        cpu_timings.push(started.elapsed().as_secs_f64());
+    }
+    let (mut upload_seconds, mut device_median_seconds, mut device_agrees) = (None, None, None);
+    if let Some(device) = device {
+        let started = Instant::now();
+        let on_device = bank.to_device(device);
+        // The first query waits for the upload to finish and compiles the kernels.
+        let warm_up = on_device.try_nearest(&picks[0], k)?;
+        upload_seconds = Some(started.elapsed().as_secs_f64());
+        let mut agrees = warm_up == cpu_results[0];
+        let mut timings = Vec::with_capacity(queries);
+        for (query, expected) in picks.iter().zip(&cpu_results) {
+            let started = Instant::now();
+            let found = on_device.try_nearest(query, k)?;
+            timings.push(started.elapsed().as_secs_f64());
+            agrees &= &found == expected;
+        }
+        device_median_seconds = Some(median(timings));
+        device_agrees = Some(agrees);
+    }
+    Ok(NeighbourTiming {
+        patches: bank.len(),
+        dim,
+        k,
+        queries,
+        bank_bytes: bank.len() * dim * 2,
+        cpu_median_seconds: median(cpu_timings),
+        upload_seconds,
+        device_median_seconds,
+        device_agrees,
+    })
 }

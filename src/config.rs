@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub preview_every_steps: usize,
     /// The one seed of the run: views, batch order, k-means and initial weights.
     pub seed: u64,
+    /// Build the feature bank (pooled patch features of every image, for nearest-neighbour
+    /// search) into the run folder after every epoch's checkpoint.
+    pub feature_bank: bool,
+    /// Side of a feature-bank patch in input pixels: a multiple of 4 dividing `input_size`.
+    pub bank_patch: usize,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +89,8 @@ impl Default for TrainConfig {
             preview_images: 8,
             preview_every_steps: 0,
             seed: 0,
+            feature_bank: true,
+            bank_patch: crate::bank::DEFAULT_PATCH,
         }
     }
 }
@@ -182,6 +189,16 @@ impl TrainConfig {
         }
         if self.kmeans_iterations == 0 {
             return invalid("kmeans_iterations must be at least 1".into());
+        }
+        if self.feature_bank
+            && (self.bank_patch == 0
+                || !self.bank_patch.is_multiple_of(crate::model::FEATURE_STRIDE)
+                || !(self.input_size as usize).is_multiple_of(self.bank_patch))
+        {
+            return invalid(format!(
+                "bank_patch {} must be a multiple of 4 that divides input_size {} (or set feature_bank to false)",
+                self.bank_patch, self.input_size
+            ));
         }
         Ok(())
     }

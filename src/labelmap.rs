@@ -305,6 +305,25 @@ impl LabelMap {
         Ok(())
     }
 
+    /// Follows the trainer's renumbering after a merge or split: `origin[new]` is the old id
+    /// that new id continues. Names, colours and ignores move with their clusters; clusters
+    /// that no longer exist are dropped, and merges that pointed at them are undone.
+    pub fn renumbered(&self, origin: &[Option<usize>]) -> Self {
+        let new_id_of = |old: usize| origin.iter().position(|&from| from == Some(old));
+        let clusters = origin
+            .iter()
+            .map(|from| {
+                let Some(old) = from else {
+                    return ClusterLabel::default();
+                };
+                let mut label = self.clusters.get(*old).cloned().unwrap_or_default();
+                label.merged_into = label.merged_into.and_then(new_id_of);
+                label
+            })
+            .collect();
+        Self { clusters }
+    }
+
     /// Where a run's label map lives.
     pub fn path_in(run_dir: &Path) -> PathBuf {
         run_dir.join(LABELMAP_FILE)
@@ -349,6 +368,7 @@ pub struct LabelHistory {
     current: LabelMap,
     undo: Vec<LabelMap>,
     redo: Vec<LabelMap>,
+    last_edit: Option<LabelEdit>,
 }
 
 /// Undo steps kept.
@@ -361,6 +381,7 @@ impl LabelHistory {
             current: map,
             undo: Vec::new(),
             redo: Vec::new(),
+            last_edit: None,
         }
     }
 
@@ -369,17 +390,27 @@ impl LabelHistory {
         &self.current
     }
 
-    /// Applies an edit; it can be undone. A failed edit changes nothing.
+    /// Applies an edit; it can be undone. A failed edit changes nothing. Successive colour
+    /// changes of one cluster (dragging in a colour picker) undo as one.
     pub fn apply(&mut self, edit: &LabelEdit) -> Result<(), LabelMapError> {
         let before = self.current.clone();
         self.current.apply(edit)?;
-        if self.current != before {
+        if self.current == before {
+            return Ok(());
+        }
+        let continues_last = matches!(
+            (&self.last_edit, edit),
+            (Some(LabelEdit::Recolour { cluster: a, .. }), LabelEdit::Recolour { cluster: b, .. })
+                if a == b
+        ) && !self.undo.is_empty();
+        if !continues_last {
             self.undo.push(before);
             if self.undo.len() > UNDO_LIMIT {
                 self.undo.remove(0);
             }
-            self.redo.clear();
         }
+        self.redo.clear();
+        self.last_edit = Some(edit.clone());
         Ok(())
     }
 
@@ -397,6 +428,7 @@ impl LabelHistory {
 
     /// Re-applies the last undone edit; false when there is none.
     pub fn redo(&mut self) -> bool {
+        self.last_edit = None;
         match self.redo.pop() {
             Some(next) => {
                 self.undo.push(std::mem::replace(&mut self.current, next));
@@ -475,6 +507,18 @@ mod tests {
             })
             .unwrap();
         assert!(!history.can_redo());
+        // Dragging a colour picker is one undo step.
+        for shade in 10..20 {
+            history
+                .apply(&LabelEdit::Recolour {
+                    cluster: 0,
+                    colour: [shade, 2, 3],
+                })
+                .unwrap();
+        }
+        assert_eq!(history.map().colour(0), [19, 2, 3]);
+        history.undo();
+        assert_eq!(history.map().colour(0), crate::palette::cluster_colour(0));
         // Bad ids are refused without changing anything.
         let before = history.map().clone();
         assert!(

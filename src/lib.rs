@@ -7,6 +7,7 @@
 
 #[cfg(feature = "gui")]
 pub mod app;
+pub mod bank;
 pub mod bench;
 pub mod cluster;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod data;
 pub mod device;
 pub mod download;
 pub mod eval;
+pub mod export;
 pub mod fsutil;
 pub mod labelmap;
 pub mod loss;

@@ -190,7 +190,8 @@ pub fn write_index_png(path: &Path, segmentation: &Segmentation) -> Result<(), S
     crate::fsutil::write_bytes_atomic(path, &encoded).map_err(write_error)
 }
 
-fn encode_png(
+/// Encodes pixels as a PNG in memory (so the file can then be written atomically).
+pub(crate) fn encode_png(
     pixels: &[u8],
     width: u32,
     height: u32,

@@ -64,8 +64,12 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
     let clusters = harness.state().cluster_count();
     assert_eq!(clusters, 8, "K defaults to the demo's 8 classes");
     // The cluster list names each cluster after the class it matches (the demo has labels).
-    let listed = harness.query_all_by_label_contains("cluster 0 · ").count();
-    assert!(listed >= 1, "cluster 0 is listed with its matched class");
+    let name = harness.state().cluster_name(0);
+    assert!(name.starts_with("cluster 0 · "), "{name}");
+    let name_fields = harness
+        .get_all_by_role(egui::accesskit::Role::TextInput)
+        .count();
+    assert_eq!(name_fields, 8, "one name field per cluster");
 
     // Pause: the trainer stops at the next batch boundary and stays there.
     harness.get_by_label("Pause").click();
@@ -129,4 +133,125 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
     assert!(!reopened.state().is_training());
     reopened.get_by_label("demo_0000.png");
     reopened.get_by_label_contains("epoch 2/2");
+}
+
+/// After training: click a pixel for similar patches, name and merge clusters with undo,
+/// export the masks from the app, and check the app's score equals `picie eval --masks`.
+#[test]
+fn a_user_inspects_names_merges_and_exports_a_finished_run() {
+    use picie::labelmap::{LabelEdit, LabelMap};
+
+    let cache = tempfile::tempdir().unwrap();
+    let mut harness = new_harness(cache.path());
+    harness.get_by_label("Try the demo dataset").click();
+    harness.run_steps(2);
+    {
+        let config = &mut harness.state_mut().settings.config;
+        config.epochs = 1;
+        config.device = DeviceChoice::Cpu;
+    }
+    harness.get_by_label("Start").click();
+    step_until(&mut harness, "the end of training", |app| {
+        app.session.as_ref().is_some_and(|s| s.status.finished) && !app.is_training()
+    });
+    let run_dir = harness.state().session.as_ref().unwrap().run_dir.clone();
+    assert!(
+        run_dir.join("bank").is_dir(),
+        "training leaves a feature bank"
+    );
+
+    // A pixel of the first image (as a click on its map does): similar patches are found.
+    harness
+        .state_mut()
+        .query_similar_patches("demo_0000.png", 0.3, 0.7);
+    step_until(&mut harness, "the gallery", |app| {
+        app.gallery.result.is_some()
+    });
+    let result = harness.state().gallery.result.clone().unwrap();
+    assert_eq!(result.hits.len(), 24);
+    assert_eq!(
+        result.hits[0].image, "demo_0000.png",
+        "the best match is the patch itself"
+    );
+    assert!(result.hits[0].similarity > 0.999);
+    assert!(
+        result
+            .hits
+            .windows(2)
+            .all(|w| w[0].similarity >= w[1].similarity)
+    );
+    harness.get_by_label_contains("exact search over");
+
+    // Name a cluster in the list by typing, as a user would.
+    harness
+        .get_all_by_role(egui::accesskit::Role::TextInput)
+        .next()
+        .expect("a name field per cluster")
+        .focus();
+    harness.run_steps(2);
+    harness
+        .get_all_by_role(egui::accesskit::Role::TextInput)
+        .next()
+        .unwrap()
+        .type_text("sky blue");
+    harness.run_steps(2);
+    harness.key_press(egui::Key::Enter);
+    harness.run_steps(2);
+    let saved = LabelMap::load_or_new(&run_dir, 8).unwrap();
+    assert_eq!(saved.name(0), "sky blue", "names are saved at once");
+    assert_eq!(harness.state().cluster_name(0), "sky blue");
+    assert!(harness.query_all_by_value("sky blue").count() >= 1);
+
+    // Merge 1 into 0 and ignore 2; undo both with the buttons, redo one.
+    harness.state_mut().edit_labels(LabelEdit::Merge {
+        sources: vec![1],
+        into: 0,
+    });
+    harness.state_mut().edit_labels(LabelEdit::SetIgnored {
+        cluster: 2,
+        ignored: true,
+    });
+    harness.run_steps(2);
+    harness.get_by_label("unmerge 1");
+    harness.get_by_label("Undo").click();
+    harness.run_steps(2);
+    harness.get_by_label("Undo").click();
+    harness.run_steps(2);
+    assert!(harness.query_by_label("unmerge 1").is_none());
+    harness.get_by_label("Redo").click();
+    harness.run_steps(2);
+    harness.get_by_label("unmerge 1");
+    let saved = LabelMap::load_or_new(&run_dir, 8).unwrap();
+    assert_eq!(saved.root(1), 0);
+    assert!(!saved.is_ignored(2));
+
+    // Export from the app, then score the written masks like `picie eval --masks`.
+    let out = cache.path().join("export");
+    harness.state_mut().export.out = Some(out.clone());
+    harness.get_by_label("File").click();
+    harness.run_steps(2);
+    harness.get_by_label("Export segmentations…").click();
+    harness.run_steps(2);
+    harness.get_by_label("Export").click();
+    step_until(&mut harness, "the export", |app| {
+        app.export.report.is_some()
+    });
+    let report = harness.state().export.report.clone().unwrap();
+    assert_eq!(report.written, 48);
+    assert!(report.failed.is_empty());
+    assert!(out.join("index/demo_0000.png").is_file());
+    assert!(out.join("colour/demo_0047.png").is_file());
+    assert!(out.join("legend.json").is_file());
+    harness.get_by_label("Score against labels").click();
+    step_until(&mut harness, "the score", |app| app.export.score.is_some());
+    let (accuracy, miou) = harness.state().export.score.unwrap();
+    let demo = cache.path().join("demo");
+    let folder =
+        picie::data::ImageFolder::scan(&demo.join("images"), Some(&demo.join("labels"))).unwrap();
+    let from_files = picie::export::score_mask_folder(&out.join("index"), &folder).unwrap();
+    assert!(
+        (from_files.accuracy - accuracy).abs() < 1e-9,
+        "{from_files:?} vs {accuracy}"
+    );
+    assert!((from_files.mean_iou - miou).abs() < 1e-9);
 }

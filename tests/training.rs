@@ -209,3 +209,59 @@ fn overclustering_head_trains_alongside_the_main_one() {
     assert_eq!(clustering_units, 4);
     assert!(!losses.is_empty() && losses.iter().all(|loss| loss.is_finite() && *loss > 0.0));
 }
+
+/// A split and then a merge sent to a running trainer: each next epoch clusters from the
+/// edited centroids, K follows, and the run folder records it so a resume continues alike.
+#[test]
+fn splits_and_merges_sent_to_the_trainer_change_the_next_epochs_clusters() {
+    use picie::cluster::ClusterEdit;
+
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 16);
+    let run_dir = folder.path().join("run");
+    let config = demo_config(3);
+    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let control = TrainControl::new();
+    let mut trainer = Trainer::new(config, run, data, control.clone(), false).unwrap();
+    let mut edited = Vec::new();
+    let mut clusters_per_epoch = Vec::new();
+    let mut largest = 0;
+    let mut observer = |event: &TrainEvent| match event {
+        TrainEvent::EpochFinished(record) if record.epoch == 1 => {
+            control.request_edit(ClusterEdit::Split { cluster: largest });
+        }
+        TrainEvent::EpochFinished(record) if record.epoch == 2 => {
+            control.request_edit(ClusterEdit::Merge {
+                sources: vec![8],
+                into: 3,
+            });
+        }
+        TrainEvent::ClustersEdited { epoch, origin } => edited.push((*epoch, origin.clone())),
+        TrainEvent::Clustered(statistics) => {
+            clusters_per_epoch.push((statistics.epoch, statistics.pixel_share.len()));
+            let shares = &statistics.pixel_share;
+            largest = (0..shares.len())
+                .max_by(|&a, &b| shares[a].total_cmp(&shares[b]))
+                .unwrap_or(0);
+        }
+        TrainEvent::EditRefused(reason) => panic!("edit refused: {reason}"),
+        _ => {}
+    };
+    let outcome = trainer.run(&mut observer).unwrap();
+    assert_eq!(outcome.last_epoch, 3);
+    assert_eq!(clusters_per_epoch, vec![(1, 8), (2, 9), (3, 8)]);
+    assert_eq!(edited.len(), 2);
+    let (epoch, split) = &edited[0];
+    assert_eq!(*epoch, 2);
+    assert_eq!(split.len(), 9);
+    assert_eq!(split[8], None, "the new half of the split is new");
+    assert_eq!(split[0], Some(0));
+    assert!(split[..8].iter().enumerate().all(|(id, from)| *from == Some(id)));
+    let (epoch, merge) = &edited[1];
+    assert_eq!(*epoch, 3);
+    assert_eq!(merge, &(0..8).map(Some).collect::<Vec<_>>());
+    // The run folder knows the new K.
+    let run = RunFolder::open(&run_dir).unwrap();
+    assert_eq!(run.config().unwrap().clusters, Some(8));
+    assert_eq!(run.latest_checkpoint().unwrap().unwrap().1.clusters, 8);
+}

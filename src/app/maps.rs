@@ -50,10 +50,12 @@ impl Default for MapView {
 }
 
 /// The large view's camera.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ZoomState {
-    /// Which map of the snapshot.
-    pub map: usize,
+    /// The image shown (its name in the dataset).
+    pub image_name: String,
+    /// A patch to outline, in `0..1` coordinates of the image (a gallery hit).
+    pub marker: Option<egui::Rect>,
     /// Magnification over fitting the view.
     pub zoom: f32,
     /// Offset of the image centre from the view centre, in points.
@@ -101,37 +103,64 @@ impl ExplorerApp {
         session_k.max(from_stats).max(from_maps)
     }
 
-    /// The name shown for a cluster: its matched class when the dataset has labels.
+    /// The class the latest evaluation matched a cluster to, by name.
+    pub fn matched_class(&self, cluster: usize) -> Option<String> {
+        let session = self.session.as_ref()?;
+        let class = session
+            .latest_score()?
+            .cluster_class
+            .get(cluster)
+            .copied()??;
+        session.class_names.as_ref()?.get(class).cloned()
+    }
+
+    /// The name shown for a cluster: the user's name for it (or for the cluster it was merged
+    /// into); otherwise `cluster N`, with the class it matches when the dataset has labels.
     pub fn cluster_name(&self, cluster: usize) -> String {
-        let matched = self.session.as_ref().and_then(|session| {
-            let class = session
-                .latest_score()?
-                .cluster_class
-                .get(cluster)
-                .copied()??;
-            let names = session.class_names.as_ref()?;
-            names.get(class).cloned()
-        });
-        match matched {
-            Some(class) => format!("cluster {cluster} · {class}"),
-            None => format!("cluster {cluster}"),
+        let labels = self.labels.as_ref().map(|history| history.map());
+        if let Some(labels) = labels
+            && labels.is_named(cluster)
+        {
+            return labels.name(cluster);
+        }
+        let root = labels.map_or(cluster, |labels| labels.root(cluster));
+        match self.matched_class(root) {
+            Some(class) => format!("cluster {root} · {class}"),
+            None => format!("cluster {root}"),
+        }
+    }
+
+    /// A cluster's colour (the user's, or the palette's; merged clusters share their root's).
+    pub fn cluster_rgb(&self, cluster: usize) -> [u8; 3] {
+        match &self.labels {
+            Some(history) => history.map().colour(cluster),
+            None => cluster_colour(cluster),
         }
     }
 
     pub(super) fn colour32(&self, cluster: usize) -> egui::Color32 {
-        let [r, g, b] = cluster_colour(cluster);
+        let [r, g, b] = self.cluster_rgb(cluster);
         egui::Color32::from_rgb(r, g, b)
+    }
+
+    /// Whether a cluster's colour is drawn: hidden by the user or marked ignore, it is not.
+    fn cluster_drawn(&self, cluster: usize) -> bool {
+        let ignored = self
+            .labels
+            .as_ref()
+            .is_some_and(|history| history.map().is_ignored(cluster));
+        let root = self
+            .labels
+            .as_ref()
+            .map_or(cluster, |history| history.map().root(cluster));
+        !ignored && !self.view.hidden.contains(&root)
     }
 
     fn palette_rgba(&self, clusters: usize) -> Vec<[u8; 4]> {
         (0..clusters)
             .map(|cluster| {
-                let [r, g, b] = cluster_colour(cluster);
-                let alpha = if self.view.hidden.contains(&cluster) {
-                    0
-                } else {
-                    255
-                };
+                let [r, g, b] = self.cluster_rgb(cluster);
+                let alpha = if self.cluster_drawn(cluster) { 255 } else { 0 };
                 [r, g, b, alpha]
             })
             .collect()
@@ -175,14 +204,20 @@ impl ExplorerApp {
                             let (rect, response) = ui
                                 .allocate_exact_size(egui::vec2(tile, tile), egui::Sense::click());
                             let clip = ui.clip_rect();
-                            self.paint_map(ui, map, &snapshot, rect, clip);
+                            self.paint_map(ui, map, map_key(&snapshot, map), rect, clip);
                             self.hover_readout(ui, &response, map, rect);
                             if response.clicked() {
+                                // Open it large, and show the patches most like the one clicked.
                                 self.view.zoomed = Some(ZoomState {
-                                    map: index,
+                                    image_name: map.image_name.clone(),
+                                    marker: None,
                                     zoom: 1.0,
                                     pan: egui::Vec2::ZERO,
                                 });
+                                if let Some(pointer) = response.interact_pointer_pos() {
+                                    let uv = (pointer - rect.min) / rect.size();
+                                    self.query_similar_patches(&map.image_name, uv.x, uv.y);
+                                }
                             }
                             ui.add(
                                 egui::Label::new(egui::RichText::new(&map.image_name).small())
@@ -299,7 +334,7 @@ impl ExplorerApp {
         &mut self,
         ui: &mut egui::Ui,
         map: &ClusterMap,
-        snapshot: &Snapshot,
+        key: u64,
         rect: egui::Rect,
         clip: egui::Rect,
     ) {
@@ -326,7 +361,6 @@ impl ExplorerApp {
             }
         }
         let clusters = self.cluster_count().max(1);
-        let key = map_key(snapshot, map);
         if self.gpu_overlays {
             let callback = OverlayCallback {
                 key,
@@ -364,6 +398,7 @@ impl ExplorerApp {
         self.settings.opacity.to_bits().hash(&mut hasher);
         self.settings.boundaries.hash(&mut hasher);
         self.view.hidden.hash(&mut hasher);
+        self.palette_rgba(clusters).hash(&mut hasher);
         let full_key = hasher.finish();
         if let Some(texture) = self.view.cpu_overlays.get(&full_key) {
             return texture.id();
@@ -437,80 +472,38 @@ impl ExplorerApp {
         });
     }
 
-    pub(super) fn cluster_panel(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Clusters");
-        let clusters = self.cluster_count();
-        if clusters == 0 {
-            ui.weak("Clusters appear after the first clustering.");
-            return;
+    /// The map to show over an image: its preview map in the shown snapshot, or one built
+    /// from the feature bank for any other image.
+    fn map_for_image(&mut self, image_name: &str) -> Option<(ClusterMap, u64)> {
+        if let Some(snapshot) = self.shown_snapshot()
+            && let Some(map) = snapshot.maps.iter().find(|m| m.image_name == image_name)
+        {
+            return Some((map.clone(), map_key(snapshot, map)));
         }
-        ui.horizontal(|ui| {
-            if ui.small_button("Show all").clicked() {
-                self.view.hidden.clear();
-            }
-            if ui.small_button("Hide all").clicked() {
-                self.view.hidden = (0..clusters).collect();
-            }
-        });
-        let shares = self
-            .session
-            .as_ref()
-            .and_then(|s| s.latest_clusters())
-            .map(|stats| stats.pixel_share.clone())
-            .unwrap_or_default();
-        egui::ScrollArea::vertical().show(ui, |ui| {
-            for cluster in 0..clusters {
-                ui.horizontal(|ui| {
-                    let mut visible = !self.view.hidden.contains(&cluster);
-                    if ui
-                        .checkbox(&mut visible, "")
-                        .on_hover_text("Show or hide this cluster's colour")
-                        .changed()
-                    {
-                        if visible {
-                            self.view.hidden.remove(&cluster);
-                        } else {
-                            self.view.hidden.insert(cluster);
-                        }
-                    }
-                    let (swatch, _) =
-                        ui.allocate_exact_size(egui::vec2(14.0, 14.0), egui::Sense::hover());
-                    ui.painter()
-                        .rect_filled(swatch, 3.0, self.colour32(cluster));
-                    ui.label(self.cluster_name(cluster));
-                    if let Some(share) = shares.get(cluster) {
-                        ui.weak(format!("{:.1}%", share * 100.0));
-                    }
-                });
-            }
-        });
+        self.bank_map(image_name)
     }
 
-    /// The large pan-and-zoom view of one preview image.
+    /// The large pan-and-zoom view of one image.
     pub(super) fn zoom_window(&mut self, ctx: &egui::Context) {
-        let Some(mut zoom) = self.view.zoomed else {
-            return;
-        };
-        let Some(snapshot) = self.shown_snapshot().cloned() else {
-            self.view.zoomed = None;
-            return;
-        };
-        let Some(map) = snapshot.maps.get(zoom.map).cloned() else {
-            self.view.zoomed = None;
+        let Some(mut zoom) = self.view.zoomed.clone() else {
             return;
         };
         if ctx.input(|input| input.key_pressed(egui::Key::Escape)) {
             self.view.zoomed = None;
             return;
         }
+        let map = self.map_for_image(&zoom.image_name);
         let mut open = true;
-        egui::Window::new(format!("Image {}", map.image_name))
+        egui::Window::new(format!("Image {}", zoom.image_name))
             .id(egui::Id::unique("zoom-window"))
             .open(&mut open)
             .default_size([640.0, 640.0])
             .resizable(true)
             .show(ctx, |ui| {
-                ui.weak("Scroll to zoom, drag to pan, double-click to fit, Esc to close.");
+                ui.weak(
+                    "Scroll to zoom, drag to pan, double-click to fit, click for similar \
+                     patches, Esc to close.",
+                );
                 let size = ui.available_size().max(egui::vec2(100.0, 100.0));
                 let (view, response) = ui.allocate_exact_size(size, egui::Sense::click_and_drag());
                 if response.dragged() {
@@ -534,12 +527,70 @@ impl ExplorerApp {
                 let side = view.width().min(view.height()) * zoom.zoom;
                 let image_rect =
                     egui::Rect::from_center_size(view.center() + zoom.pan, egui::vec2(side, side));
-                self.paint_map(ui, &map, &snapshot, image_rect, view);
-                if view.contains(response.hover_pos().unwrap_or(egui::Pos2::ZERO)) {
-                    self.hover_readout(ui, &response, &map, image_rect);
+                match &map {
+                    Some((map, key)) => {
+                        self.paint_map(ui, map, *key, image_rect, view);
+                        if view.contains(response.hover_pos().unwrap_or(egui::Pos2::ZERO)) {
+                            self.hover_readout(ui, &response, map, image_rect);
+                        }
+                    }
+                    None => self.paint_image_only(ui, &zoom.image_name, image_rect, view),
+                }
+                if let Some(marker) = zoom.marker {
+                    let outline = egui::Rect::from_min_max(
+                        image_rect.lerp_inside(marker.min.to_vec2()),
+                        image_rect.lerp_inside(marker.max.to_vec2()),
+                    );
+                    ui.painter().with_clip_rect(view).rect_stroke(
+                        outline,
+                        0.0,
+                        egui::Stroke::new(2.0, egui::Color32::WHITE),
+                        egui::StrokeKind::Outside,
+                    );
+                }
+                if response.clicked()
+                    && let Some(pointer) = response.interact_pointer_pos()
+                    && image_rect.contains(pointer)
+                {
+                    let uv = (pointer - image_rect.min) / image_rect.size();
+                    let name = zoom.image_name.clone();
+                    self.query_similar_patches(&name, uv.x, uv.y);
                 }
             });
-        self.view.zoomed = open.then_some(zoom);
+        if open {
+            self.view.zoomed = Some(zoom);
+        } else {
+            self.view.zoomed = None;
+        }
+    }
+
+    /// An image without a cluster map (no bank yet).
+    fn paint_image_only(
+        &mut self,
+        ui: &mut egui::Ui,
+        name: &str,
+        rect: egui::Rect,
+        clip: egui::Rect,
+    ) {
+        let base_size = self.settings.config.base_size;
+        let request = self
+            .dataset
+            .as_ref()
+            .map(|dataset| ImageRequest::Base(dataset.paths.images.join(name), base_size));
+        let ctx = ui.ctx().clone();
+        let texture = request
+            .as_ref()
+            .and_then(|request| self.images(&ctx).get(request).map(|t| t.id()));
+        let painter = ui.painter().with_clip_rect(clip);
+        match texture {
+            Some(id) => painter.image(
+                id,
+                rect,
+                egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+                egui::Color32::WHITE,
+            ),
+            None => painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color),
+        };
     }
 }
 
@@ -559,7 +610,7 @@ pub fn cell_at(map: &ClusterMap, rect: egui::Rect, pointer: egui::Pos2) -> Optio
     ))
 }
 
-fn map_key(snapshot: &Snapshot, map: &ClusterMap) -> u64 {
+pub(super) fn map_key(snapshot: &Snapshot, map: &ClusterMap) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (
         snapshot.epoch,

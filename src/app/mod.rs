@@ -2,9 +2,12 @@
 //! cluster maps, the timeline and the statistics. Training runs on a background thread
 //! ([`crate::session::worker`]); this module only draws and sends commands.
 
+mod export_ui;
+mod gallery;
 mod gpu;
 mod images;
 mod maps;
+mod relabel;
 mod stats;
 mod training;
 
@@ -159,6 +162,15 @@ pub struct ExplorerApp {
     frame: u64,
     /// Where the demo dataset and new runs go; `None`: the user's cache folder.
     pub cache_root: Option<PathBuf>,
+    /// The user's names, colours, merges and ignores for the run shown, with undo.
+    pub labels: Option<crate::labelmap::LabelHistory>,
+    /// Edits in progress in the cluster list.
+    pub relabel: relabel::RelabelState,
+    /// The nearest-neighbour gallery.
+    pub gallery: gallery::GalleryState,
+    /// The export window.
+    pub export: export_ui::ExportDialog,
+    ctx: Option<egui::Context>,
 }
 
 /// A message at the top of the window.
@@ -211,6 +223,11 @@ impl ExplorerApp {
             training: training::TrainingPanel::default(),
             frame: 0,
             cache_root: None,
+            labels: None,
+            relabel: relabel::RelabelState::default(),
+            gallery: gallery::GalleryState::default(),
+            export: export_ui::ExportDialog::default(),
+            ctx: None,
         }
     }
 
@@ -334,6 +351,8 @@ impl ExplorerApp {
                 }
                 self.view = MapView::default();
                 self.session = Some(session);
+                self.load_labels();
+                self.gallery = gallery::GalleryState::default();
                 self.settings.tab = Tab::Maps;
                 self.settings.last_run = Some(run_dir.to_owned());
             }
@@ -405,7 +424,12 @@ impl ExplorerApp {
                 session.status.running = true;
                 session.status.error = None;
                 session.status.activity = "Starting".into();
+                let new_run = resume_run.is_none();
                 self.session = Some(session);
+                if new_run || self.labels.is_none() {
+                    self.load_labels();
+                    self.gallery = gallery::GalleryState::default();
+                }
                 self.trainer = Some(handle);
                 self.view.follow_latest = true;
                 self.settings.tab = Tab::Maps;
@@ -418,15 +442,26 @@ impl ExplorerApp {
 
     /// Sends a command to the running trainer.
     pub fn command(&mut self, command: Command) {
+        let note = match &command {
+            Command::Pause => Some("Pausing after this batch"),
+            Command::Stop => Some("Stopping after this batch"),
+            Command::Resume => None,
+            Command::Edit(_) => None,
+        };
+        if let Command::Edit(_) = &command {
+            self.notify(
+                "The edit goes to the trainer: the next epoch clusters from the edited \
+                 centroids.",
+                false,
+            );
+        }
         if let Some(trainer) = &self.trainer {
             trainer.send(command);
         }
-        if let Some(session) = &mut self.session {
-            match command {
-                Command::Pause => session.status.activity = "Pausing after this batch".into(),
-                Command::Stop => session.status.activity = "Stopping after this batch".into(),
-                Command::Resume => {}
-            }
+        if let Some(session) = &mut self.session
+            && let Some(note) = note
+        {
+            session.status.activity = note.into();
         }
     }
 
@@ -438,9 +473,21 @@ impl ExplorerApp {
         let events = trainer.drain();
         let finished = trainer.is_finished();
         // The trainer thread saves the session; the window only follows it.
+        let mut renumberings = Vec::new();
         if let Some(session) = &mut self.session {
             for event in &events {
                 session.apply(event);
+            }
+            renumberings = std::mem::take(&mut session.cluster_edits);
+        }
+        for origin in renumberings {
+            // The trainer merged or split clusters: names and colours follow their clusters.
+            if let Some(history) = &mut self.labels {
+                let renumbered = history.map().renumbered(&origin);
+                *history = crate::labelmap::LabelHistory::new(renumbered);
+                self.relabel = relabel::RelabelState::default();
+                self.view.hidden.clear();
+                self.save_labels_now();
             }
         }
         if finished && events.is_empty() {
@@ -461,10 +508,13 @@ impl ExplorerApp {
         let started = Instant::now();
         self.frame += 1;
         let ctx = ui.ctx().clone();
+        self.ctx = Some(ctx.clone());
         self.drain_trainer();
         self.images(&ctx).poll(&ctx);
+        self.poll_gallery();
         self.handle_dropped_files(&ctx);
         self.handle_shortcuts(&ctx);
+        self.label_shortcuts(&ctx);
 
         egui::Panel::top("menu").show(ui, |ui| self.menu_bar(ui));
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
@@ -493,6 +543,8 @@ impl ExplorerApp {
             });
         }
         self.zoom_window(&ctx);
+        self.gallery_window(&ctx);
+        self.export_window(&ctx);
         let training = self.is_training();
         self.frame_times.record(
             started.elapsed().as_secs_f32() * 1000.0,
@@ -577,6 +629,16 @@ impl ExplorerApp {
                 if ui.button("Try the demo dataset").clicked() {
                     ui.close();
                     self.open_demo();
+                }
+                if ui
+                    .add_enabled(
+                        self.session.is_some(),
+                        egui::Button::new("Export segmentations…"),
+                    )
+                    .clicked()
+                {
+                    ui.close();
+                    self.export.open = true;
                 }
                 ui.menu_button("Recent", |ui| {
                     if self.settings.recent.is_empty() {

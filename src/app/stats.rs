@@ -85,7 +85,7 @@ impl ExplorerApp {
                                 .allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
                             ui.painter()
                                 .rect_filled(swatch, 2.0, self.colour32(cluster));
-                            ui.label(format!("{cluster}"));
+                            ui.label(self.cluster_name(cluster));
                         });
                         let share = latest.pixel_share[cluster];
                         ui.horizontal(|ui| {

@@ -11,8 +11,12 @@ use picie::bench::{peak_memory_mib, time_forward, time_kmeans, time_training_ste
 use picie::config::TrainConfig;
 use picie::data::{BaseTransform, DemoOptions, ImageFolder, write_demo_dataset};
 use picie::device::{DeviceChoice, list_adapters, select_device};
+use picie::export::{
+    ExportOptions, export_segmentations, mask_paths, score_mask_folder, segmenter_for_run,
+};
+use picie::labelmap::LabelMap;
 use picie::model::BackboneKind;
-use picie::segment::{Segmenter, write_index_png};
+use picie::segment::write_index_png;
 use picie::train::{
     RunFolder, TrainControl, TrainEvent, TrainObserver, TrainPhase, Trainer, TrainingData,
     evaluate_network,
@@ -30,11 +34,16 @@ struct Cli {
 enum Command {
     /// Train PiCIE on a folder of images into a run folder.
     Train(TrainArgs),
-    /// Score a run's network on labelled images (fresh clustering, Hungarian matching).
+    /// Score a run's network on labelled images (fresh clustering, Hungarian matching), or
+    /// score exported index masks (--masks) against the labels.
     Eval {
-        /// Run folder written by `picie train`.
+        /// Run folder written by `picie train` (not with --masks).
         #[arg(long)]
-        run: PathBuf,
+        run: Option<PathBuf>,
+        /// Folder of index masks to score instead of a run: the `index` folder of
+        /// `picie export` (255 = ignored, counted as wrong where labelled).
+        #[arg(long)]
+        masks: Option<PathBuf>,
         /// Folder of images.
         #[arg(long)]
         images: PathBuf,
@@ -44,7 +53,7 @@ enum Command {
         /// Print {"acc", "miou", "per_class_iou"} as JSON on stdout.
         #[arg(long)]
         json: bool,
-        /// auto, gpu, cpu or wgpu (default: the run's).
+        /// auto, gpu, cpu or wgpu (default: the run's; only with --run).
         #[arg(long)]
         device: Option<DeviceChoice>,
     },
@@ -59,6 +68,30 @@ enum Command {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
+        /// auto, gpu, cpu or wgpu (default: the run's).
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+    },
+    /// Export segmentations with the run's label map (names, merges, ignores): index masks,
+    /// colour masks, overlays, legend.json and a CVAT labelmap.txt, at original resolution.
+    Export {
+        /// Run folder written by `picie train` (its labelmap.json is applied if present).
+        #[arg(long)]
+        run: PathBuf,
+        /// Folder of images (searched recursively).
+        #[arg(long)]
+        images: PathBuf,
+        /// Output folder (created if missing; files of the same names are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// What to write, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "index,colour,overlay,cvat"
+        )]
+        format: Vec<ExportFormat>,
         /// auto, gpu, cpu or wgpu (default: the run's).
         #[arg(long)]
         device: Option<DeviceChoice>,
@@ -97,6 +130,50 @@ enum Command {
         #[arg(long, default_value = "resnet18")]
         backbone: BackboneKind,
     },
+    /// Build the feature bank (pooled patch features for nearest-neighbour search) of a run.
+    Bank {
+        /// Run folder written by `picie train`.
+        #[arg(long)]
+        run: PathBuf,
+        /// Folder of images (the run's dataset).
+        #[arg(long)]
+        images: PathBuf,
+        /// Patch side in input pixels, a multiple of 4 dividing the input size (default: the
+        /// run's bank_patch).
+        #[arg(long)]
+        patch: Option<usize>,
+        /// auto, gpu, cpu or wgpu (default: the run's).
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+    },
+    /// Find the patches most like the one at (X, Y) of an image; writes neighbours.png (a
+    /// contact sheet) and neighbours.json into --out.
+    Neighbours {
+        /// Run folder with a feature bank (`picie bank`).
+        #[arg(long)]
+        run: PathBuf,
+        /// The query image: its name in the dataset (relative path), or its unique file name.
+        #[arg(long)]
+        image: String,
+        /// x of the query point in the original image, in pixels.
+        #[arg(long)]
+        x: u32,
+        /// y of the query point in the original image, in pixels.
+        #[arg(long)]
+        y: u32,
+        /// Number of neighbours.
+        #[arg(short = 'k', long, default_value_t = 20)]
+        k: usize,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder of images the bank was built from (default: the one the app recorded).
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// cpu (default) searches on the CPU; gpu, wgpu or auto search on that device.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
@@ -104,8 +181,37 @@ enum Command {
     },
 }
 
+/// One kind of file `picie export` writes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// 8-bit index masks in index/ (id per pixel, 255 = ignored).
+    Index,
+    /// RGB colour masks in colour/.
+    #[value(alias = "color")]
+    Colour,
+    /// The images blended with their colour masks in overlay/.
+    Overlay,
+    /// labelmap.txt for CVAT's "Segmentation mask 1.1" import of colour/.
+    Cvat,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Exact k-nearest-neighbour queries in feature banks of random unit vectors (latency).
+    Neighbours {
+        /// Bank sizes in patches (comma-separated).
+        #[arg(long, default_value = "10000,100000,1000000", value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// cpu: the CPU path only; gpu, wgpu or auto: also the device path.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Neighbours per query.
+        #[arg(short = 'k', long, default_value_t = 20)]
+        k: usize,
+        /// Timed queries per path and size.
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+    },
     /// PiCIE training steps on random data (images/s).
     Train {
         /// resnet18, mobilenet_v2, or all.
@@ -227,11 +333,35 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval {
             run,
+            masks,
             images,
             labels,
             json,
             device,
-        } => eval(&run, &images, &labels, json, device),
+        } => match (run, masks) {
+            (Some(run), None) => eval(&run, &images, &labels, json, device),
+            (None, Some(masks)) => {
+                if device.is_some() {
+                    eprintln!("note: --device is not used when scoring --masks");
+                }
+                eval_masks(&masks, &images, &labels, json)
+            }
+            (Some(_), Some(_)) => bail!(
+                "give either --run RUN_DIR (score a run's network) or --masks DIR (score exported \
+                 index masks), not both"
+            ),
+            (None, None) => bail!(
+                "nothing to score: give --run RUN_DIR (a trained run) or --masks DIR (the `index` \
+                 folder written by `picie export`)"
+            ),
+        },
+        Command::Export {
+            run,
+            images,
+            out,
+            format,
+            device,
+        } => export(&run, &images, &out, &format, device),
         Command::Segment {
             run,
             images,
@@ -282,6 +412,31 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bank {
+            run,
+            images,
+            patch,
+            device,
+        } => build_bank_command(&run, &images, patch, device),
+        Command::Neighbours {
+            run,
+            image,
+            x,
+            y,
+            k,
+            out,
+            images,
+            device,
+        } => neighbours_command(run, image, x, y, k, out, images, device),
+        Command::Bench {
+            which:
+                BenchCommand::Neighbours {
+                    sizes,
+                    device,
+                    k,
+                    queries,
+                },
+        } => bench_neighbours(&sizes, device, k, queries),
         Command::DownloadWeights { backbone } => download(backbone),
         Command::Bench {
             which:
@@ -582,6 +737,22 @@ fn eval(
         )
     })?;
     observer.bar.finish_and_clear();
+    print_scores(
+        &format!("epoch {epoch}"),
+        &evaluation,
+        data.class_names.as_deref(),
+        json,
+    );
+    Ok(())
+}
+
+/// Prints Acc / mIoU and the IoU of each class, or the JSON form.
+fn print_scores(
+    heading: &str,
+    evaluation: &picie::eval::Evaluation,
+    class_names: Option<&[String]>,
+    json: bool,
+) {
     if json {
         println!(
             "{}",
@@ -591,19 +762,134 @@ fn eval(
                 "per_class_iou": evaluation.per_class_iou,
             })
         );
-    } else {
-        println!(
-            "epoch {epoch}: Acc {:.2}  mIoU {:.2}",
-            evaluation.accuracy, evaluation.mean_iou
-        );
-        if let Some(names) = &data.class_names {
-            for (name, iou) in names.iter().zip(&evaluation.per_class_iou) {
-                match iou {
-                    Some(iou) => println!("  {name:>16}: IoU {iou:.2}"),
-                    None => println!("  {name:>16}: absent"),
-                }
+        return;
+    }
+    println!(
+        "{heading}: Acc {:.2}  mIoU {:.2}",
+        evaluation.accuracy, evaluation.mean_iou
+    );
+    if let Some(names) = class_names {
+        for (name, iou) in names.iter().zip(&evaluation.per_class_iou) {
+            match iou {
+                Some(iou) => println!("  {name:>16}: IoU {iou:.2}"),
+                None => println!("  {name:>16}: absent"),
             }
         }
+    }
+}
+
+/// `picie eval --masks`: scores exported index masks exactly as the app scores an export.
+fn eval_masks(
+    masks: &std::path::Path,
+    images: &std::path::Path,
+    labels: &std::path::Path,
+    json: bool,
+) -> Result<()> {
+    let folder = ImageFolder::scan(images, Some(labels))?;
+    let evaluation = score_mask_folder(masks, &folder)?;
+    print_scores(
+        &format!("masks {}", masks.display()),
+        &evaluation,
+        folder.class_names(),
+        json,
+    );
+    Ok(())
+}
+
+/// `picie export`: the run's segmentations with its label map, Ctrl-C cancels cleanly.
+fn export(
+    run_dir: &std::path::Path,
+    images: &std::path::Path,
+    out: &std::path::Path,
+    formats: &[ExportFormat],
+    device: Option<DeviceChoice>,
+) -> Result<()> {
+    let (segmenter, _) = segmenter_for_run(run_dir, device)?;
+    let labelmap = LabelMap::load_or_new(run_dir, segmenter.clusters())?;
+    let folder = ImageFolder::scan(images, None)?;
+    let options = ExportOptions {
+        index: formats.contains(&ExportFormat::Index),
+        colour: formats.contains(&ExportFormat::Colour),
+        overlay: formats.contains(&ExportFormat::Overlay),
+        cvat: formats.contains(&ExportFormat::Cvat),
+        only: None,
+    };
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        // Ctrl-C lets the current image finish (its files are written whole), then stops.
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            eprintln!("\ncancelling after this image…");
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let bar = progress_bar(folder.len() as u64, "exporting");
+    let report = export_segmentations(
+        &segmenter,
+        &folder,
+        &labelmap,
+        out,
+        &options,
+        &mut |progress| {
+            bar.set_length(progress.total as u64);
+            bar.set_position(progress.done as u64);
+            bar.set_message(format!("exporting {}", progress.current));
+        },
+        &cancel,
+    )?;
+    bar.finish_and_clear();
+    for (name, reason) in &report.failed {
+        eprintln!("failed {name}: {reason}");
+    }
+    if report.cancelled {
+        println!("cancelled: the images done so far are complete");
+    }
+    let mut written: Vec<String> = [
+        (options.index, "index/"),
+        (options.colour, "colour/"),
+        (options.overlay, "overlay/"),
+    ]
+    .into_iter()
+    .filter(|(wanted, _)| *wanted)
+    .map(|(_, name)| name.to_owned())
+    .collect();
+    if report.written > 0 {
+        written.push(picie::export::LEGEND_FILE.to_owned());
+        if options.cvat {
+            written.push(picie::export::CVAT_LABELMAP_FILE.to_owned());
+        }
+    }
+    println!(
+        "exported {} of {} images to {} ({}); {} failed",
+        report.written,
+        folder.len(),
+        out.display(),
+        written.join(", "),
+        report.failed.len()
+    );
+    if let (Ok(out), Ok(images)) = (std::fs::canonicalize(out), std::fs::canonicalize(images))
+        && out.starts_with(&images)
+    {
+        eprintln!(
+            "note: the output folder is inside the image folder; a later scan of {} will take \
+             the exported PNGs for images",
+            images.display()
+        );
+    }
+    if report.written == 0 {
+        bail!("no image could be exported");
+    }
+    println!("legend (id, name, colour, pixel share, clusters):");
+    for entry in &report.legend {
+        let [r, g, b] = entry.colour;
+        let clusters: Vec<String> = entry.clusters.iter().map(ToString::to_string).collect();
+        println!(
+            "  {:>3}  {:<20} #{r:02x}{g:02x}{b:02x}  {:>6.2} %  [{}]",
+            entry.id,
+            entry.name,
+            100.0 * entry.pixel_share,
+            clusters.join(", ")
+        );
     }
     Ok(())
 }
@@ -614,26 +900,15 @@ fn segment(
     out: &std::path::Path,
     device: Option<DeviceChoice>,
 ) -> Result<()> {
-    let run = RunFolder::open(run_dir)?;
-    let mut config = run.config()?;
-    if let Some(device) = device {
-        config.device = device;
-    }
-    let compute = select_device(config.device)?;
-    let (network, _) = run.latest_network(&compute.device)?;
-    let centroids = run.segmentation()?;
-    let segmenter = Segmenter::new(
-        network,
-        centroids.centroids,
-        config.input_size,
-        compute.device.clone(),
-    );
+    let (segmenter, _) = segmenter_for_run(run_dir, device)?;
     let folder = ImageFolder::scan(images, None)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let bar = progress_bar(folder.len() as u64, "segmenting");
     let mut failures = 0usize;
-    for entry in folder.entries() {
-        let target = out.join(format!("{}.png", entry.stem));
+    // Named like export's index masks: sub-folders kept, names never collide.
+    let targets = mask_paths(folder.entries());
+    for (entry, target) in folder.entries().iter().zip(&targets) {
+        let target = out.join(target);
         let result = segmenter
             .segment_file(&entry.path)
             .map_err(anyhow::Error::from)
@@ -743,4 +1018,161 @@ fn progress_bar(length: u64, message: &str) -> ProgressBar {
     );
     bar.set_message(message.to_owned());
     bar
+}
+
+fn build_bank_command(
+    run_dir: &std::path::Path,
+    images: &std::path::Path,
+    patch: Option<usize>,
+    device: Option<DeviceChoice>,
+) -> Result<()> {
+    let run = RunFolder::open(run_dir)?;
+    let mut config = run.config()?;
+    if let Some(device) = device {
+        config.device = device;
+    }
+    let patch = patch.unwrap_or(config.bank_patch);
+    picie::bank::check_patch(patch, config.input_size)?;
+    let compute = select_device(config.device)?;
+    eprintln!("device: {}", compute.description);
+    let (network, epoch) = run.latest_network(&compute.device)?;
+    let bar = progress_bar(0, "decoding images");
+    let data = TrainingData::load(
+        images,
+        None,
+        config.base_size,
+        config.input_size,
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    for skipped in &data.skipped {
+        eprintln!("skipped {}: {}", skipped.path.display(), skipped.reason);
+    }
+    let bar = progress_bar(data.len() as u64, "feature bank");
+    let started = Instant::now();
+    let bank = picie::bank::build_bank(
+        &network,
+        &data,
+        patch,
+        epoch,
+        &compute.device,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    bank.save(run.root())?;
+    println!(
+        "feature bank of epoch {epoch}: {} patches ({} images, {}x{} patches of {} input pixels, {:.1} MiB) in {:.1} s, written to {}",
+        bank.len(),
+        bank.info.names.len(),
+        bank.info.grid,
+        bank.info.grid,
+        bank.info.patch,
+        (bank.len() * bank.info.dim * 2) as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64(),
+        picie::bank::bank_dir(run.root()).display()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn neighbours_command(
+    run_dir: PathBuf,
+    image: String,
+    x: u32,
+    y: u32,
+    k: usize,
+    out: PathBuf,
+    images: Option<PathBuf>,
+    device: Option<DeviceChoice>,
+) -> Result<()> {
+    let images_dir = images
+        .or_else(|| picie::bank::recorded_images_dir(&run_dir))
+        .ok_or_else(|| {
+            anyhow::anyhow!("the run does not record its image folder; pass it with --images DIR")
+        })?;
+    // One query is fastest on the CPU; a device only pays off for many queries.
+    let device = match device {
+        None | Some(DeviceChoice::Cpu) => None,
+        Some(choice) => {
+            let compute = select_device(choice)?;
+            eprintln!("device: {}", compute.description);
+            Some(compute.device)
+        }
+    };
+    let report = picie::bank::write_neighbours(&picie::bank::NeighboursRequest {
+        run_dir,
+        images_dir,
+        image,
+        x,
+        y,
+        k,
+        out_dir: out.clone(),
+        device,
+    })?;
+    let query = &report.query;
+    println!(
+        "query: {} patch at ({:.0}, {:.0}){}",
+        query.image,
+        query.x,
+        query.y,
+        query
+            .cluster
+            .map(|cluster| format!(", cluster {cluster}"))
+            .unwrap_or_default()
+    );
+    for hit in &report.neighbours {
+        println!(
+            "{:>3}. {} ({:.0}, {:.0}) similarity {:.4}{}",
+            hit.rank,
+            hit.image,
+            hit.x,
+            hit.y,
+            hit.similarity,
+            hit.cluster
+                .map(|cluster| format!(" cluster {cluster}"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "wrote {} ({}x{}) and {}",
+        report.sheet.display(),
+        report.sheet_size.0,
+        report.sheet_size.1,
+        out.join("neighbours.json").display()
+    );
+    Ok(())
+}
+
+fn bench_neighbours(sizes: &[usize], device: DeviceChoice, k: usize, queries: usize) -> Result<()> {
+    let compute = (device != DeviceChoice::Cpu)
+        .then(|| select_device(device))
+        .transpose()?;
+    println!(
+        "CPU path: {} rayon threads{}",
+        rayon::current_num_threads(),
+        compute
+            .as_ref()
+            .map(|compute| format!("; device path: {}", compute.description))
+            .unwrap_or_default()
+    );
+    for &size in sizes {
+        let timing = picie::bench::time_neighbours(
+            size,
+            picie::model::FEATURE_DIM,
+            k,
+            queries,
+            compute.as_ref().map(|compute| &compute.device),
+        )?;
+        println!("{timing}");
+        if let Some(peak) = peak_memory_mib() {
+            println!("  peak resident memory so far: {peak:.0} MiB");
+        }
+    }
+    Ok(())
 }

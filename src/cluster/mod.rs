@@ -8,6 +8,7 @@
 
 mod align;
 mod assign;
+mod edit;
 mod kmeans;
 mod store;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use align::{match_to_previous, permute_centroids, permute_labels, permute_per_cluster};
 pub use assign::{Assignment, assign, assign_chunked};
+pub use edit::{ClusterEdit, EditedClusters, edit_centroids};
 pub use kmeans::{
     AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_INIT_SAMPLE,
     DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansMode, KMeansResult, LloydStep,
@@ -106,6 +108,9 @@ pub enum ClusterError {
     /// The device failed to run or read back a computation.
     #[error("device error while clustering: {0}")]
     Device(String),
+    /// A cluster edit that cannot be applied.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl ClusterError {

@@ -258,6 +258,82 @@ impl Evaluation {
     }
 }
 
+impl Evaluation {
+    /// [`Evaluation::from_confusion`] where the clusters (rows) listed in `unmatchable` may
+    /// never be matched to a class: the Hungarian matching runs over the other rows only, and
+    /// the labelled pixels of an unmatchable row always count as wrong (they stay in the
+    /// accuracy's denominator and in their class's ground truth, so they lower its IoU as
+    /// misses). Used to score exported masks, whose ignored clusters are written as one value
+    /// (255) that names no class. With `unmatchable` empty this equals `from_confusion`.
+    pub fn from_confusion_unmatchable(confusion: &ConfusionMatrix, unmatchable: &[usize]) -> Self {
+        let classes = confusion.classes;
+        let matchable: Vec<usize> = (0..confusion.clusters)
+            .filter(|cluster| !unmatchable.contains(cluster))
+            .collect();
+        let mut reduced = ConfusionMatrix::new(matchable.len(), classes);
+        for (row, &cluster) in matchable.iter().enumerate() {
+            for class in 0..classes {
+                reduced.counts[row * classes + class] = confusion.get(cluster, class);
+            }
+        }
+        let reduced_assignment = match_clusters(&reduced);
+        let mut assignment = vec![None; confusion.clusters];
+        for (row, &cluster) in matchable.iter().enumerate() {
+            assignment[cluster] = reduced_assignment[row];
+        }
+        score_assignment(confusion, assignment)
+    }
+}
+
+/// Accuracy and IoU of a given cluster -> class matching, with the formulae of
+/// [`Evaluation::from_confusion`] (`IoU_c = tp / (gt + pred - tp)`, mean over present classes).
+fn score_assignment(confusion: &ConfusionMatrix, assignment: Vec<Option<usize>>) -> Evaluation {
+    let classes = confusion.classes;
+    let mut cluster_of_class = vec![None; classes];
+    for (cluster, class) in assignment.iter().enumerate() {
+        if let Some(class) = *class
+            && class < classes
+        {
+            cluster_of_class[class] = Some(cluster);
+        }
+    }
+    let class_totals = confusion.class_totals();
+    let cluster_totals = confusion.cluster_totals();
+    let mut matched = 0u64;
+    let per_class_iou: Vec<Option<f64>> = (0..classes)
+        .map(|class| {
+            let (tp, predicted) = cluster_of_class[class].map_or((0, 0), |cluster| {
+                (confusion.get(cluster, class), cluster_totals[cluster])
+            });
+            matched += tp;
+            let truth = class_totals[class];
+            (truth > 0).then(|| {
+                let union = (truth + predicted - tp).max(1);
+                100.0 * tp as f64 / union as f64
+            })
+        })
+        .collect();
+    let total = confusion.total();
+    let accuracy = if total == 0 {
+        0.0
+    } else {
+        100.0 * matched as f64 / total as f64
+    };
+    let present: Vec<f64> = per_class_iou.iter().flatten().copied().collect();
+    let mean_iou = if present.is_empty() {
+        0.0
+    } else {
+        present.iter().sum::<f64>() / present.len() as f64
+    };
+    Evaluation {
+        accuracy,
+        mean_iou,
+        per_class_iou,
+        assignment,
+        confusion: confusion.clone(),
+    }
+}
+
 /// The maximum-weight one-to-one matching of clusters to classes: `result[k]` is the class of
 /// cluster `k`. `kuhn_munkres` wants no more rows than columns, so the smaller side is rows.
 fn match_clusters(confusion: &ConfusionMatrix) -> Vec<Option<usize>> {
@@ -373,4 +449,35 @@ pub fn upsample_logits_argmax(
             Ok(out)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmatchable_rows_are_never_matched_and_count_as_wrong() {
+        // Rows: cluster 0, cluster 1, and "ignored" (row 2), which holds the most pixels of
+        // class 1 and would win it in a free matching.
+        let mut confusion = ConfusionMatrix::new(3, 2);
+        confusion.counts = vec![50, 0, 0, 10, 0, 40];
+        let free = Evaluation::from_confusion(&confusion);
+        assert_eq!(free.assignment[2], Some(1));
+        let fixed = Evaluation::from_confusion_unmatchable(&confusion, &[2]);
+        assert_eq!(fixed.assignment, vec![Some(0), Some(1), None]);
+        assert!((fixed.accuracy - 60.0).abs() < 1e-12);
+        // Class 1: tp 10, truth 50 (40 of them ignored), predicted 10 -> 20 %.
+        assert_eq!(fixed.per_class_iou, vec![Some(100.0), Some(20.0)]);
+        // With nothing unmatchable it is from_confusion, whatever the shape.
+        for (clusters, classes) in [(3, 2), (2, 3), (4, 4)] {
+            let mut matrix = ConfusionMatrix::new(clusters, classes);
+            for (index, count) in matrix.counts.iter_mut().enumerate() {
+                *count = (index as u64 * 7919) % 97;
+            }
+            assert_eq!(
+                Evaluation::from_confusion_unmatchable(&matrix, &[]),
+                Evaluation::from_confusion(&matrix)
+            );
+        }
+    }
 }

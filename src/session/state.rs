@@ -141,6 +141,10 @@ pub struct SessionState {
     pub warnings: Vec<String>,
     /// The dataset trained on.
     pub dataset: Option<DatasetPaths>,
+    /// Merges and splits the trainer applied and the app has not yet followed: `origin[new]`
+    /// is the old id a new id continues.
+    #[serde(skip)]
+    pub cluster_edits: Vec<Vec<Option<usize>>>,
 }
 
 impl SessionState {
@@ -258,6 +262,15 @@ impl SessionState {
                     mean_iou: evaluation.mean_iou,
                     cluster_class: evaluation.assignment.clone(),
                 });
+                false
+            }
+            TrainEvent::ClustersEdited { origin, .. } => {
+                status.clusters = origin.len();
+                self.cluster_edits.push(origin.clone());
+                false
+            }
+            TrainEvent::EditRefused(reason) => {
+                self.warnings.push(format!("cluster edit not applied: {reason}"));
                 false
             }
             TrainEvent::EpochFinished(_) => true,

@@ -13,8 +13,9 @@ use super::timeline::{Snapshot, Timeline};
 use crate::config::TrainConfig;
 use crate::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
-/// Commands from the app to the trainer; they take effect at the next batch boundary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Commands from the app to the trainer; they take effect at the next batch boundary (edits:
+/// at the next epoch's clustering).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Pause after the current batch.
     Pause,
@@ -22,6 +23,8 @@ pub enum Command {
     Resume,
     /// Finish the current batch, keep the last completed epoch's checkpoint and end.
     Stop,
+    /// Merge or split clusters: the next epoch clusters from the edited centroids.
+    Edit(crate::cluster::ClusterEdit),
 }
 
 /// Messages from the trainer thread to the app.
@@ -97,6 +100,7 @@ impl TrainerHandle {
                         Command::Pause => command_control.pause(),
                         Command::Resume => command_control.resume(),
                         Command::Stop => command_control.stop(),
+                        Command::Edit(edit) => command_control.request_edit(edit),
                     }
                 }
                 // The app is gone: do not train for nobody.

@@ -1,8 +1,10 @@
 //! Pause, resume and stop, checked by the trainer at batch boundaries.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::cluster::ClusterEdit;
 
 /// What the trainer should be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,7 @@ pub enum ControlState {
 #[derive(Debug, Clone, Default)]
 pub struct TrainControl {
     state: Arc<AtomicU8>,
+    edits: Arc<Mutex<Vec<ClusterEdit>>>,
 }
 
 impl TrainControl {
@@ -54,6 +57,22 @@ impl TrainControl {
     /// Asks the trainer to stop after the current batch.
     pub fn stop(&self) {
         self.state.store(2, Ordering::SeqCst);
+    }
+
+    /// Queues a merge or split for the trainer: it is applied to the clustering of the next
+    /// epoch, which starts from the edited centroids.
+    pub fn request_edit(&self, edit: ClusterEdit) {
+        if let Ok(mut edits) = self.edits.lock() {
+            edits.push(edit);
+        }
+    }
+
+    /// The edits queued since the last call.
+    pub(crate) fn take_edits(&self) -> Vec<ClusterEdit> {
+        self.edits
+            .lock()
+            .map(|mut edits| std::mem::take(&mut *edits))
+            .unwrap_or_default()
     }
 
     /// Whether a stop was requested.

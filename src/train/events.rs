@@ -198,6 +198,16 @@ pub enum TrainEvent {
     },
     /// An epoch ended and its checkpoint was written.
     EpochFinished(EpochRecord),
+    /// The user's merges or splits were applied to this epoch's clustering: `origin[new]` is
+    /// the previous epoch's cluster that id `new` continues (`None`: the new half of a split).
+    ClustersEdited {
+        /// Epoch.
+        epoch: usize,
+        /// Where each new id came from.
+        origin: Vec<Option<usize>>,
+    },
+    /// A merge or split could not be applied (the message says why); training goes on.
+    EditRefused(String),
     /// Training paused (true) or resumed (false) at a batch boundary.
     Paused(bool),
     /// Training ended; `stopped` when it ended on a stop request.

@@ -16,7 +16,9 @@ use super::events::{
     TrainPhase,
 };
 use super::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
-use crate::cluster::{self, Centroids, FeatureStore, KMeansConfig, PixelLabels, SpillConfig};
+use crate::cluster::{
+    self, Centroids, ClusterEdit, FeatureStore, KMeansConfig, PixelLabels, SpillConfig,
+};
 use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig};
 use crate::data::views::{self, ViewParams};
 use crate::device::{ComputeDevice, DeviceError, select_device};
@@ -169,7 +171,7 @@ impl Trainer {
     pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
         let compute = select_device(self.config.device)?;
         compute.device.seed(self.config.seed);
-        let clusters = self.config.clusters_for(self.data.classes());
+        let mut clusters = self.config.clusters_for(self.data.classes());
         let batches_per_epoch = self.data.len().div_ceil(self.config.batch_size);
 
         let mut weights = String::from("the run's latest checkpoint");
@@ -237,22 +239,42 @@ impl Trainer {
                 .collect();
 
             let clustering_started = Instant::now();
-            let mut epoch_clusters = self.cluster_epoch(
+            let edits = self.control.take_edits();
+            let edit_request = previous
+                .as_ref()
+                .filter(|_| !edits.is_empty())
+                .map(|previous| (&previous.centroids, edits.as_slice()));
+            let (mut epoch_clusters, edited_origin) = self.cluster_epoch(
                 &model.network,
                 &training_device,
                 epoch,
                 &order,
                 &params,
                 clusters,
+                edit_request,
                 observer,
             )?;
-            if let Some(previous) = &previous {
-                epoch_clusters.keep_ids_of(&previous.centroids);
+            let mut label_change = None;
+            match edited_origin {
+                Some(origin) => {
+                    // The user's edit defines the ids of this epoch; K may have changed.
+                    clusters = epoch_clusters.centroids_first.clusters;
+                    self.config.clusters = Some(clusters);
+                    self.config.save(&self.run.config_path())?;
+                    observer.on_event(&TrainEvent::ClustersEdited { epoch, origin });
+                }
+                None => {
+                    if let Some(previous) = &previous {
+                        epoch_clusters.keep_ids_of(&previous.centroids);
+                        label_change = cluster::label_change_fraction(
+                            &previous.labels,
+                            &epoch_clusters.labels_first,
+                        )
+                        .ok();
+                    }
+                }
             }
             let seconds_clustering = clustering_started.elapsed().as_secs_f64();
-            let label_change = previous.as_ref().and_then(|previous| {
-                cluster::label_change_fraction(&previous.labels, &epoch_clusters.labels_first).ok()
-            });
             self.report_clusters(epoch, &epoch_clusters, label_change, observer);
             observer.on_event(&TrainEvent::Preview {
                 epoch,
@@ -325,6 +347,15 @@ impl Trainer {
                 &model.network.valid(),
                 &model.optimizer,
                 &labels_bytes,
+            )?;
+            crate::bank::refresh_run_bank(
+                &model.network.valid(),
+                &self.data,
+                &self.config,
+                epoch,
+                &compute.device,
+                self.run.root(),
+                observer,
             )?;
             metrics.epochs.retain(|existing| existing.epoch < epoch);
             metrics.epochs.push(record.clone());
@@ -455,8 +486,9 @@ impl Trainer {
         order: &[usize],
         params: &[ViewParams],
         clusters: usize,
+        edits: Option<(&Centroids, &[ClusterEdit])>,
         observer: &mut dyn TrainObserver,
-    ) -> Result<EpochClusters, TrainError> {
+    ) -> Result<(EpochClusters, Option<Vec<Option<usize>>>), TrainError> {
         let network = match self.config.cluster_batch_norm {
             // Batch statistics as in the reference; the forward graph is dropped unused.
             ClusterBatchNorm::Train => network.clone(),
@@ -506,7 +538,11 @@ impl Trainer {
             total: 2,
         });
         let compute_device = training_device.clone().inner();
-        let kmeans = |store: &FeatureStore, view: u64, clusters: usize| -> Result<_, TrainError> {
+        let kmeans = |store: &FeatureStore,
+                      view: u64,
+                      clusters: usize,
+                      init: Option<Centroids>|
+         -> Result<_, TrainError> {
             let config = KMeansConfig::new(clusters)
                 .with_iterations(self.config.kmeans_iterations)
                 .with_seed(
@@ -515,14 +551,47 @@ impl Trainer {
                         .wrapping_mul(1000)
                         .wrapping_add(2 * epoch as u64 + view),
                 );
-            let centroids = cluster::kmeans(store, &config, &compute_device)
-                .map_err(cluster_error)?
-                .centroids;
+            let centroids =
+                cluster::kmeans_with(store, &config, init, &compute_device, &mut |_| {})
+                    .map_err(cluster_error)?
+                    .centroids;
             let assignment =
                 cluster::assign(store, &centroids, &compute_device).map_err(cluster_error)?;
             Ok((centroids, assignment))
         };
-        let heads: Vec<(usize, u64)> = std::iter::once((clusters, 0))
+        // The user's merges and splits: the main head starts from the edited centroids.
+        let mut edited: Option<(Centroids, Vec<Option<usize>>)> = None;
+        if let Some((previous, edits)) = edits {
+            let mut centroids = previous.clone();
+            let mut origin: Vec<Option<usize>> = (0..previous.clusters).map(Some).collect();
+            for (index, edit) in edits.iter().enumerate() {
+                let step = match cluster::edit_centroids(
+                    &centroids,
+                    edit,
+                    &first,
+                    self.config.seed ^ (epoch as u64 * 7919 + index as u64),
+                    &compute_device,
+                ) {
+                    Ok(step) => step,
+                    Err(error) => {
+                        // A stale or impossible edit must not end the run.
+                        observer.on_event(&TrainEvent::EditRefused(error.to_string()));
+                        continue;
+                    }
+                };
+                origin = step
+                    .origin
+                    .iter()
+                    .map(|from| from.and_then(|old| origin[old]))
+                    .collect();
+                centroids = step.centroids;
+            }
+            if centroids != *previous {
+                edited = Some((centroids, origin));
+            }
+        }
+        let main_k = edited.as_ref().map_or(clusters, |(c, _)| c.clusters);
+        let heads: Vec<(usize, u64)> = std::iter::once((main_k, 0))
             .chain(self.config.overclusters.map(|k2| (k2, 2)))
             .collect();
         let total = 2 * heads.len();
@@ -534,14 +603,19 @@ impl Trainer {
                 done: 2 * head,
                 total,
             });
-            let (centroids_first, assignment_first) = kmeans(&first, salt, k)?;
+            let init = if head == 0 {
+                edited.as_ref().map(|(centroids, _)| centroids.clone())
+            } else {
+                None
+            };
+            let (centroids_first, assignment_first) = kmeans(&first, salt, k, init.clone())?;
             observer.on_event(&TrainEvent::Phase {
                 epoch,
                 phase: TrainPhase::Clustering,
                 done: 2 * head + 1,
                 total,
             });
-            let (centroids_second, assignment_second) = kmeans(&second, salt + 1, k)?;
+            let (centroids_second, assignment_second) = kmeans(&second, salt + 1, k, init)?;
             results.push(EpochClusters {
                 weights_first: class_weights(&assignment_first.counts, self.config.balance),
                 weights_second: class_weights(&assignment_second.counts, self.config.balance),
@@ -558,7 +632,7 @@ impl Trainer {
             .next()
             .ok_or_else(|| TrainError::Cluster("no clustering head".into()))?;
         main.overclustering = heads.next().map(Box::new);
-        Ok(main)
+        Ok((main, edited.map(|(_, origin)| origin)))
     }
 
     fn report_clusters(
@@ -821,6 +895,15 @@ impl Trainer {
                 &network,
                 &model.optimizer,
                 &[],
+            )?;
+            crate::bank::refresh_run_bank(
+                &network,
+                &self.data,
+                &self.config,
+                0,
+                device,
+                self.run.root(),
+                observer,
             )?;
         }
         let centroids = cluster_unaugmented(

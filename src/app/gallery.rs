@@ -1,0 +1,523 @@
+//! Nearest-neighbour patch galleries: click a pixel to see the most similar patches across the
+//! dataset, or open a cluster's most typical and most unusual patches. Queries run on a
+//! background thread against the run's feature bank (exact cosine top-k), so the window never
+//! waits for them.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam::channel::{Receiver, Sender, unbounded};
+use eframe::egui;
+
+use super::maps::ZoomState;
+use super::{ExplorerApp, ImageRequest};
+use crate::bank::{FeatureBank, MemberOrder, Neighbour};
+use crate::train::ClusterMap;
+
+/// Patches per gallery page.
+pub const GALLERY_PAGE: usize = 24;
+
+/// What the gallery shows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GalleryQuery {
+    /// The patches most similar to the patch under a pixel.
+    Pixel {
+        /// Image name.
+        image: String,
+        /// Position in `0..1` over the image's base square.
+        u: f32,
+        /// Position in `0..1`.
+        v: f32,
+    },
+    /// A cluster's members, most typical or most unusual first, one page.
+    Cluster {
+        /// The cluster.
+        cluster: usize,
+        /// Typical or outliers.
+        outliers: bool,
+        /// First member of the page.
+        offset: usize,
+    },
+}
+
+/// One patch in a gallery.
+#[derive(Debug, Clone)]
+pub struct GalleryHit {
+    /// Image name.
+    pub image: String,
+    /// The patch in `0..1` coordinates of the image.
+    pub uv: egui::Rect,
+    /// Similarity to the query (or to the centroid for cluster galleries).
+    pub similarity: f32,
+    /// Nearest centroid.
+    pub cluster: usize,
+}
+
+/// A finished query.
+#[derive(Debug, Clone)]
+pub struct GalleryResult {
+    /// The query answered.
+    pub query: GalleryQuery,
+    /// Best first.
+    pub hits: Vec<GalleryHit>,
+    /// Members of the cluster (cluster galleries).
+    pub total: Option<usize>,
+    /// How long the search took.
+    pub milliseconds: f64,
+    /// Patches searched.
+    pub bank_size: usize,
+}
+
+enum Request {
+    Query(GalleryQuery, Arc<Vec<f32>>),
+}
+
+enum Reply {
+    Bank(Result<Arc<FeatureBank>, String>),
+    Result(Result<GalleryResult, String>),
+}
+
+/// The gallery's state in the window.
+#[derive(Default)]
+pub struct GalleryState {
+    /// The window is open.
+    pub open: bool,
+    /// The query last asked.
+    pub query: Option<GalleryQuery>,
+    /// Its answer.
+    pub result: Option<GalleryResult>,
+    /// Waiting for an answer.
+    pub pending: bool,
+    /// Why the last query failed.
+    pub error: Option<String>,
+    /// The bank, once loaded.
+    pub bank: Option<Arc<FeatureBank>>,
+    /// Neighbours per query.
+    pub k: usize,
+    worker: Option<(Sender<Request>, Receiver<Reply>, PathBuf)>,
+    bank_maps: HashMap<(String, u64), ClusterMap>,
+}
+
+fn spawn_worker(run_dir: PathBuf, ctx: egui::Context) -> (Sender<Request>, Receiver<Reply>) {
+    let (request_sender, requests) = unbounded::<Request>();
+    let (reply_sender, replies) = unbounded::<Reply>();
+    let spawned = std::thread::Builder::new()
+        .name("picie-gallery".into())
+        .spawn(move || {
+            let loaded = FeatureBank::load(&run_dir)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            let bank = loaded.as_ref().ok().cloned();
+            let _ = reply_sender.send(Reply::Bank(loaded));
+            ctx.request_repaint();
+            for Request::Query(query, centroids) in requests {
+                // Only the newest query matters when the user clicks quickly.
+                let result = match &bank {
+                    Some(bank) => answer(bank, &query, &centroids),
+                    None => Err("the feature bank could not be loaded".to_string()),
+                };
+                if reply_sender.send(Reply::Result(result)).is_err() {
+                    break;
+                }
+                ctx.request_repaint();
+            }
+        });
+    if let Err(error) = spawned {
+        eprintln!("could not start the gallery thread: {error}");
+    }
+    (request_sender, replies)
+}
+
+fn answer(
+    bank: &FeatureBank,
+    query: &GalleryQuery,
+    centroids: &[f32],
+) -> Result<GalleryResult, String> {
+    let started = Instant::now();
+    let (neighbours, total): (Vec<Neighbour>, Option<usize>) = match query {
+        GalleryQuery::Pixel { image, u, v } => {
+            let index = bank
+                .info
+                .names
+                .iter()
+                .position(|name| name == image)
+                .ok_or_else(|| format!("{image} is not in the feature bank; rebuild it"))?;
+            let patch = bank
+                .patch_at(index, *u, *v)
+                .ok_or_else(|| "that point is outside the image".to_string())?;
+            let k = GALLERY_PAGE;
+            (bank.nearest(&bank.feature(patch), k), None)
+        }
+        GalleryQuery::Cluster {
+            cluster,
+            outliers,
+            offset,
+        } => {
+            if centroids.is_empty() {
+                return Err("no centroids yet: wait for the first clustering".into());
+            }
+            let order = if *outliers {
+                MemberOrder::Outliers
+            } else {
+                MemberOrder::Typical
+            };
+            let (members, total) =
+                bank.cluster_members(centroids, *cluster, order, *offset, GALLERY_PAGE);
+            (members, Some(total))
+        }
+    };
+    let grid = bank.info.grid.max(1) as f32;
+    let hits = neighbours
+        .into_iter()
+        .map(|neighbour| {
+            let (image, x, y) = bank.location(neighbour.patch);
+            let (cluster, _) = if centroids.is_empty() {
+                (0, 0.0)
+            } else {
+                bank.assign(neighbour.patch, centroids)
+            };
+            GalleryHit {
+                image: bank.info.names.get(image).cloned().unwrap_or_default(),
+                uv: egui::Rect::from_min_size(
+                    egui::pos2(x as f32 / grid, y as f32 / grid),
+                    egui::vec2(1.0 / grid, 1.0 / grid),
+                ),
+                similarity: neighbour.similarity,
+                cluster,
+            }
+        })
+        .collect();
+    Ok(GalleryResult {
+        query: query.clone(),
+        hits,
+        total,
+        milliseconds: started.elapsed().as_secs_f64() * 1000.0,
+        bank_size: bank.len(),
+    })
+}
+
+impl ExplorerApp {
+    /// The centroids the gallery names clusters with: the latest epoch's (stable ids).
+    fn gallery_centroids(&self) -> Arc<Vec<f32>> {
+        Arc::new(
+            self.session
+                .as_ref()
+                .and_then(|s| s.latest_clusters())
+                .map(|stats| stats.centroids.clone())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn gallery_ask(&mut self, ctx: &egui::Context, query: GalleryQuery) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        let run_dir = session.run_dir.clone();
+        let stale = self
+            .gallery
+            .worker
+            .as_ref()
+            .is_none_or(|(_, _, dir)| *dir != run_dir);
+        if stale {
+            let (sender, receiver) = spawn_worker(run_dir.clone(), ctx.clone());
+            self.gallery.worker = Some((sender, receiver, run_dir));
+            self.gallery.bank = None;
+            self.gallery.bank_maps.clear();
+        }
+        let centroids = self.gallery_centroids();
+        if let Some((sender, _, _)) = &self.gallery.worker {
+            let _ = sender.send(Request::Query(query.clone(), centroids));
+        }
+        self.gallery.query = Some(query);
+        self.gallery.pending = true;
+        self.gallery.error = None;
+        self.gallery.open = true;
+    }
+
+    /// Shows the patches most similar to the one under `(u, v)` of an image.
+    pub fn query_similar_patches(&mut self, image: &str, u: f32, v: f32) {
+        let ctx = self.ctx.clone();
+        if let Some(ctx) = ctx {
+            self.gallery_ask(
+                &ctx,
+                GalleryQuery::Pixel {
+                    image: image.to_string(),
+                    u,
+                    v,
+                },
+            );
+        }
+    }
+
+    /// Shows a cluster's most typical patches.
+    pub fn open_cluster_gallery(&mut self, cluster: usize) {
+        let ctx = self.ctx.clone();
+        if let Some(ctx) = ctx {
+            self.gallery_ask(
+                &ctx,
+                GalleryQuery::Cluster {
+                    cluster,
+                    outliers: false,
+                    offset: 0,
+                },
+            );
+        }
+    }
+
+    pub(super) fn poll_gallery(&mut self) {
+        let Some((_, replies, _)) = &self.gallery.worker else {
+            return;
+        };
+        let replies: Vec<Reply> = replies.try_iter().collect();
+        for reply in replies {
+            match reply {
+                Reply::Bank(Ok(bank)) => self.gallery.bank = Some(bank),
+                Reply::Bank(Err(error)) => {
+                    self.gallery.error = Some(error);
+                    self.gallery.pending = false;
+                }
+                Reply::Result(Ok(result)) => {
+                    // An older answer to a query the user has moved on from is dropped.
+                    if Some(&result.query) == self.gallery.query.as_ref() {
+                        self.gallery.result = Some(result);
+                        self.gallery.pending = false;
+                    }
+                }
+                Reply::Result(Err(error)) => {
+                    self.gallery.error = Some(error);
+                    self.gallery.pending = false;
+                }
+            }
+        }
+    }
+
+    /// A patch-level cluster map of any image, from the feature bank.
+    pub(super) fn bank_map(&mut self, image_name: &str) -> Option<(ClusterMap, u64)> {
+        let bank = self.gallery.bank.clone()?;
+        let centroids = self.gallery_centroids();
+        if centroids.is_empty() {
+            return None;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        centroids.len().hash(&mut hasher);
+        for value in centroids.iter().take(64) {
+            value.to_bits().hash(&mut hasher);
+        }
+        let key = (image_name.to_string(), hasher.finish());
+        if let Some(map) = self.gallery.bank_maps.get(&key) {
+            return Some((map.clone(), key.1 ^ 0x5bd1_e995));
+        }
+        let image = bank.info.names.iter().position(|name| name == image_name)?;
+        let grid = bank.info.grid;
+        let mut labels = Vec::with_capacity(grid * grid);
+        let mut similarity = Vec::with_capacity(grid * grid);
+        for v in 0..grid {
+            for u in 0..grid {
+                let patch = bank.patch_at(
+                    image,
+                    (u as f32 + 0.5) / grid as f32,
+                    (v as f32 + 0.5) / grid as f32,
+                )?;
+                let (cluster, score) = bank.assign(patch, &centroids);
+                labels.push(cluster as u16);
+                similarity.push(score);
+            }
+        }
+        let map = ClusterMap {
+            image_index: image,
+            image_name: image_name.to_string(),
+            width: grid,
+            height: grid,
+            labels,
+            similarity,
+        };
+        if self.gallery.bank_maps.len() > 64 {
+            self.gallery.bank_maps.clear();
+        }
+        self.gallery.bank_maps.insert(key.clone(), map.clone());
+        Some((map, key.1 ^ 0x5bd1_e995))
+    }
+
+    pub(super) fn gallery_window(&mut self, ctx: &egui::Context) {
+        if !self.gallery.open {
+            return;
+        }
+        let mut open = true;
+        let mut next_query = None;
+        let mut jump = None;
+        egui::Window::new("Similar patches")
+            .id(egui::Id::unique("gallery-window"))
+            .open(&mut open)
+            .default_size([560.0, 520.0])
+            .default_pos([300.0, 120.0])
+            .resizable(true)
+            .show(ctx, |ui| {
+                match &self.gallery.query {
+                    Some(GalleryQuery::Pixel { image, u, v }) => {
+                        ui.label(format!(
+                            "Patches most like the one at ({:.0}%, {:.0}%) of {image}",
+                            u * 100.0,
+                            v * 100.0
+                        ));
+                    }
+                    Some(GalleryQuery::Cluster {
+                        cluster,
+                        outliers,
+                        offset,
+                    }) => {
+                        ui.horizontal(|ui| {
+                            ui.label(self.cluster_name(*cluster));
+                            let mut show_outliers = *outliers;
+                            if ui
+                                .selectable_value(&mut show_outliers, false, "Typical")
+                                .clicked()
+                                || ui
+                                    .selectable_value(&mut show_outliers, true, "Outliers")
+                                    .clicked()
+                            {
+                                next_query = Some(GalleryQuery::Cluster {
+                                    cluster: *cluster,
+                                    outliers: show_outliers,
+                                    offset: 0,
+                                });
+                            }
+                            let total = self.gallery.result.as_ref().and_then(|r| r.total);
+                            if ui
+                                .add_enabled(*offset > 0, egui::Button::new("Previous"))
+                                .clicked()
+                            {
+                                next_query = Some(GalleryQuery::Cluster {
+                                    cluster: *cluster,
+                                    outliers: *outliers,
+                                    offset: offset.saturating_sub(GALLERY_PAGE),
+                                });
+                            }
+                            let more = total.is_some_and(|t| offset + GALLERY_PAGE < t);
+                            if ui.add_enabled(more, egui::Button::new("Next")).clicked() {
+                                next_query = Some(GalleryQuery::Cluster {
+                                    cluster: *cluster,
+                                    outliers: *outliers,
+                                    offset: offset + GALLERY_PAGE,
+                                });
+                            }
+                            if let Some(total) = total {
+                                ui.weak(format!(
+                                    "{}–{} of {total}",
+                                    (offset + 1).min(total),
+                                    (offset + GALLERY_PAGE).min(total)
+                                ));
+                            }
+                        });
+                    }
+                    None => {}
+                }
+                if let Some(error) = &self.gallery.error {
+                    ui.colored_label(ui.visuals().error_fg_color, error);
+                    return;
+                }
+                if self.gallery.pending {
+                    ui.horizontal(|ui| {
+                        ui.spinner();
+                        ui.label("Searching the feature bank…");
+                    });
+                }
+                let Some(result) = self.gallery.result.clone() else {
+                    return;
+                };
+                ui.weak(format!(
+                    "exact search over {} patches in {:.1} ms; click a patch to open its image",
+                    result.bank_size, result.milliseconds
+                ));
+                ui.separator();
+                let tile = 96.0;
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    ui.horizontal_wrapped(|ui| {
+                        for hit in &result.hits {
+                            ui.vertical(|ui| {
+                                ui.set_width(tile);
+                                if self.gallery_tile(ui, hit, tile).clicked() {
+                                    jump = Some(hit.clone());
+                                }
+                                ui.horizontal(|ui| {
+                                    let (swatch, _) = ui.allocate_exact_size(
+                                        egui::vec2(10.0, 10.0),
+                                        egui::Sense::hover(),
+                                    );
+                                    ui.painter().rect_filled(
+                                        swatch,
+                                        2.0,
+                                        self.colour32(hit.cluster),
+                                    );
+                                    ui.small(format!("{:.3}", hit.similarity));
+                                })
+                                .response
+                                .on_hover_text(format!(
+                                    "{}\n{}",
+                                    hit.image,
+                                    self.cluster_name(hit.cluster)
+                                ));
+                            });
+                        }
+                    });
+                });
+            });
+        if let Some(query) = next_query {
+            self.gallery_ask(ctx, query);
+        }
+        if let Some(hit) = jump {
+            self.view.zoomed = Some(ZoomState {
+                image_name: hit.image.clone(),
+                marker: Some(hit.uv),
+                zoom: 1.0,
+                pan: egui::Vec2::ZERO,
+            });
+        }
+        self.gallery.open = open;
+    }
+
+    /// A crop around a hit (4 x 4 patches), the hit outlined.
+    fn gallery_tile(&mut self, ui: &mut egui::Ui, hit: &GalleryHit, tile: f32) -> egui::Response {
+        let (rect, response) = ui.allocate_exact_size(egui::vec2(tile, tile), egui::Sense::click());
+        let window = egui::Rect::from_center_size(hit.uv.center(), hit.uv.size() * 4.0);
+        // Keep the crop inside the image.
+        let shift = egui::vec2(
+            (-window.min.x).max(0.0) - (window.max.x - 1.0).max(0.0),
+            (-window.min.y).max(0.0) - (window.max.y - 1.0).max(0.0),
+        );
+        let window = window.translate(shift);
+        let base_size = self.settings.config.base_size;
+        let request = self
+            .dataset
+            .as_ref()
+            .map(|dataset| ImageRequest::Base(dataset.paths.images.join(&hit.image), base_size));
+        let ctx = ui.ctx().clone();
+        let texture = request
+            .as_ref()
+            .and_then(|request| self.images(&ctx).get(request).map(|t| t.id()));
+        let painter = ui.painter_at(rect);
+        match texture {
+            Some(id) => painter.image(id, rect, window, egui::Color32::WHITE),
+            None => painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color),
+        };
+        let to_tile =
+            |point: egui::Pos2| rect.min + (point - window.min) / window.size() * rect.size();
+        painter.rect_stroke(
+            egui::Rect::from_min_max(to_tile(hit.uv.min), to_tile(hit.uv.max)),
+            0.0,
+            egui::Stroke::new(2.0, self.colour32(hit.cluster)),
+            egui::StrokeKind::Outside,
+        );
+        if response.hovered() {
+            painter.rect_stroke(
+                rect,
+                0.0,
+                egui::Stroke::new(1.0, egui::Color32::WHITE),
+                egui::StrokeKind::Inside,
+            );
+        }
+        response
+    }
+}
