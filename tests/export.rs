@@ -241,7 +241,7 @@ fn merges_and_ignores_reach_masks_legend_and_cvat_labelmap() {
     // Ignore the cluster most common in the first image, so some pixels surely are ignored,
     // and merge two of the others into a third.
     let first = picie::data::load_one(&fixture.images.join("demo_0000.png")).unwrap();
-    let mut sizes = vec![0usize; CLUSTERS];
+    let mut sizes = [0usize; CLUSTERS];
     for &cluster in &segmenter.segment(&first).labels {
         sizes[usize::from(cluster)] += 1;
     }

@@ -256,7 +256,12 @@ fn splits_and_merges_sent_to_the_trainer_change_the_next_epochs_clusters() {
     assert_eq!(split.len(), 9);
     assert_eq!(split[8], None, "the new half of the split is new");
     assert_eq!(split[0], Some(0));
-    assert!(split[..8].iter().enumerate().all(|(id, from)| *from == Some(id)));
+    assert!(
+        split[..8]
+            .iter()
+            .enumerate()
+            .all(|(id, from)| *from == Some(id))
+    );
     let (epoch, merge) = &edited[1];
     assert_eq!(*epoch, 3);
     assert_eq!(merge, &(0..8).map(Some).collect::<Vec<_>>());

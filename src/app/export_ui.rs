@@ -21,6 +21,7 @@ enum ExportMessage {
 }
 
 /// The export window's state.
+#[derive(Default)]
 pub struct ExportDialog {
     /// The window is open.
     pub open: bool,
@@ -37,22 +38,6 @@ pub struct ExportDialog {
     /// Acc and mIoU of the masks, when scored.
     pub score: Option<(f64, f64)>,
     error: Option<String>,
-}
-
-impl Default for ExportDialog {
-    fn default() -> Self {
-        Self {
-            open: false,
-            out: None,
-            options: ExportOptions::default(),
-            previews_only: false,
-            progress: None,
-            running: None,
-            report: None,
-            score: None,
-            error: None,
-        }
-    }
 }
 
 impl ExplorerApp {

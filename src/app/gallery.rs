@@ -351,8 +351,8 @@ impl ExplorerApp {
         egui::Window::new("Similar patches")
             .id(egui::Id::unique("gallery-window"))
             .open(&mut open)
-            .default_size([560.0, 520.0])
-            .default_pos([300.0, 120.0])
+            .default_size([720.0, 330.0])
+            .default_pos([270.0, 440.0])
             .resizable(true)
             .show(ctx, |ui| {
                 match &self.gallery.query {
@@ -433,35 +433,41 @@ impl ExplorerApp {
                 ));
                 ui.separator();
                 let tile = 96.0;
+                let columns = ((ui.available_width() / (tile + 8.0)).floor() as usize).max(1);
                 egui::ScrollArea::vertical().show(ui, |ui| {
-                    ui.horizontal_wrapped(|ui| {
-                        for hit in &result.hits {
-                            ui.vertical(|ui| {
-                                ui.set_width(tile);
-                                if self.gallery_tile(ui, hit, tile).clicked() {
-                                    jump = Some(hit.clone());
+                    egui::Grid::new("gallery-grid")
+                        .spacing([8.0, 8.0])
+                        .show(ui, |ui| {
+                            for (index, hit) in result.hits.iter().enumerate() {
+                                ui.vertical(|ui| {
+                                    ui.set_width(tile);
+                                    if self.gallery_tile(ui, hit, tile).clicked() {
+                                        jump = Some(hit.clone());
+                                    }
+                                    ui.horizontal(|ui| {
+                                        let (swatch, _) = ui.allocate_exact_size(
+                                            egui::vec2(10.0, 10.0),
+                                            egui::Sense::hover(),
+                                        );
+                                        ui.painter().rect_filled(
+                                            swatch,
+                                            2.0,
+                                            self.colour32(hit.cluster),
+                                        );
+                                        ui.small(format!("{:.3}", hit.similarity));
+                                    })
+                                    .response
+                                    .on_hover_text(format!(
+                                        "{}\n{}",
+                                        hit.image,
+                                        self.cluster_name(hit.cluster)
+                                    ));
+                                });
+                                if (index + 1) % columns == 0 {
+                                    ui.end_row();
                                 }
-                                ui.horizontal(|ui| {
-                                    let (swatch, _) = ui.allocate_exact_size(
-                                        egui::vec2(10.0, 10.0),
-                                        egui::Sense::hover(),
-                                    );
-                                    ui.painter().rect_filled(
-                                        swatch,
-                                        2.0,
-                                        self.colour32(hit.cluster),
-                                    );
-                                    ui.small(format!("{:.3}", hit.similarity));
-                                })
-                                .response
-                                .on_hover_text(format!(
-                                    "{}\n{}",
-                                    hit.image,
-                                    self.cluster_name(hit.cluster)
-                                ));
-                            });
-                        }
-                    });
+                            }
+                        });
                 });
             });
         if let Some(query) = next_query {

@@ -270,7 +270,8 @@ impl SessionState {
                 false
             }
             TrainEvent::EditRefused(reason) => {
-                self.warnings.push(format!("cluster edit not applied: {reason}"));
+                self.warnings
+                    .push(format!("cluster edit not applied: {reason}"));
                 false
             }
             TrainEvent::EpochFinished(_) => true,

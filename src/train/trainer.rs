@@ -131,6 +131,9 @@ impl EpochClusters {
     }
 }
 
+/// `origin[new] = Some(old)`: the previous epoch's cluster a new id continues after an edit.
+type IdOrigin = Vec<Option<usize>>;
+
 /// What the next epoch's clustering is compared with.
 struct PreviousEpoch {
     labels: PixelLabels,
@@ -488,7 +491,7 @@ impl Trainer {
         clusters: usize,
         edits: Option<(&Centroids, &[ClusterEdit])>,
         observer: &mut dyn TrainObserver,
-    ) -> Result<(EpochClusters, Option<Vec<Option<usize>>>), TrainError> {
+    ) -> Result<(EpochClusters, Option<IdOrigin>), TrainError> {
         let network = match self.config.cluster_batch_norm {
             // Batch statistics as in the reference; the forward graph is dropped unused.
             ClusterBatchNorm::Train => network.clone(),
