@@ -1197,6 +1197,9 @@ pub const SHEET_GAP: u32 = 6;
 pub const SHEET_COLUMNS: usize = 6;
 /// A neighbour picture shows this many patches a side around the hit.
 pub const SHEET_WINDOW: usize = 4;
+/// Most pictures one contact sheet takes (the query and 1000 hits), so a large `k` cannot
+/// ask for a gigapixel image.
+pub const SHEET_MAX_PICTURES: usize = 1001;
 
 const SHEET_BACKGROUND: [u8; 3] = [28, 28, 30];
 /// Frame colour without centroids.
@@ -1270,6 +1273,13 @@ pub fn render_contact_sheet(
     centroids: Option<&[f32]>,
     base_image: &mut dyn FnMut(usize) -> Result<RgbImage, BankError>,
 ) -> Result<RgbImage, BankError> {
+    if hits.len() >= SHEET_MAX_PICTURES {
+        return Err(BankError::Query(format!(
+            "{} neighbours do not fit a contact sheet; ask for at most {}",
+            hits.len(),
+            SHEET_MAX_PICTURES - 1
+        )));
+    }
     let (width, height) = contact_sheet_size(1 + hits.len());
     let mut sheet = RgbImage::from_pixel(width, height, image::Rgb(SHEET_BACKGROUND));
     let grid = bank.info.grid.max(1);
@@ -1383,7 +1393,7 @@ pub struct NeighboursRequest {
     pub x: u32,
     /// Query y in the original image's pixels.
     pub y: u32,
-    /// Neighbours to find (the query patch itself is left out).
+    /// Neighbours to find, at most 1000 (the query patch itself is left out).
     pub k: usize,
     /// Folder for `neighbours.png` and `neighbours.json`.
     pub out_dir: PathBuf,
@@ -1448,6 +1458,13 @@ struct DecodedImage {
 /// (original pixels, mapped through the base transform), its `k` nearest patches in the run's
 /// bank, and writes `neighbours.png` (see [`write_contact_sheet`]) and `neighbours.json`.
 pub fn write_neighbours(request: &NeighboursRequest) -> Result<NeighboursReport, BankError> {
+    if request.k >= SHEET_MAX_PICTURES {
+        return Err(BankError::Query(format!(
+            "k = {} is more than a contact sheet shows; use at most {}",
+            request.k,
+            SHEET_MAX_PICTURES - 1
+        )));
+    }
     let bank = FeatureBank::load(&request.run_dir)?;
     let run = RunFolder::open(&request.run_dir)?;
     let segmentation = run.segmentation().ok();

@@ -447,6 +447,12 @@ fn a_trained_run_has_a_bank_that_saves_reloads_and_finds_itself() {
             .to_string()
             .contains("outside the centre square crop")
     );
+    let too_many = write_neighbours(&NeighboursRequest {
+        k: 5000,
+        ..request.clone()
+    })
+    .unwrap_err();
+    assert!(matches!(too_many, BankError::Query(_)), "{too_many}");
     let unknown = write_neighbours(&NeighboursRequest {
         image: "no-such-image.png".into(),
         ..request
@@ -519,4 +525,25 @@ fn config_checks_the_bank_patch() {
     let old: TrainConfig = serde_json::from_str(r#"{"epochs": 3}"#).unwrap();
     assert!(old.feature_bank);
     assert_eq!(old.bank_patch, 8);
+}
+
+/// 10^6 patches x 128 (256 MB of f16) through save, load and a query; slow, run by hand with
+/// `cargo test --test bank -- --ignored`.
+#[test]
+#[ignore]
+fn a_million_patch_bank_saves_loads_and_answers() {
+    let bank = picie::bench::synthetic_bank(1_000_000, 128, 5).unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    bank.save(folder.path()).unwrap();
+    let saved = started.elapsed();
+    let started = std::time::Instant::now();
+    let loaded = FeatureBank::load(folder.path()).unwrap();
+    let load = started.elapsed();
+    assert_eq!(loaded.len(), 1_000_000);
+    assert_eq!(loaded.features_f16(), bank.features_f16());
+    let feature = loaded.feature(123_456);
+    let top = loaded.nearest(&feature, 20);
+    assert_eq!(top[0].patch, 123_456);
+    println!("save {saved:?}, load {load:?}");
 }

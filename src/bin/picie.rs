@@ -161,7 +161,7 @@ enum Command {
         /// y of the query point in the original image, in pixels.
         #[arg(long)]
         y: u32,
-        /// Number of neighbours.
+        /// Number of neighbours (at most 1000; the query patch itself is left out).
         #[arg(short = 'k', long, default_value_t = 20)]
         k: usize,
         /// Output folder.
