@@ -141,7 +141,13 @@ impl ExplorerApp {
             ui.colored_label(ui.visuals().error_fg_color, error);
         }
         if let Some((accuracy, miou)) = self.export.score {
-            ui.strong(format!("These masks: Acc {accuracy:.2}  mIoU {miou:.2}"));
+            ui.strong(format!("These masks: Acc {accuracy:.2}  mIoU {miou:.2}"))
+                .on_hover_text(
+                    "At each image's original resolution, with your merges and ignores, \
+                     against the label files: what `picie eval --masks` gives for the \
+                     exported index folder. The Statistics tab scores the training input size \
+                     without your edits, so the two differ.",
+                );
         }
         if let Some(report) = &self.export.report {
             ui.separator();
