@@ -1152,6 +1152,78 @@ pub fn build_bank(
     )
 }
 
+/// Builds and saves the feature bank of a finished run from its latest checkpoint, over the
+/// images in `images` (what `picie bank` and the app's "Build the feature bank" do). `patch`
+/// overrides the run's `bank_patch`. `progress(stage, done, total)` reports decoding and
+/// feature extraction.
+pub fn build_run_bank(
+    run_dir: &Path,
+    images: &Path,
+    patch: Option<usize>,
+    device: Option<crate::device::DeviceChoice>,
+    progress: &mut (dyn FnMut(&str, usize, usize) + Send),
+) -> Result<BuiltBank, BankError> {
+    let run =
+        crate::train::RunFolder::open(run_dir).map_err(|e| BankError::Invalid(e.to_string()))?;
+    let mut config = run
+        .config()
+        .map_err(|e| BankError::Invalid(e.to_string()))?;
+    if let Some(device) = device {
+        config.device = device;
+    }
+    let patch = patch.unwrap_or(config.bank_patch);
+    check_patch(patch, config.input_size)?;
+    let compute = crate::device::select_device(config.device)
+        .map_err(|e| BankError::Device(e.to_string()))?;
+    let (network, epoch) = run
+        .latest_network(&compute.device)
+        .map_err(|e| BankError::Invalid(e.to_string()))?;
+    let progress = std::sync::Mutex::new(progress);
+    let data = TrainingData::load(
+        images,
+        None,
+        config.base_size,
+        config.input_size,
+        &|done, total| {
+            if let Ok(mut progress) = progress.lock() {
+                progress("decoding images", done, total);
+            }
+        },
+    )
+    .map_err(|e| BankError::Invalid(format!("cannot read the images: {e}")))?;
+    let progress = progress
+        .into_inner()
+        .map_err(|_| BankError::Invalid("progress callback panicked".into()))?;
+    let bank = build_bank(
+        &network,
+        &data,
+        patch,
+        epoch,
+        &compute.device,
+        &mut |done, total| progress("feature bank", done, total),
+    )?;
+    bank.save(run.root())?;
+    Ok(BuiltBank {
+        bank,
+        device: compute.description,
+        skipped: data
+            .skipped
+            .iter()
+            .map(|file| format!("{}: {}", file.path.display(), file.reason))
+            .collect(),
+    })
+}
+
+/// What [`build_run_bank`] made.
+pub struct BuiltBank {
+    /// The bank (already saved in the run folder).
+    pub bank: FeatureBank,
+    /// The device it was computed on, in words.
+    pub device: String,
+    /// Images that could not be read, with the reason.
+    pub skipped: Vec<String>,
+}
+
 /// The trainer's hook: when the config asks for a bank, builds it with the eval-mode
 /// `network` and saves it into the run folder, reporting progress as the Evaluating phase.
 pub(crate) fn refresh_run_bank(

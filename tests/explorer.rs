@@ -254,4 +254,26 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
         "{from_files:?} vs {accuracy}"
     );
     assert!((from_files.mean_iou - miou).abs() < 1e-9);
+
+    // A run without a feature bank: the gallery says so and builds one on request.
+    std::fs::remove_dir_all(run_dir.join("bank")).unwrap();
+    harness.state_mut().gallery = Default::default();
+    harness
+        .state_mut()
+        .query_similar_patches("demo_0003.png", 0.5, 0.5);
+    step_until(&mut harness, "the missing-bank message", |app| {
+        app.gallery.error.is_some()
+    });
+    let error = harness.state().gallery.error.clone().unwrap();
+    assert!(error.contains("no feature bank"), "{error}");
+    harness.get_by_label_contains("no feature bank");
+    harness.get_by_label("Build the feature bank").click();
+    step_until(&mut harness, "the rebuilt bank's answer", |app| {
+        app.gallery.result.is_some()
+    });
+    assert!(run_dir.join("bank").is_dir());
+    assert_eq!(
+        harness.state().gallery.result.as_ref().unwrap().hits[0].image,
+        "demo_0003.png"
+    );
 }

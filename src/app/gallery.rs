@@ -99,6 +99,13 @@ pub struct GalleryState {
     pub k: usize,
     worker: Option<(Sender<Request>, Receiver<Reply>, PathBuf)>,
     bank_maps: HashMap<(String, u64), ClusterMap>,
+    building: Option<Receiver<BuildMessage>>,
+    build_progress: Option<(String, usize, usize)>,
+}
+
+enum BuildMessage {
+    Progress(String, usize, usize),
+    Done(Result<(), String>),
 }
 
 fn spawn_worker(run_dir: PathBuf, ctx: egui::Context) -> (Sender<Request>, Receiver<Reply>) {
@@ -111,13 +118,16 @@ fn spawn_worker(run_dir: PathBuf, ctx: egui::Context) -> (Sender<Request>, Recei
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
             let bank = loaded.as_ref().ok().cloned();
+            let load_error = loaded.as_ref().err().cloned();
             let _ = reply_sender.send(Reply::Bank(loaded));
             ctx.request_repaint();
             for Request::Query(query, centroids) in requests {
-                // Only the newest query matters when the user clicks quickly.
                 let result = match &bank {
                     Some(bank) => answer(bank, &query, &centroids),
-                    None => Err("the feature bank could not be loaded".to_string()),
+                    // Repeat why, so the message stays the informative one.
+                    None => Err(load_error
+                        .clone()
+                        .unwrap_or_else(|| "the feature bank could not be loaded".into())),
                 };
                 if reply_sender.send(Reply::Result(result)).is_err() {
                     break;
@@ -267,7 +277,77 @@ impl ExplorerApp {
         }
     }
 
+    /// Builds the run's feature bank on a background thread, then repeats the last query.
+    fn build_bank(&mut self, ctx: &egui::Context) {
+        let (Some(session), Some(dataset)) = (&self.session, &self.dataset) else {
+            return;
+        };
+        let run_dir = session.run_dir.clone();
+        let images = dataset.paths.images.clone();
+        let device = self.settings.config.device;
+        let (sender, receiver) = unbounded();
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("picie-bank".into())
+            .spawn(move || {
+                let progress_sender = sender.clone();
+                let progress_ctx = ctx.clone();
+                let result = crate::bank::build_run_bank(
+                    &run_dir,
+                    &images,
+                    None,
+                    Some(device),
+                    &mut |stage, done, total| {
+                        let _ = progress_sender.send(BuildMessage::Progress(
+                            stage.to_string(),
+                            done,
+                            total,
+                        ));
+                        progress_ctx.request_repaint();
+                    },
+                );
+                let _ = sender.send(BuildMessage::Done(
+                    result.map(|_| ()).map_err(|error| error.to_string()),
+                ));
+                ctx.request_repaint();
+            });
+        match spawned {
+            Ok(_) => {
+                self.gallery.building = Some(receiver);
+                self.gallery.build_progress = Some(("starting".into(), 0, 1));
+                self.gallery.error = None;
+            }
+            Err(error) => self.gallery.error = Some(format!("could not start: {error}")),
+        }
+    }
+
     pub(super) fn poll_gallery(&mut self) {
+        if let Some(receiver) = &self.gallery.building {
+            let messages: Vec<BuildMessage> = receiver.try_iter().collect();
+            for message in messages {
+                match message {
+                    BuildMessage::Progress(stage, done, total) => {
+                        self.gallery.build_progress = Some((stage, done, total));
+                    }
+                    BuildMessage::Done(result) => {
+                        self.gallery.building = None;
+                        self.gallery.build_progress = None;
+                        match result {
+                            Ok(()) => {
+                                // A fresh worker loads the new bank; ask again.
+                                self.gallery.worker = None;
+                                if let (Some(query), Some(ctx)) =
+                                    (self.gallery.query.clone(), self.ctx.clone())
+                                {
+                                    self.gallery_ask(&ctx, query);
+                                }
+                            }
+                            Err(error) => self.gallery.error = Some(error),
+                        }
+                    }
+                }
+            }
+        }
         let Some((_, replies, _)) = &self.gallery.worker else {
             return;
         };
@@ -414,8 +494,29 @@ impl ExplorerApp {
                     }
                     None => {}
                 }
-                if let Some(error) = &self.gallery.error {
-                    ui.colored_label(ui.visuals().error_fg_color, error);
+                if let Some((stage, done, total)) = &self.gallery.build_progress {
+                    ui.add(
+                        egui::ProgressBar::new(*done as f32 / (*total).max(1) as f32)
+                            .text(format!("{stage} {done}/{total}")),
+                    );
+                    return;
+                }
+                if let Some(error) = self.gallery.error.clone() {
+                    ui.colored_label(ui.visuals().error_fg_color, &error);
+                    let can_build = self.gallery.bank.is_none()
+                        && !self.is_training()
+                        && self.dataset.is_some();
+                    if can_build
+                        && ui
+                            .button("Build the feature bank")
+                            .on_hover_text(
+                                "Compute every image's patch features with the run's latest \
+                                 network (one pass over the dataset)",
+                            )
+                            .clicked()
+                    {
+                        self.build_bank(ctx);
+                    }
                     return;
                 }
                 if self.gallery.pending {

@@ -1026,46 +1026,21 @@ fn build_bank_command(
     patch: Option<usize>,
     device: Option<DeviceChoice>,
 ) -> Result<()> {
-    let run = RunFolder::open(run_dir)?;
-    let mut config = run.config()?;
-    if let Some(device) = device {
-        config.device = device;
-    }
-    let patch = patch.unwrap_or(config.bank_patch);
-    picie::bank::check_patch(patch, config.input_size)?;
-    let compute = select_device(config.device)?;
-    eprintln!("device: {}", compute.description);
-    let (network, epoch) = run.latest_network(&compute.device)?;
     let bar = progress_bar(0, "decoding images");
-    let data = TrainingData::load(
-        images,
-        None,
-        config.base_size,
-        config.input_size,
-        &|done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
-    for skipped in &data.skipped {
-        eprintln!("skipped {}: {}", skipped.path.display(), skipped.reason);
-    }
-    let bar = progress_bar(data.len() as u64, "feature bank");
     let started = Instant::now();
-    let bank = picie::bank::build_bank(
-        &network,
-        &data,
-        patch,
-        epoch,
-        &compute.device,
-        &mut |done, total| {
+    let built =
+        picie::bank::build_run_bank(run_dir, images, patch, device, &mut |stage, done, total| {
+            bar.set_message(stage.to_string());
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-        },
-    )?;
+        })?;
     bar.finish_and_clear();
-    bank.save(run.root())?;
+    eprintln!("device: {}", built.device);
+    for skipped in &built.skipped {
+        eprintln!("skipped {skipped}");
+    }
+    let bank = built.bank;
+    let epoch = bank.info.epoch;
     println!(
         "feature bank of epoch {epoch}: {} patches ({} images, {}x{} patches of {} input pixels, {:.1} MiB) in {:.1} s, written to {}",
         bank.len(),
@@ -1075,7 +1050,7 @@ fn build_bank_command(
         bank.info.patch,
         (bank.len() * bank.info.dim * 2) as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64(),
-        picie::bank::bank_dir(run.root()).display()
+        picie::bank::bank_dir(run_dir).display()
     );
     Ok(())
 }
