@@ -625,15 +625,8 @@ impl TerminalObserver {
             self.phase = Some((epoch, phase));
             self.bar.reset();
             self.bar.set_length(total as u64);
-            let name = match phase {
-                TrainPhase::Loading => "loading",
-                TrainPhase::Features => "features",
-                TrainPhase::Clustering => "k-means",
-                TrainPhase::Training => "training",
-                TrainPhase::Evaluating => "evaluating",
-                TrainPhase::Checkpointing => "checkpoint",
-            };
-            self.bar.set_message(format!("epoch {epoch} {name}"));
+            self.bar
+                .set_message(format!("epoch {epoch} {}", phase.describe().to_lowercase()));
         }
     }
 }

@@ -211,50 +211,9 @@ impl Evaluation {
     /// reference would leave it out); with K >= C, PiCIE's setting, both agree. With no
     /// labelled pixels accuracy and mIoU are 0 (the reference gives NaN).
     pub fn from_confusion(confusion: &ConfusionMatrix) -> Self {
-        let clusters = confusion.clusters;
-        let classes = confusion.classes;
         let assignment = match_clusters(confusion);
-        let mut cluster_of_class = vec![None; classes];
-        for (k, class) in assignment.iter().enumerate() {
-            if let Some(c) = *class {
-                cluster_of_class[c] = Some(k);
-            }
-        }
-        let class_totals = confusion.class_totals();
-        let cluster_totals = confusion.cluster_totals();
-        let mut matched = 0u64;
-        let per_class_iou: Vec<Option<f64>> = (0..classes)
-            .map(|c| {
-                let (tp, predicted) = cluster_of_class[c]
-                    .map_or((0, 0), |k| (confusion.get(k, c), cluster_totals[k]));
-                matched += tp;
-                let truth = class_totals[c];
-                (truth > 0).then(|| {
-                    let union = (truth + predicted - tp).max(1);
-                    100.0 * tp as f64 / union as f64
-                })
-            })
-            .collect();
-        let total = confusion.total();
-        let accuracy = if total == 0 {
-            0.0
-        } else {
-            100.0 * matched as f64 / total as f64
-        };
-        let present: Vec<f64> = per_class_iou.iter().flatten().copied().collect();
-        let mean_iou = if present.is_empty() {
-            0.0
-        } else {
-            present.iter().sum::<f64>() / present.len() as f64
-        };
-        debug_assert_eq!(assignment.len(), clusters);
-        Self {
-            accuracy,
-            mean_iou,
-            per_class_iou,
-            assignment,
-            confusion: confusion.clone(),
-        }
+        debug_assert_eq!(assignment.len(), confusion.clusters);
+        score_assignment(confusion, assignment)
     }
 }
 
@@ -285,8 +244,8 @@ impl Evaluation {
     }
 }
 
-/// Accuracy and IoU of a given cluster -> class matching, with the formulae of
-/// [`Evaluation::from_confusion`] (`IoU_c = tp / (gt + pred - tp)`, mean over present classes).
+/// Accuracy and IoU of a given cluster -> class matching (`IoU_c = tp / (gt + pred - tp)`,
+/// mean over the classes present in the labels).
 fn score_assignment(confusion: &ConfusionMatrix, assignment: Vec<Option<usize>>) -> Evaluation {
     let classes = confusion.classes;
     let mut cluster_of_class = vec![None; classes];

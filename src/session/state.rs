@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::timeline::{Snapshot, Timeline};
 use super::worker::WorkerEvent;
-use crate::train::{ClusterStatistics, LossTerms, TrainEvent, TrainPhase};
+use crate::train::{ClusterStatistics, LossTerms, TrainEvent};
 
 /// File name of the saved session inside `RUN_DIR/explorer`.
 pub const SESSION_FILE: &str = "session.json";
@@ -220,7 +220,7 @@ impl SessionState {
                 total,
             } => {
                 status.epoch = *epoch;
-                status.activity = phase_words(*phase).to_string();
+                status.activity = phase.describe().to_string();
                 status.activity_fraction = (*total > 0).then(|| *done as f32 / *total as f32);
                 false
             }
@@ -302,7 +302,6 @@ impl SessionState {
             std::fs::create_dir_all(parent)?;
         }
         let mut saved = self.clone();
-        saved.timeline = Timeline::with_budget(0);
         // A saved session is never running: reopening shows what was kept.
         saved.status.running = false;
         saved.status.paused = false;
@@ -331,17 +330,7 @@ impl SessionState {
 
     /// Reopens the session saved in `run_dir`, with its snapshots.
     pub fn load(run_dir: &Path) -> Result<Self, String> {
-        let path = Self::path_in(run_dir);
-        let text = std::fs::read_to_string(&path).map_err(|error| {
-            format!(
-                "{} has no saved explorer session ({error}); was it trained in the app?",
-                run_dir.display()
-            )
-        })?;
-        let mut state: Self = serde_json::from_str(&text)
-            .map_err(|error| format!("{} is damaged: {error}", path.display()))?;
-        state.run_dir = run_dir.to_owned();
-        state.timeline = Timeline::default();
+        let mut state = Self::load_without_snapshots(run_dir)?;
         let log = run_dir.join("explorer").join(SNAPSHOTS_FILE);
         if let Ok(text) = std::fs::read_to_string(&log) {
             // Lines that do not parse are the tail of an interrupted write.
@@ -352,6 +341,22 @@ impl SessionState {
                 state.timeline.push(snapshot);
             }
         }
+        Ok(state)
+    }
+
+    /// Reopens the session saved in `run_dir` without reading its snapshot log (what the
+    /// trainer continues when it resumes a run: it only appends to the log).
+    pub fn load_without_snapshots(run_dir: &Path) -> Result<Self, String> {
+        let path = Self::path_in(run_dir);
+        let text = std::fs::read_to_string(&path).map_err(|error| {
+            format!(
+                "{} has no saved explorer session ({error}); was it trained in the app?",
+                run_dir.display()
+            )
+        })?;
+        let mut state: Self = serde_json::from_str(&text)
+            .map_err(|error| format!("{} is damaged: {error}", path.display()))?;
+        state.run_dir = run_dir.to_owned();
         Ok(state)
     }
 
@@ -368,36 +373,10 @@ impl SessionState {
     }
 }
 
-fn phase_words(phase: TrainPhase) -> &'static str {
-    match phase {
-        TrainPhase::Loading => "Loading images",
-        TrainPhase::Features => "Computing pixel features",
-        TrainPhase::Clustering => "Clustering",
-        TrainPhase::Training => "Training",
-        TrainPhase::Evaluating => "Evaluating",
-        TrainPhase::Checkpointing => "Writing checkpoint",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::ClusterMap;
-
-    fn snapshot(epoch: usize, step: usize) -> Snapshot {
-        Snapshot {
-            epoch,
-            step,
-            maps: vec![ClusterMap {
-                image_index: 0,
-                image_name: "a.png".into(),
-                width: 2,
-                height: 1,
-                labels: vec![0, 1],
-                similarity: vec![0.5, 0.9],
-            }],
-        }
-    }
+    use crate::session::timeline::tests::snapshot;
 
     #[test]
     fn a_saved_session_reopens_with_its_snapshots_even_after_a_torn_write() {

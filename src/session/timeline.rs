@@ -118,10 +118,11 @@ impl Timeline {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn snapshot(epoch: usize, step: usize) -> Snapshot {
+    /// A one-map snapshot of 16 x 16 cells, for tests.
+    pub(crate) fn snapshot(epoch: usize, step: usize) -> Snapshot {
         Snapshot {
             epoch,
             step,

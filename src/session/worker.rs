@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
 
 use super::state::{DatasetPaths, SessionState};
-use super::timeline::{Snapshot, Timeline};
+use super::timeline::Snapshot;
 use crate::config::TrainConfig;
 use crate::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
@@ -200,11 +200,11 @@ fn run_training(
     // The session record on disk is kept by this thread, so it survives the window: the
     // snapshot log grows as maps arrive, the rest is rewritten at each epoch end.
     let mut record = if request.resume {
-        SessionState::load(&request.run_dir).unwrap_or_else(|_| SessionState::new(&request.run_dir))
+        SessionState::load_without_snapshots(&request.run_dir)
+            .unwrap_or_else(|_| SessionState::new(&request.run_dir))
     } else {
         SessionState::new(&request.run_dir)
     };
-    record.timeline = Timeline::with_budget(0);
     record.class_names = data.class_names.clone();
     record.dataset = Some(DatasetPaths {
         images: request.images.clone(),
@@ -214,18 +214,20 @@ fn run_training(
     let mut trainer = Trainer::new(config, run, Arc::new(data), control.clone(), request.resume)
         .map_err(|error| error.to_string())?;
     let mut observer = |event: &TrainEvent| {
-        let mut written = Ok(());
-        if let TrainEvent::Preview { epoch, step, maps } = event {
-            let snapshot = Snapshot {
-                epoch: *epoch,
-                step: *step,
-                maps: maps.clone(),
-            };
-            written = SessionState::append_snapshot(&request.run_dir, &snapshot);
-        }
-        if record.apply(&WorkerEvent::Train(event.clone())) {
-            written = written.and(record.save());
-        }
+        let forwarded = WorkerEvent::Train(event.clone());
+        // Snapshots go to the log only; the record keeps what session.json holds.
+        let written = match event {
+            TrainEvent::Preview { epoch, step, maps } => SessionState::append_snapshot(
+                &request.run_dir,
+                &Snapshot {
+                    epoch: *epoch,
+                    step: *step,
+                    maps: maps.clone(),
+                },
+            ),
+            _ if record.apply(&forwarded) => record.save(),
+            _ => Ok(()),
+        };
         if let Err(error) = written
             && record_error.is_none()
         {
@@ -237,7 +239,7 @@ fn run_training(
             send(WorkerEvent::Warning(message.clone()));
             record_error = Some(message);
         }
-        if !send(WorkerEvent::Train(event.clone())) {
+        if !send(forwarded) {
             // Nobody listens any more: stop at the next batch boundary.
             control.stop();
         }

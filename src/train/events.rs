@@ -22,6 +22,20 @@ pub enum TrainPhase {
     Checkpointing,
 }
 
+impl TrainPhase {
+    /// The phase in words, for status lines and progress bars.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Loading => "Loading images",
+            Self::Features => "Computing pixel features",
+            Self::Clustering => "Clustering",
+            Self::Training => "Training",
+            Self::Evaluating => "Evaluating",
+            Self::Checkpointing => "Writing checkpoint",
+        }
+    }
+}
+
 /// The four PiCIE loss terms and their combination.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossTerms {
