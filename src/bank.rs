@@ -32,13 +32,10 @@ use image::imageops::{self, FilterType};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TrainConfig;
 use crate::data::{BaseTransform, load_one};
 use crate::fsutil;
 use crate::model::{FEATURE_STRIDE, PicieNet, images_to_tensor};
-use crate::train::{
-    RunError, RunFolder, TrainError, TrainEvent, TrainObserver, TrainPhase, TrainingData,
-};
+use crate::train::{RunError, RunFolder, TrainError, TrainingData};
 
 /// Folder of the bank inside a run folder.
 pub const BANK_DIR: &str = "bank";
@@ -1084,18 +1081,10 @@ pub fn build_bank(
     device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FeatureBank, BankError> {
-    check_patch(patch, data.eval_size)?;
-    if data.is_empty() || data.eval_images.len() != data.len() {
-        return Err(BankError::Empty);
-    }
+    let mut builder = BankBuilder::new(data, patch)?;
     let size = data.eval_size as usize;
-    let grid = size / patch;
-    let cell = patch / FEATURE_STRIDE;
-    let feature_side = size / FEATURE_STRIDE;
     // About 16 images of 320² a batch, fewer for larger inputs.
     let batch = (16 * 320 * 320 / (size * size)).clamp(1, 64);
-    let mut values: Vec<f16> = Vec::new();
-    let mut dim = 0;
     let mut done = 0;
     progress(0, data.len());
     for indices in (0..data.len()).collect::<Vec<_>>().chunks(batch) {
@@ -1103,14 +1092,57 @@ pub fn build_bank(
             .iter()
             .map(|&index| data.eval_images[index].as_slice())
             .collect();
-        let features = network.forward(images_to_tensor(&images, size, device));
+        builder.push(network.forward(images_to_tensor(&images, size, device)))?;
+        done += indices.len();
+        progress(done, data.len());
+    }
+    builder.finish(data, epoch)
+}
+
+/// Collects a bank batch by batch from the network's features of the un-augmented images,
+/// so a caller that already runs the network over them (the trainer's evaluation) does not
+/// run it a second time.
+#[derive(Debug)]
+pub struct BankBuilder {
+    patch: usize,
+    grid: usize,
+    cell: usize,
+    feature_side: usize,
+    dim: usize,
+    values: Vec<f16>,
+}
+
+impl BankBuilder {
+    /// A builder for the images of `data` with patches of `patch` input pixels.
+    pub fn new(data: &TrainingData, patch: usize) -> Result<Self, BankError> {
+        check_patch(patch, data.eval_size)?;
+        if data.is_empty() || data.eval_images.len() != data.len() {
+            return Err(BankError::Empty);
+        }
+        let size = data.eval_size as usize;
+        Ok(Self {
+            patch,
+            grid: size / patch,
+            cell: patch / FEATURE_STRIDE,
+            feature_side: size / FEATURE_STRIDE,
+            dim: 0,
+            values: Vec::new(),
+        })
+    }
+
+    /// Adds the next images' features `[B, D, h, w]` (the network's output, in image order).
+    pub fn push(&mut self, features: Tensor<4>) -> Result<(), BankError> {
         let [count, channels, height, width] = features.dims();
-        if height != feature_side || width != feature_side {
+        let (grid, cell) = (self.grid, self.cell);
+        if height != self.feature_side || width != self.feature_side {
             return Err(BankError::Device(format!(
-                "the network gave {height}x{width} features for a {size}-pixel input, expected {feature_side}x{feature_side}"
+                "the network gave {height}x{width} features for a {}-pixel input, expected {}x{}",
+                self.feature_side * FEATURE_STRIDE,
+                self.feature_side,
+                self.feature_side
             )));
         }
-        dim = channels;
+        self.dim = channels;
         // [B, D, h, w] -> [B, D, g, c, g, c] -> mean over the c's -> [B, g, g, D]
         let pooled = if cell == 1 {
             features
@@ -1126,30 +1158,33 @@ pub fn build_bank(
             .reshape([count * grid * grid, channels])
             .try_into_vec_as::<f32>()
             .map_err(|error| BankError::Device(format!("{error:?}")))?;
-        let start = values.len();
-        values.resize(start + rows.len(), f16::ZERO);
-        values[start..]
+        let start = self.values.len();
+        self.values.resize(start + rows.len(), f16::ZERO);
+        self.values[start..]
             .par_chunks_mut(channels)
             .zip(rows.par_chunks(channels))
             .for_each(|(out, row)| {
                 let unit = unit_vector(row, channels).unwrap_or_else(|| vec![0.0; channels]);
                 out.convert_from_f32_slice(&unit);
             });
-        done += indices.len();
-        progress(done, data.len());
+        Ok(())
     }
-    FeatureBank::from_f16(
-        BankInfo {
-            dim,
-            patch,
-            input_size: data.eval_size,
-            base_size: data.base_size,
-            grid,
-            epoch,
-            names: data.names.clone(),
-        },
-        values,
-    )
+
+    /// The bank of `data`'s images, from the features pushed, for `epoch`.
+    pub fn finish(self, data: &TrainingData, epoch: usize) -> Result<FeatureBank, BankError> {
+        FeatureBank::from_f16(
+            BankInfo {
+                dim: self.dim,
+                patch: self.patch,
+                input_size: data.eval_size,
+                base_size: data.base_size,
+                grid: self.grid,
+                epoch,
+                names: data.names.clone(),
+            },
+            self.values,
+        )
+    }
 }
 
 /// Builds and saves the feature bank of a finished run from its latest checkpoint, over the
@@ -1222,38 +1257,6 @@ pub struct BuiltBank {
     pub device: String,
     /// Images that could not be read, with the reason.
     pub skipped: Vec<String>,
-}
-
-/// The trainer's hook: when the config asks for a bank, builds it with the eval-mode
-/// `network` and saves it into the run folder, reporting progress as the Evaluating phase.
-pub(crate) fn refresh_run_bank(
-    network: &PicieNet,
-    data: &TrainingData,
-    config: &TrainConfig,
-    epoch: usize,
-    device: &Device,
-    run_dir: &Path,
-    observer: &mut dyn TrainObserver,
-) -> Result<(), BankError> {
-    if !config.feature_bank {
-        return Ok(());
-    }
-    let bank = build_bank(
-        network,
-        data,
-        config.bank_patch,
-        epoch,
-        device,
-        &mut |done, total| {
-            observer.on_event(&TrainEvent::Phase {
-                epoch,
-                phase: TrainPhase::Evaluating,
-                done,
-                total,
-            });
-        },
-    )?;
-    bank.save(run_dir)
 }
 
 // ---------------------------------------------------------------------------------------------

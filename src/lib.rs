@@ -18,6 +18,7 @@ pub mod eval;
 pub mod export;
 pub mod fsutil;
 pub mod labelmap;
+pub mod linalg;
 pub mod loss;
 pub mod model;
 pub mod palette;

@@ -4,6 +4,10 @@
 
 use eframe::egui;
 
+/// See `mimalloc` in Cargo.toml: faster training on the CPU backend.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> eframe::Result {
     let open_path = std::env::args_os().nth(1).map(std::path::PathBuf::from);
     let options = eframe::NativeOptions {

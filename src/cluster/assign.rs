@@ -6,7 +6,7 @@ use burn::tensor::{Device, Int, Tensor, Transaction};
 
 use super::kmeans::{DEFAULT_CHUNK_POINTS, chunks};
 use super::store::FeatureStore;
-use super::{Centroids, ClusterError, PixelLabels, check_clusters};
+use super::{Centroids, ClusterError, PixelLabels, check_clusters, host};
 
 /// Pixel labels with per-cluster statistics.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,11 +47,19 @@ pub fn assign_chunked(
             got: centroids.dim,
         });
     }
-    // [K, D] -> [D, K]
-    let centroids_t = centroids.to_tensor(device).transpose();
     let mut labels = PixelLabels::with_capacity(clusters, store.len());
     let mut counts = vec![0u64; clusters];
     let mut similarity_sums = vec![0f64; clusters];
+    if host::runs_on_host(device) {
+        host::labels(store, centroids, |label, similarity| {
+            labels.push_label(label);
+            counts[label] += 1;
+            similarity_sums[label] += f64::from(similarity);
+        })?;
+        return Ok(summarise(labels, counts, &similarity_sums, store.len()));
+    }
+    // [K, D] -> [D, K]
+    let centroids_t = centroids.to_tensor(device).transpose();
     // One chunk in flight: the next chunk is read and queued before the previous one is read
     // back, so an asynchronous device works while the host converts.
     let mut pending: Option<(Tensor<2>, Tensor<2, Int>)> = None;
@@ -76,23 +84,33 @@ pub fn assign_chunked(
             &mut similarity_sums,
         )?;
     }
+    Ok(summarise(labels, counts, &similarity_sums, store.len()))
+}
+
+/// The assignment with its per-cluster compactness and mean similarity.
+fn summarise(
+    labels: PixelLabels,
+    counts: Vec<u64>,
+    similarity_sums: &[f64],
+    points: usize,
+) -> Assignment {
     let total: f64 = similarity_sums.iter().sum();
     let compactness = counts
         .iter()
-        .zip(&similarity_sums)
+        .zip(similarity_sums)
         .map(|(&count, &sum)| (count > 0).then(|| sum / count as f64))
         .collect();
-    let mean_similarity = if store.is_empty() {
+    let mean_similarity = if points == 0 {
         0.0
     } else {
-        total / store.len() as f64
+        total / points as f64
     };
-    Ok(Assignment {
+    Assignment {
         labels,
         counts,
         compactness,
         mean_similarity,
-    })
+    }
 }
 
 /// Queues the best similarity and its centroid index for each point of `rows`, `[C, 1]` each.

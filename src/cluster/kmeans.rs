@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::store::FeatureStore;
-use super::{Centroids, ClusterError, check_clusters, normalize};
+use super::{Centroids, ClusterError, check_clusters, host, normalize};
 
 /// Points per device chunk unless configured otherwise (`[16384, K]` similarities at a time).
 /// On the Flex CPU backend 16k-point chunks (8 MiB of f32) ran a Lloyd pass about twice as
@@ -219,8 +219,16 @@ pub fn kmeans_with(
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5DEE_CE66_D1CE_4E5B);
     let mut steps = Vec::with_capacity(config.iterations + 1);
     let mut last_counts = None;
+    let resident = resident_chunks(store, 0..seed_end, config, device)?;
     for _ in 0..config.iterations {
-        let totals = lloyd_pass(store, 0..seed_end, &centroids, config.chunk_points, device)?;
+        let totals = lloyd_pass(
+            store,
+            0..seed_end,
+            &centroids,
+            config.chunk_points,
+            device,
+            resident.as_deref(),
+        )?;
         let step = update(&totals, &centroids, &mut rng);
         on_step(&step.stats);
         last_counts = Some(step.split_counts);
@@ -231,7 +239,17 @@ pub fn kmeans_with(
         let counts = match last_counts {
             Some(counts) => counts,
             // No seed iterations: the seed points' counts under the initial centroids.
-            None => lloyd_pass(store, 0..seed_end, &centroids, config.chunk_points, device)?.counts,
+            None => {
+                lloyd_pass(
+                    store,
+                    0..seed_end,
+                    &centroids,
+                    config.chunk_points,
+                    device,
+                    resident.as_deref(),
+                )?
+                .counts
+            }
         };
         let (updated, stats) = minibatch_pass(
             store,
@@ -262,7 +280,7 @@ pub fn lloyd_step(
     device: &Device,
 ) -> Result<LloydStep, ClusterError> {
     check_centroids(centroids, centroids.clusters, store.dim())?;
-    let totals = lloyd_pass(store, 0..store.len(), centroids, chunk_points, device)?;
+    let totals = lloyd_pass(store, 0..store.len(), centroids, chunk_points, device, None)?;
     let step = update(&totals, centroids, &mut ChaCha8Rng::seed_from_u64(seed));
     Ok(LloydStep {
         centroids: step.centroids,
@@ -454,15 +472,49 @@ fn cluster_id_row(clusters: usize, device: &Device) -> Tensor<2, Int> {
     Tensor::<1, Int>::arange(0..clusters as i64, device).reshape([1, clusters])
 }
 
-/// One assignment pass over `range`, accumulating the totals on the device and reading them
-/// back once at the end, so the device is never stalled between chunks.
+/// Bytes of f32 rows k-means keeps on a device for all its iterations; larger stores are
+/// uploaded again chunk by chunk on every iteration.
+const RESIDENT_BUDGET_BYTES: usize = 2 << 30;
+
+/// The chunks of `range` uploaded once, when k-means runs on a device (not on the host) and
+/// they fit [`RESIDENT_BUDGET_BYTES`]: converting and uploading every chunk again on each
+/// iteration would cost more than the pass itself on a GPU.
+fn resident_chunks(
+    store: &FeatureStore,
+    range: Range<usize>,
+    config: &KMeansConfig,
+    device: &Device,
+) -> Result<Option<Vec<Tensor<2>>>, ClusterError> {
+    let bytes = range.len() * store.dim() * std::mem::size_of::<f32>();
+    if host::runs_on_host(device) || config.iterations < 2 || bytes > RESIDENT_BUDGET_BYTES {
+        return Ok(None);
+    }
+    chunks(range, config.chunk_points)
+        .map(|chunk| store.chunk(chunk, device))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// One assignment pass over `range` (read from `resident` when its chunks are already on the
+/// device), accumulating the totals on the device and reading them back once at the end, so
+/// the device is never stalled between chunks.
 fn lloyd_pass(
     store: &FeatureStore,
     range: Range<usize>,
     centroids: &Centroids,
     chunk_points: usize,
     device: &Device,
+    resident: Option<&[Tensor<2>]>,
 ) -> Result<PassTotals, ClusterError> {
+    if host::runs_on_host(device) {
+        let totals = host::totals(store, range.clone(), centroids)?;
+        return Ok(PassTotals {
+            sums: totals.sums,
+            counts: totals.counts,
+            similarity_sum: totals.similarity_sum,
+            points: range.len(),
+        });
+    }
     let clusters = centroids.clusters;
     let dim = centroids.dim;
     // [K, D] -> [D, K]
@@ -471,12 +523,12 @@ fn lloyd_pass(
     let mut sums = Tensor::<2>::zeros([clusters, dim], device);
     let mut counts = Tensor::<2, Int>::zeros([1, clusters], device);
     let mut similarities = Vec::new();
-    for chunk in chunks(range.clone(), chunk_points) {
-        let totals = chunk_totals(
-            store.chunk(chunk, device)?,
-            centroids_t.clone(),
-            cluster_ids.clone(),
-        );
+    for (index, chunk) in chunks(range.clone(), chunk_points).enumerate() {
+        let points = match resident {
+            Some(resident) => resident[index].clone(),
+            None => store.chunk(chunk, device)?,
+        };
+        let totals = chunk_totals(points, centroids_t.clone(), cluster_ids.clone());
         sums = sums + totals.sums;
         counts = counts + totals.counts;
         // Kept per chunk and summed in f64 on the host: an f32 running total of 10^8 terms
@@ -644,20 +696,27 @@ fn minibatch_pass(
     let mut pass_counts = vec![0u64; clusters];
     let mut similarity_sum = 0.0;
     for chunk in chunks(range.clone(), chunk_points) {
-        // [K, D] -> [D, K]
-        let centroids_t = current.to_tensor(device).transpose();
-        let totals = chunk_totals(
-            store.chunk(chunk, device)?,
-            centroids_t,
-            cluster_ids.clone(),
-        );
         // The next chunk's assignment depends on this update: read back every chunk.
-        let HostTotals {
-            sums,
-            counts,
-            similarity,
-        } = read_totals(totals.sums, totals.counts, totals.similarity)?;
-        similarity_sum += similarity.iter().map(|&s| f64::from(s)).sum::<f64>();
+        let (sums, counts) = if host::runs_on_host(device) {
+            let totals = host::totals(store, chunk, &current)?;
+            similarity_sum += totals.similarity_sum;
+            (totals.sums, totals.counts)
+        } else {
+            // [K, D] -> [D, K]
+            let centroids_t = current.to_tensor(device).transpose();
+            let totals = chunk_totals(
+                store.chunk(chunk, device)?,
+                centroids_t,
+                cluster_ids.clone(),
+            );
+            let HostTotals {
+                sums,
+                counts,
+                similarity,
+            } = read_totals(totals.sums, totals.counts, totals.similarity)?;
+            similarity_sum += similarity.iter().map(|&s| f64::from(s)).sum::<f64>();
+            (sums, counts)
+        };
         for k in 0..clusters {
             let n = counts[k];
             if n == 0 {

@@ -9,6 +9,7 @@
 mod align;
 mod assign;
 mod edit;
+mod host;
 mod kmeans;
 mod store;
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use align::{match_to_previous, permute_centroids, permute_labels, permute_per_cluster};
 pub use assign::{Assignment, assign, assign_chunked};
 pub use edit::{ClusterEdit, EditedClusters, edit_centroids};
+pub use host::runs_on_host;
 pub use kmeans::{
     AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_INIT_SAMPLE,
     DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansMode, KMeansResult, LloydStep,

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{MAX_CLUSTERS, PixelLabels};
 
+mod stored;
+pub use stored::confusion_from_store;
+
 /// The label value of pixels that are not scored.
 pub const IGNORE_LABEL: u8 = 255;
 

@@ -4,6 +4,7 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::{Device, Tensor};
 
+use super::conv::conv2d_forward;
 use super::weights::{ParamVisitor, WeightsError};
 use super::{BackboneTaps, FEATURE_DIM};
 
@@ -28,11 +29,11 @@ impl Fpn {
     /// over channels: `[B, 128, H/4, W/4]`.
     pub fn forward(&self, taps: BackboneTaps) -> Tensor<4> {
         let taps = [taps.c2, taps.c3, taps.c4, taps.c5];
-        let mut pyramid = self.laterals[3].forward(taps[3].clone());
+        let mut pyramid = conv2d_forward(&self.laterals[3], taps[3].clone());
         for level in (0..3).rev() {
             let [_, _, height, width] = taps[level].dims();
             pyramid = upsample_bilinear(pyramid, [height, width])
-                + self.laterals[level].forward(taps[level].clone());
+                + conv2d_forward(&self.laterals[level], taps[level].clone());
         }
         l2_normalize_channels(pyramid)
     }

@@ -83,7 +83,8 @@ pub fn batch_norm(channels: usize, device: &Device) -> BatchNorm {
 impl ConvBn {
     /// Convolution then BatchNorm, no activation.
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        self.norm.forward(self.conv.forward(input))
+        let output = super::conv::conv2d_forward(&self.conv, input);
+        super::conv::batch_norm_forward(&self.norm, output)
     }
 
     /// Visits the weights under torchvision's names: `{conv_key}.weight` and the BatchNorm's
@@ -101,5 +102,5 @@ impl ConvBn {
 
 /// ReLU6, as MobileNetV2 uses it.
 pub fn relu6(input: Tensor<4>) -> Tensor<4> {
-    input.clamp(0.0, 6.0)
+    super::conv::clamp_forward(input, 0.0, 6.0)
 }

@@ -1,8 +1,12 @@
 //! The networks: ResNet-18 and MobileNetV2 backbones (torchvision layout) with the PiCIE FPN.
 
+pub mod conv;
+pub mod conv_grad;
+pub mod elementwise;
 pub mod fpn;
 pub mod layers;
 pub mod mobilenet;
+pub mod norm_host;
 pub mod resize;
 pub mod resnet;
 mod torch_zip;

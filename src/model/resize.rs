@@ -40,24 +40,56 @@ impl AxisWindow {
 ///
 /// When the window is empty or does not fit in `in_len`.
 pub fn bilinear_axis_matrix(in_len: usize, window: AxisWindow, out_len: usize) -> Vec<f32> {
-    assert!(
-        window.len > 0 && window.start + window.len <= in_len,
-        "bilinear_axis_matrix: window {window:?} outside an axis of {in_len}"
-    );
     let mut matrix = vec![0f32; out_len * in_len];
-    let scale = window.len as f64 / out_len as f64;
-    for out in 0..out_len {
-        // A flipped output reads the sample the unflipped one would have at the mirror position.
-        let unflipped = if window.flip { out_len - 1 - out } else { out };
-        let source = ((unflipped as f64 + 0.5) * scale - 0.5).max(0.0);
-        let lower = (source.floor() as usize).min(window.len - 1);
-        let upper = (lower + 1).min(window.len - 1);
-        let upper_weight = (source - lower as f64) as f32;
+    for (out, tap) in bilinear_taps(in_len, window, out_len)
+        .into_iter()
+        .enumerate()
+    {
         let row = &mut matrix[out * in_len..(out + 1) * in_len];
-        row[window.start + lower] += 1.0 - upper_weight;
-        row[window.start + upper] += upper_weight;
+        row[tap.lower] += 1.0 - tap.upper_weight;
+        row[tap.upper] += tap.upper_weight;
     }
     matrix
+}
+
+/// The two source samples an output sample of a bilinear resize blends, and the weight of the
+/// upper one (the lower one has `1 - upper_weight`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BilinearTap {
+    /// Index of the lower source sample on the whole axis.
+    pub lower: usize,
+    /// Index of the upper source sample (the lower one at the window's end).
+    pub upper: usize,
+    /// Weight of the upper sample.
+    pub upper_weight: f32,
+}
+
+/// One [`BilinearTap`] per output sample, with the rule of [`bilinear_axis_matrix`].
+///
+/// # Panics
+///
+/// When the window is empty or does not fit in `in_len`.
+pub fn bilinear_taps(in_len: usize, window: AxisWindow, out_len: usize) -> Vec<BilinearTap> {
+    assert!(
+        window.len > 0 && window.start + window.len <= in_len,
+        "bilinear_taps: window {window:?} outside an axis of {in_len}"
+    );
+    let scale = window.len as f64 / out_len as f64;
+    (0..out_len)
+        .map(|out| {
+            // A flipped output reads the sample the unflipped one would have at the mirror
+            // position.
+            let unflipped = if window.flip { out_len - 1 - out } else { out };
+            let source = ((unflipped as f64 + 0.5) * scale - 0.5).max(0.0);
+            let lower = (source.floor() as usize).min(window.len - 1);
+            let upper = (lower + 1).min(window.len - 1);
+            BilinearTap {
+                lower: window.start + lower,
+                upper: window.start + upper,
+                upper_weight: (source - lower as f64) as f32,
+            }
+        })
+        .collect()
 }
 
 /// Bilinear resize of `input` `[B, C, h, w]` to `size` `[H, W]`, differentiable on every

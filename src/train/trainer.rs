@@ -16,13 +16,14 @@ use super::events::{
     TrainPhase,
 };
 use super::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
+use crate::bank::{BankBuilder, FeatureBank, build_bank};
 use crate::cluster::{
     self, Centroids, ClusterEdit, FeatureStore, KMeansConfig, PixelLabels, SpillConfig,
 };
 use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig};
 use crate::data::views::{self, ViewParams};
 use crate::device::{ComputeDevice, DeviceError, select_device};
-use crate::eval::{ConfusionMatrix, Evaluation};
+use crate::eval::{Evaluation, confusion_from_store};
 use crate::loss::{class_weights, picie_loss};
 use crate::model::{FEATURE_DIM, PicieNet, WeightsError, build_network, images_to_tensor};
 
@@ -204,7 +205,8 @@ impl Trainer {
         if first_epoch == 1 {
             // The untrained network, scored and saved exactly as trained ones are.
             let network = model.network.valid();
-            let evaluation = self.evaluate(&network, &compute.device, 0, None, observer)?;
+            let (evaluation, _) =
+                self.evaluate(&network, &compute.device, 0, None, false, observer)?;
             if let Some(evaluation) = &evaluation {
                 metrics.no_train = Some(Score {
                     acc: evaluation.accuracy,
@@ -313,11 +315,12 @@ impl Trainer {
             }
 
             let evaluation_started = Instant::now();
-            let evaluation = self.evaluate(
+            let (evaluation, bank) = self.evaluate(
                 &model.network.valid(),
                 &compute.device,
                 epoch,
                 Some(&epoch_clusters.centroids_first),
+                self.config.feature_bank,
                 observer,
             )?;
             let record = EpochRecord {
@@ -351,15 +354,9 @@ impl Trainer {
                 &model.optimizer,
                 &labels_bytes,
             )?;
-            crate::bank::refresh_run_bank(
-                &model.network.valid(),
-                &self.data,
-                &self.config,
-                epoch,
-                &compute.device,
-                self.run.root(),
-                observer,
-            )?;
+            if let Some(bank) = bank {
+                bank.save(self.run.root())?;
+            }
             metrics.epochs.retain(|existing| existing.epoch < epoch);
             metrics.epochs.push(record.clone());
             self.run.write_metrics(&metrics)?;
@@ -855,23 +852,47 @@ impl Trainer {
         Ok((sums.divided_by(batches.len()), true))
     }
 
+    /// Scores the network on the un-augmented images (when they have labels) and, with
+    /// `with_bank`, builds their feature bank from the same forward pass.
     fn evaluate(
         &self,
         network: &PicieNet,
         device: &Device,
         epoch: usize,
         cluster_ids_of: Option<&Centroids>,
+        with_bank: bool,
         observer: &mut dyn TrainObserver,
-    ) -> Result<Option<Evaluation>, TrainError> {
-        evaluate_network(
+    ) -> Result<(Option<Evaluation>, Option<FeatureBank>), TrainError> {
+        if self.data.eval_labels.is_none() && !with_bank {
+            return Ok((None, None));
+        }
+        let mut bank = if with_bank {
+            Some(BankBuilder::new(&self.data, self.config.bank_patch)?)
+        } else {
+            None
+        };
+        let store = eval_features(
             network,
+            &self.data,
+            &self.config,
+            device,
+            epoch,
+            bank.as_mut(),
+            observer,
+        )?;
+        let evaluation = evaluate_stored(
+            &store,
             &self.data,
             &self.config,
             device,
             epoch,
             cluster_ids_of,
             observer,
-        )
+        )?;
+        let bank = bank
+            .map(|builder| builder.finish(&self.data, epoch))
+            .transpose()?;
+        Ok((evaluation, bank))
     }
 
     /// Writes the final checkpoint (for epoch 0) and the centroids of the un-augmented images
@@ -899,15 +920,24 @@ impl Trainer {
                 &model.optimizer,
                 &[],
             )?;
-            crate::bank::refresh_run_bank(
-                &network,
-                &self.data,
-                &self.config,
-                0,
-                device,
-                self.run.root(),
-                observer,
-            )?;
+            if self.config.feature_bank {
+                let bank = build_bank(
+                    &network,
+                    &self.data,
+                    self.config.bank_patch,
+                    0,
+                    device,
+                    &mut |done, total| {
+                        observer.on_event(&TrainEvent::Phase {
+                            epoch: 0,
+                            phase: TrainPhase::Evaluating,
+                            done,
+                            total,
+                        });
+                    },
+                )?;
+                bank.save(self.run.root())?;
+            }
         }
         let centroids = cluster_unaugmented(
             &network,
@@ -956,13 +986,15 @@ fn labels_from_bytes(bytes: &[u8], clusters: usize) -> PixelLabels {
     }
 }
 
-/// Features of the un-augmented images (network in eval mode), in dataset order.
+/// Features of the un-augmented images (network in eval mode), in dataset order; with `bank`,
+/// the same features also go into a feature bank.
 fn eval_features(
     network: &PicieNet,
     data: &TrainingData,
     config: &TrainConfig,
     device: &Device,
     epoch: usize,
+    mut bank: Option<&mut BankBuilder>,
     observer: &mut dyn TrainObserver,
 ) -> Result<FeatureStore, TrainError> {
     let size = data.eval_size as usize;
@@ -981,6 +1013,9 @@ fn eval_features(
             .map(|&i| data.eval_images[i].as_slice())
             .collect();
         let features = network.forward(images_to_tensor(&images, size, device));
+        if let Some(bank) = bank.as_deref_mut() {
+            bank.push(features.clone())?;
+        }
         store.push_feature_maps(features).map_err(cluster_error)?;
     }
     Ok(store)
@@ -996,11 +1031,21 @@ pub fn cluster_unaugmented(
     epoch: usize,
     observer: &mut dyn TrainObserver,
 ) -> Result<Centroids, TrainError> {
-    let store = eval_features(network, data, config, device, epoch, observer)?;
+    let store = eval_features(network, data, config, device, epoch, None, observer)?;
+    cluster_store(&store, config, clusters, device)
+}
+
+/// Fresh k-means of stored un-augmented features (seeded by the config's seed).
+fn cluster_store(
+    store: &FeatureStore,
+    config: &TrainConfig,
+    clusters: usize,
+    device: &Device,
+) -> Result<Centroids, TrainError> {
     let kmeans = KMeansConfig::new(clusters)
         .with_iterations(config.kmeans_iterations)
         .with_seed(config.seed);
-    Ok(cluster::kmeans(&store, &kmeans, device)
+    Ok(cluster::kmeans(store, &kmeans, device)
         .map_err(cluster_error)?
         .centroids)
 }
@@ -1018,11 +1063,37 @@ pub fn evaluate_network(
     cluster_ids_of: Option<&Centroids>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Option<Evaluation>, TrainError> {
+    if data.eval_labels.is_none() || data.classes().is_none() {
+        return Ok(None);
+    }
+    let store = eval_features(network, data, config, device, epoch, None, observer)?;
+    evaluate_stored(
+        &store,
+        data,
+        config,
+        device,
+        epoch,
+        cluster_ids_of,
+        observer,
+    )
+}
+
+/// [`evaluate_network`] from the features [`eval_features`] stored: one forward pass serves
+/// the clustering and the scoring.
+fn evaluate_stored(
+    store: &FeatureStore,
+    data: &TrainingData,
+    config: &TrainConfig,
+    device: &Device,
+    epoch: usize,
+    cluster_ids_of: Option<&Centroids>,
+    observer: &mut dyn TrainObserver,
+) -> Result<Option<Evaluation>, TrainError> {
     let (Some(labels), Some(classes)) = (&data.eval_labels, data.classes()) else {
         return Ok(None);
     };
     let k = config.eval_clusters.unwrap_or(classes);
-    let mut centroids = cluster_unaugmented(network, data, config, k, device, epoch, observer)?;
+    let mut centroids = cluster_store(store, config, k, device)?;
     // Numbered like the training clusters, so the cluster-to-class matching names the
     // clusters the user sees; the scores do not depend on the numbering.
     if let Some(reference) = cluster_ids_of {
@@ -1030,24 +1101,16 @@ pub fn evaluate_network(
         centroids = cluster::permute_centroids(&centroids, &new_ids);
     }
     let size = data.eval_size as usize;
-    let mut confusion = ConfusionMatrix::new(k, classes);
-    let mu = centroids.to_tensor(device);
-    let indices: Vec<usize> = (0..data.len()).collect();
-    for batch in indices.chunks(config.batch_size) {
-        let images: Vec<&[u8]> = batch
-            .iter()
-            .map(|&i| data.eval_images[i].as_slice())
-            .collect();
-        let features = network.forward(images_to_tensor(&images, size, device));
-        let predictions = crate::eval::upsample_logits_argmax(features, mu.clone(), [size, size])
-            .map_err(cluster_error)?;
-        for (prediction, &index) in predictions.iter().zip(batch.iter()) {
-            let prediction: Vec<usize> = prediction.iter().collect();
-            confusion
-                .add(&prediction, &labels[index])
-                .map_err(cluster_error)?;
-        }
-    }
+    let side = size / crate::model::FEATURE_STRIDE;
+    let confusion = confusion_from_store(
+        store,
+        [side, side],
+        &centroids,
+        labels,
+        [size, size],
+        classes,
+    )
+    .map_err(cluster_error)?;
     let evaluation = Evaluation::from_confusion(&confusion);
     observer.on_event(&TrainEvent::Evaluated {
         epoch,

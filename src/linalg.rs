@@ -1,0 +1,168 @@
+//! Matrix products on host memory through the `gemm` crate (the GEMM burn's Flex backend
+//! uses), for the CPU paths that work on plain slices: convolution gradients and k-means.
+//!
+//! `gemm` splits a product over blocks of its output and never over its depth, so every
+//! result is the same whatever the number of threads.
+
+use gemm::{Parallelism, gemm};
+
+/// A read-only `rows x cols` matrix inside a slice, with any row and column strides.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// The row-major matrix `data[r * cols + c]`.
+    ///
+    /// # Panics
+    /// If `data` is shorter than `rows * cols`.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "matrix data too short");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, without copying.
+    pub fn transposed(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn last_index(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+        }
+    }
+}
+
+/// Whether a product may use the rayon pool or must stay on the calling thread (when the
+/// caller already runs one product per thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// Split the product over rayon's threads.
+    Pool,
+    /// Run it on the calling thread.
+    Current,
+}
+
+/// `dst [m, n] (row-major) = lhs [m, k] x rhs [k, n]`, or `dst += lhs x rhs` when
+/// `accumulate`.
+///
+/// # Panics
+/// If the inner dimensions differ or `dst` is not `m * n` long.
+pub fn matmul(
+    dst: &mut [f32],
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    accumulate: bool,
+    threads: Threads,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "inner dimensions");
+    assert_eq!(dst.len(), m * n, "destination size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    assert!(lhs.last_index() < lhs.data.len() && rhs.last_index() < rhs.data.len());
+    let parallelism = match threads {
+        Threads::Pool => Parallelism::Rayon(0),
+        Threads::Current => Parallelism::None,
+    };
+    // SAFETY: every index the product touches is inside the slices (checked above), and `dst`
+    // is borrowed exclusively, so it aliases neither input.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_of_strided_views_match_the_definition() {
+        let a: Vec<f32> = (0..6).map(|v| v as f32).collect(); // [2, 3]
+        let b: Vec<f32> = (0..12).map(|v| (v as f32) * 0.5 - 2.0).collect(); // [3, 4]
+        let mut product = vec![0.0; 8];
+        matmul(
+            &mut product,
+            MatRef::row_major(&a, 2, 3),
+            MatRef::row_major(&b, 3, 4),
+            false,
+            Threads::Pool,
+        );
+        for r in 0..2 {
+            for c in 0..4 {
+                let expected: f32 = (0..3).map(|k| a[r * 3 + k] * b[k * 4 + c]).sum();
+                assert_eq!(product[r * 4 + c], expected);
+            }
+        }
+        // (B^T)^T A^T... : [4, 3] x [3, 2] = (A B)^T, accumulated on top of itself.
+        let mut transposed = vec![1.0; 8];
+        matmul(
+            &mut transposed,
+            MatRef::row_major(&b, 3, 4).transposed(),
+            MatRef::row_major(&a, 2, 3).transposed(),
+            true,
+            Threads::Current,
+        );
+        for r in 0..4 {
+            for c in 0..2 {
+                assert_eq!(transposed[r * 2 + c], product[c * 4 + r] + 1.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,989 @@
+//! Gradients of 2-D convolutions on host memory (f32, NCHW), for burn's Flex backend.
+//!
+//! Flex has no native convolution backward: burn's generic fallback computes the weight
+//! gradient as a convolution with the output gradient as kernel (one small GEMM per kernel
+//! position), the input gradient through a transposed convolution, and loops over every group
+//! for depthwise convolutions. Here both gradients are a few large GEMMs on im2col columns
+//! (dense convolutions) or direct loops (depthwise ones), as PyTorch's CPU kernels do.
+//!
+//! Results do not depend on the number of threads: every sum runs in a fixed order (GEMMs
+//! split their output, never their depth; depthwise loops split channels or image planes).
+
+use rayon::prelude::*;
+
+use crate::linalg::{MatRef, Threads, matmul};
+
+/// im2col columns per GEMM the dense path aims for: deep layers have few output pixels per
+/// image, so several images share one GEMM to keep it large enough to run well in parallel.
+const TARGET_COLUMNS: usize = 4096;
+/// Upper bound on the im2col buffer, in floats (32 MiB).
+const COLUMN_BUDGET: usize = 8 << 20;
+/// From this many im2col columns on, the forward pass runs the transposed product.
+const TRANSPOSED_FORWARD_COLUMNS: usize = 2048;
+
+/// Shape and hyper-parameters of one 2-D convolution `x [N, Ci, H, W] -> y [N, Co, Ho, Wo]`
+/// with weights `[Co, Ci / groups, kh, kw]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Images in the batch (N).
+    pub batch: usize,
+    /// Input channels (Ci).
+    pub channels_in: usize,
+    /// Output channels (Co).
+    pub channels_out: usize,
+    /// Input height and width.
+    pub input: [usize; 2],
+    /// Output height and width (they carry any asymmetric end padding).
+    pub output: [usize; 2],
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Stride per direction.
+    pub stride: [usize; 2],
+    /// Padding before the first row and column.
+    pub padding: [usize; 2],
+    /// Dilation per direction.
+    pub dilation: [usize; 2],
+    /// Convolution groups.
+    pub groups: usize,
+}
+
+/// Which gradient kernels a convolution can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKind {
+    /// One group: im2col + GEMM.
+    Dense,
+    /// One input and one output channel per group: direct loops.
+    Depthwise,
+}
+
+impl ConvShape {
+    /// The kernels for this shape, or `None` for grouped convolutions that are neither dense
+    /// nor depthwise (those keep burn's generic backward).
+    pub fn kind(&self) -> Option<ConvKind> {
+        if self.groups == 1 {
+            Some(ConvKind::Dense)
+        } else if self.groups == self.channels_in && self.groups == self.channels_out {
+            Some(ConvKind::Depthwise)
+        } else {
+            None
+        }
+    }
+
+    fn input_plane(&self) -> usize {
+        self.input[0] * self.input[1]
+    }
+
+    fn output_plane(&self) -> usize {
+        self.output[0] * self.output[1]
+    }
+
+    fn kernel_area(&self) -> usize {
+        self.kernel[0] * self.kernel[1]
+    }
+
+    /// Elements of the input (and of its gradient).
+    pub fn input_len(&self) -> usize {
+        self.batch * self.channels_in * self.input_plane()
+    }
+
+    /// Elements of the output gradient.
+    pub fn output_len(&self) -> usize {
+        self.batch * self.channels_out * self.output_plane()
+    }
+
+    /// Elements of the weight (and of its gradient).
+    pub fn weight_len(&self) -> usize {
+        self.channels_out * (self.channels_in / self.groups.max(1)) * self.kernel_area()
+    }
+
+    /// The output positions `o` along `axis` whose input index `o * stride + offset - padding`
+    /// falls inside the input, for kernel offset `offset` (already multiplied by dilation).
+    fn valid_outputs(&self, axis: usize, offset: usize) -> std::ops::Range<usize> {
+        let (stride, padding) = (self.stride[axis], self.padding[axis]);
+        let (input, output) = (self.input[axis], self.output[axis]);
+        let end = if input + padding <= offset {
+            0
+        } else {
+            ((input - 1 + padding - offset) / stride + 1).min(output)
+        };
+        let start = padding.saturating_sub(offset).div_ceil(stride).min(end);
+        start..end
+    }
+
+    fn check(&self, x: Option<&[f32]>, weight: Option<&[f32]>, output_grad: &[f32]) {
+        assert_eq!(output_grad.len(), self.output_len(), "output gradient size");
+        if let Some(x) = x {
+            assert_eq!(x.len(), self.input_len(), "input size");
+        }
+        if let Some(weight) = weight {
+            assert_eq!(weight.len(), self.weight_len(), "weight size");
+        }
+    }
+}
+
+/// The gradient of the loss with respect to the weight, `[Co, Ci / groups, kh, kw]`.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a grouped shape without kernels ([`ConvShape::kind`]).
+pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    shape.check(Some(x), None, output_grad);
+    match shape.kind() {
+        Some(ConvKind::Dense) => dense_grads(shape, x, None, output_grad, true).1,
+        Some(ConvKind::Depthwise) => depthwise_weight_grad(shape, x, output_grad),
+        None => panic!(
+            "no gradient kernel for a convolution with {} groups",
+            shape.groups
+        ),
+    }
+}
+
+/// The gradient of the loss with respect to the input, `[N, Ci, H, W]`.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a grouped shape without kernels ([`ConvShape::kind`]).
+pub fn input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    shape.check(None, Some(weight), output_grad);
+    match shape.kind() {
+        Some(ConvKind::Dense) => dense_grads(shape, &[], Some(weight), output_grad, false).0,
+        Some(ConvKind::Depthwise) => depthwise_input_grad(shape, weight, output_grad),
+        None => panic!(
+            "no gradient kernel for a convolution with {} groups",
+            shape.groups
+        ),
+    }
+}
+
+/// Both gradients, `(input, weight)`, sharing the im2col columns of the dense path.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a grouped shape without kernels ([`ConvShape::kind`]).
+pub fn input_and_weight_grads(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    output_grad: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    shape.check(Some(x), Some(weight), output_grad);
+    match shape.kind() {
+        Some(ConvKind::Dense) => dense_grads(shape, x, Some(weight), output_grad, true),
+        Some(ConvKind::Depthwise) => (
+            depthwise_input_grad(shape, weight, output_grad),
+            depthwise_weight_grad(shape, x, output_grad),
+        ),
+        None => panic!(
+            "no gradient kernel for a convolution with {} groups",
+            shape.groups
+        ),
+    }
+}
+
+/// Images per GEMM in the dense path.
+fn images_per_group(shape: &ConvShape) -> usize {
+    let pixels = shape.output_plane().max(1);
+    let rows = shape.channels_in * shape.kernel_area();
+    let by_work = TARGET_COLUMNS.div_ceil(pixels);
+    let by_memory = (COLUMN_BUDGET / (rows * pixels).max(1)).max(1);
+    by_work.min(by_memory).clamp(1, shape.batch.max(1))
+}
+
+/// Dense (one group) convolution gradients by im2col + GEMM. The batch is cut into groups of
+/// images (a fixed cut, so sums do not depend on scheduling), handled in parallel: each group
+/// unfolds its images into columns `cols [K, g*P]`, computes its share of the weight gradient
+/// as `cols x dY^T` (`[K, Co]`, the orientation the GEMM runs fastest for these shapes) and
+/// its images' input gradient as col2im of `W^T x dY`. The shares are summed in group order.
+/// Returns `(input gradient or empty, weight gradient or empty)`.
+fn dense_grads(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: Option<&[f32]>,
+    output_grad: &[f32],
+    want_weight: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = shape.channels_in * shape.kernel_area();
+    let channels_out = shape.channels_out;
+    let group = images_per_group(shape);
+    let image_in = shape.channels_in * shape.input_plane();
+    // The GEMM runs `dW^T = cols x dY^T` (then one transpose) two to three times faster than
+    // `dW = dY x cols^T` when few output channels make `dW` a short, wide matrix; with many,
+    // the direct form is as fast and saves the transpose.
+    let weight_grad_transposed = channels_out < 256;
+    let process = |first: usize, count: usize, input_grad: Option<&mut [f32]>| {
+        let width = count * shape.output_plane();
+        let grouped;
+        let grad = if count == 1 {
+            output_image(shape, output_grad, first)
+        } else {
+            grouped = gather_output_rows(shape, output_grad, first, count);
+            &grouped
+        };
+        let grad = MatRef::row_major(grad, channels_out, width);
+        let mut columns = vec![0.0; rows * width];
+        let share = want_weight.then(|| {
+            im2col(
+                shape,
+                &x[first * image_in..(first + count) * image_in],
+                count,
+                &mut columns,
+            );
+            let mut share = vec![0.0; rows * channels_out];
+            let columns = MatRef::row_major(&columns, rows, width);
+            if weight_grad_transposed {
+                matmul(&mut share, columns, grad.transposed(), false, Threads::Pool);
+            } else {
+                matmul(&mut share, grad, columns.transposed(), false, Threads::Pool);
+            }
+            share
+        });
+        if let (Some(weight), Some(input_grad)) = (weight, input_grad) {
+            let weight_t = MatRef::row_major(weight, channels_out, rows).transposed();
+            matmul(&mut columns, weight_t, grad, false, Threads::Pool);
+            col2im(shape, &columns, count, input_grad);
+        }
+        share
+    };
+    let count_from = |first: usize| group.min(shape.batch - first);
+    let mut input_grad = Vec::new();
+    let shares: Vec<Option<Vec<f32>>> = if weight.is_some() {
+        input_grad = vec![0.0; shape.input_len()];
+        input_grad
+            .par_chunks_mut(group * image_in)
+            .enumerate()
+            .map(|(index, slice)| process(index * group, count_from(index * group), Some(slice)))
+            .collect()
+    } else {
+        (0..shape.batch.div_ceil(group))
+            .into_par_iter()
+            .map(|index| process(index * group, count_from(index * group), None))
+            .collect()
+    };
+    let weight_grad = if want_weight {
+        let mut total = vec![0.0f32; rows * channels_out];
+        for share in shares.into_iter().flatten() {
+            for (sum, value) in total.iter_mut().zip(share) {
+                *sum += value;
+            }
+        }
+        if weight_grad_transposed {
+            transpose(&total, rows, channels_out)
+        } else {
+            total
+        }
+    } else {
+        Vec::new()
+    };
+    (input_grad, weight_grad)
+}
+
+/// The forward pass of a dense (one group) convolution without bias, `[N, Co, Ho, Wo]`: per
+/// group of images, `W [Co, K] x cols [K, g*P]`.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a shape with more than one group.
+pub fn dense_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    assert_eq!(
+        shape.kind(),
+        Some(ConvKind::Dense),
+        "dense_forward of a grouped convolution"
+    );
+    assert_eq!(x.len(), shape.input_len(), "input size");
+    assert_eq!(weight.len(), shape.weight_len(), "weight size");
+    let rows = shape.channels_in * shape.kernel_area();
+    let pixels = shape.output_plane();
+    let (channels_in, channels_out) = (shape.channels_in, shape.channels_out);
+    let image_in = channels_in * shape.input_plane();
+    let image_out = channels_out * pixels;
+    let group = images_per_group(shape);
+    let pointwise = shape.kernel == [1, 1] && shape.stride == [1, 1] && shape.padding == [0, 0];
+    let weight = MatRef::row_major(weight, channels_out, rows);
+    let mut output = vec![0.0; shape.output_len()];
+    if pointwise {
+        // No unfolding at all: `Y_n = W x X_n` per image, the images spread over the threads
+        // (each product on one thread) when there are enough of them.
+        let threads = if shape.batch >= rayon::current_num_threads() {
+            Threads::Current
+        } else {
+            Threads::Pool
+        };
+        output
+            .par_chunks_mut(image_out)
+            .zip(x.par_chunks(image_in))
+            .for_each(|(output, image)| {
+                let image = MatRef::row_major(image, channels_in, pixels);
+                matmul(output, weight, image, false, threads);
+            });
+        return output;
+    }
+    output
+        .par_chunks_mut(group * image_out)
+        .enumerate()
+        .for_each(|(index, output)| {
+            let first = index * group;
+            let count = output.len() / image_out;
+            let images = &x[first * image_in..(first + count) * image_in];
+            let width = count * pixels;
+            let mut columns = vec![0.0; rows * width];
+            im2col(shape, images, count, &mut columns);
+            let columns = MatRef::row_major(&columns, rows, width);
+            if width >= TRANSPOSED_FORWARD_COLUMNS {
+                // Many columns: `Y^T = cols^T x W^T` runs up to twice as fast as `W x cols`
+                // (its long side is the one the GEMM vectorises), then a blocked transpose.
+                let mut transposed = vec![0.0; width * channels_out];
+                matmul(
+                    &mut transposed,
+                    columns.transposed(),
+                    weight.transposed(),
+                    false,
+                    Threads::Pool,
+                );
+                scatter_transposed(&transposed, channels_out, pixels, count, output);
+                return;
+            }
+            if count == 1 {
+                matmul(output, weight, columns, false, Threads::Pool);
+                return;
+            }
+            let mut grouped = vec![0.0; channels_out * width];
+            matmul(&mut grouped, weight, columns, false, Threads::Pool);
+            // [Co, g*P] -> g images of [Co, P]
+            for (channel, row) in grouped.chunks_exact(width).enumerate() {
+                for (image, part) in row.chunks_exact(pixels).enumerate() {
+                    let start = image * image_out + channel * pixels;
+                    output[start..start + pixels].copy_from_slice(part);
+                }
+            }
+        });
+    output
+}
+
+/// The output gradient of image `index`, `[Co, P]`.
+fn output_image<'a>(shape: &ConvShape, output_grad: &'a [f32], index: usize) -> &'a [f32] {
+    let image_out = shape.channels_out * shape.output_plane();
+    &output_grad[index * image_out..(index + 1) * image_out]
+}
+
+/// The output gradients of `count` images from `first` as one `[Co, count * P]` matrix.
+fn gather_output_rows(
+    shape: &ConvShape,
+    output_grad: &[f32],
+    first: usize,
+    count: usize,
+) -> Vec<f32> {
+    let pixels = shape.output_plane();
+    let width = count * pixels;
+    let mut grouped = vec![0.0; shape.channels_out * width];
+    for (channel, row) in grouped.chunks_exact_mut(width).enumerate() {
+        for (image, part) in row.chunks_exact_mut(pixels).enumerate() {
+            let start = ((first + image) * shape.channels_out + channel) * pixels;
+            part.copy_from_slice(&output_grad[start..start + pixels]);
+        }
+    }
+    grouped
+}
+
+/// Side of the tiles of [`transpose_into`]: 32 x 32 floats, 4 KiB, stay in L1.
+const TILE: usize = 32;
+
+/// `dst[c * dst_stride + r] = src[r * cols + c]` for a row-major `rows x cols` source,
+/// tile by tile so both sides stay in cache.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
+    for row_start in (0..rows).step_by(TILE) {
+        for col_start in (0..cols).step_by(TILE) {
+            for row in row_start..(row_start + TILE).min(rows) {
+                let source = &src[row * cols..(row + 1) * cols];
+                for col in col_start..(col_start + TILE).min(cols) {
+                    dst[col * dst_stride + row] = source[col];
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of a row-major `rows x cols` matrix.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    transpose_into(values, rows, cols, &mut out, rows);
+    out
+}
+
+/// `Y^T [count * P, Co]` into `count` images of `[Co, P]`.
+fn scatter_transposed(
+    transposed: &[f32],
+    channels: usize,
+    pixels: usize,
+    count: usize,
+    output: &mut [f32],
+) {
+    output
+        .par_chunks_mut(channels * pixels)
+        .take(count)
+        .enumerate()
+        .for_each(|(image, out)| {
+            let rows = &transposed[image * pixels * channels..(image + 1) * pixels * channels];
+            transpose_into(rows, pixels, channels, out, pixels);
+        });
+}
+
+/// Unfolds `count` images into columns `[Ci * kh * kw, count * Ho * Wo]` (zeros for padding).
+fn im2col(shape: &ConvShape, images: &[f32], count: usize, columns: &mut [f32]) {
+    let [_, width] = shape.input;
+    let [out_rows, out_cols] = shape.output;
+    let [kernel_h, kernel_w] = shape.kernel;
+    let plane = shape.input_plane();
+    let pixels = shape.output_plane();
+    columns
+        .par_chunks_mut(count * pixels)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let channel = row / (kernel_h * kernel_w);
+            let (i, j) = ((row / kernel_w) % kernel_h, row % kernel_w);
+            let (offset_h, offset_w) = (i * shape.dilation[0], j * shape.dilation[1]);
+            let valid_h = shape.valid_outputs(0, offset_h);
+            let valid_w = shape.valid_outputs(1, offset_w);
+            for (image, dst) in out.chunks_mut(pixels).enumerate() {
+                let source = &images[(image * shape.channels_in + channel) * plane..][..plane];
+                for (o_row, dst_row) in dst.chunks_mut(out_cols).enumerate().take(out_rows) {
+                    if !valid_h.contains(&o_row) {
+                        dst_row.fill(0.0);
+                        continue;
+                    }
+                    let in_row = o_row * shape.stride[0] + offset_h - shape.padding[0];
+                    let src_row = &source[in_row * width..(in_row + 1) * width];
+                    dst_row[..valid_w.start].fill(0.0);
+                    dst_row[valid_w.end..].fill(0.0);
+                    let first_col = valid_w.start * shape.stride[1] + offset_w - shape.padding[1];
+                    if shape.stride[1] == 1 {
+                        dst_row[valid_w.clone()]
+                            .copy_from_slice(&src_row[first_col..first_col + valid_w.len()]);
+                    } else {
+                        for (value, o_col) in dst_row[valid_w.clone()].iter_mut().zip(0..) {
+                            *value = src_row[first_col + o_col * shape.stride[1]];
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Folds columns `[Ci * kh * kw, count * Ho * Wo]` back onto `count` image gradients,
+/// adding overlapping contributions (each plane in a fixed order).
+fn col2im(shape: &ConvShape, columns: &[f32], count: usize, images: &mut [f32]) {
+    let [_, width] = shape.input;
+    let [_, out_cols] = shape.output;
+    let [kernel_h, kernel_w] = shape.kernel;
+    let pixels = shape.output_plane();
+    let columns_width = count * pixels;
+    images
+        .par_chunks_mut(shape.input_plane())
+        .enumerate()
+        .for_each(|(plane_index, plane)| {
+            let (image, channel) = (
+                plane_index / shape.channels_in,
+                plane_index % shape.channels_in,
+            );
+            for i in 0..kernel_h {
+                for j in 0..kernel_w {
+                    let row = (channel * kernel_h + i) * kernel_w + j;
+                    let source = &columns[row * columns_width + image * pixels..][..pixels];
+                    let (offset_h, offset_w) = (i * shape.dilation[0], j * shape.dilation[1]);
+                    let valid_w = shape.valid_outputs(1, offset_w);
+                    let first_col = valid_w.start * shape.stride[1] + offset_w;
+                    for o_row in shape.valid_outputs(0, offset_h) {
+                        let in_row = o_row * shape.stride[0] + offset_h - shape.padding[0];
+                        let src = &source[o_row * out_cols..][..out_cols][valid_w.clone()];
+                        let dst = &mut plane[in_row * width..(in_row + 1) * width];
+                        scatter_add(dst, first_col - shape.padding[1], shape.stride[1], src);
+                    }
+                }
+            }
+        });
+}
+
+/// `dst[start + k * stride] += src[k]`.
+fn scatter_add(dst: &mut [f32], start: usize, stride: usize, src: &[f32]) {
+    if stride == 1 {
+        for (d, s) in dst[start..start + src.len()].iter_mut().zip(src) {
+            *d += s;
+        }
+    } else {
+        for (k, s) in src.iter().enumerate() {
+            dst[start + k * stride] += s;
+        }
+    }
+}
+
+/// `sum_k a[k] * b[k]` with eight partial sums, so the compiler vectorises it (a single
+/// running sum would pin the order of additions).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let b = &b[..a.len()];
+    let mut lanes = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            lanes[lane] += x[lane] * y[lane];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `dst[k] += scale * src[k]`.
+fn axpy(dst: &mut [f32], scale: f32, src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += scale * s;
+    }
+}
+
+/// An input plane with its columns split by phase modulo the horizontal stride, so that the
+/// columns one kernel tap reads (every `stride`-th) are contiguous: row `r`, phase `q`, index
+/// `m` holds column `m * stride + q`. With stride 1 it is the plane itself.
+struct Phases {
+    stride: usize,
+    /// Values per (row, phase).
+    len: usize,
+}
+
+impl Phases {
+    fn new(width: usize, stride: usize) -> Self {
+        Self {
+            stride,
+            len: width.div_ceil(stride),
+        }
+    }
+
+    /// Values of a phased plane of `height` rows.
+    fn plane_len(&self, height: usize) -> usize {
+        height * self.stride * self.len
+    }
+
+    /// Splits `plane` (`height x width`) into `out` (zero past the last column).
+    fn split(&self, plane: &[f32], width: usize, out: &mut [f32]) {
+        for (row, phased) in plane
+            .chunks_exact(width)
+            .zip(out.chunks_exact_mut(self.stride * self.len))
+        {
+            for (phase, part) in phased.chunks_exact_mut(self.len).enumerate() {
+                for (m, value) in part.iter_mut().enumerate() {
+                    *value = row.get(m * self.stride + phase).copied().unwrap_or(0.0);
+                }
+            }
+        }
+    }
+
+    /// Adds a phased plane back onto `plane` (`height x width`).
+    fn merge_add(&self, phased: &[f32], width: usize, plane: &mut [f32]) {
+        for (row, phased) in plane
+            .chunks_exact_mut(width)
+            .zip(phased.chunks_exact(self.stride * self.len))
+        {
+            for (phase, part) in phased.chunks_exact(self.len).enumerate() {
+                for (m, &value) in part.iter().enumerate() {
+                    if let Some(target) = row.get_mut(m * self.stride + phase) {
+                        *target += value;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where the input columns `o * stride + offset - padding` of the output columns
+    /// `outputs` start in a phased row of row `row`: `(row * stride + phase) * len + first`.
+    fn start(
+        &self,
+        row: usize,
+        outputs: &std::ops::Range<usize>,
+        offset: usize,
+        padding: usize,
+    ) -> usize {
+        let first_column = outputs.start * self.stride + offset - padding;
+        let (phase, first) = (first_column % self.stride, first_column / self.stride);
+        (row * self.stride + phase) * self.len + first
+    }
+}
+
+/// Runs `per_tap(i, j, tap_index, valid output columns, output rows with their input rows)`
+/// over the kernel of a depthwise convolution.
+fn for_each_tap(
+    shape: &ConvShape,
+    mut per_tap: impl FnMut(usize, std::ops::Range<usize>, usize, usize, usize),
+) {
+    let [kernel_h, kernel_w] = shape.kernel;
+    for i in 0..kernel_h {
+        let offset_h = i * shape.dilation[0];
+        for j in 0..kernel_w {
+            let offset_w = j * shape.dilation[1];
+            let valid_w = shape.valid_outputs(1, offset_w);
+            for o_row in shape.valid_outputs(0, offset_h) {
+                let in_row = o_row * shape.stride[0] + offset_h - shape.padding[0];
+                per_tap(i * kernel_w + j, valid_w.clone(), offset_w, o_row, in_row);
+            }
+        }
+    }
+}
+
+/// The forward pass of a depthwise convolution without bias, `[N, C, Ho, Wo]`: each output
+/// plane accumulates its kernel's taps over shifted rows of its input plane.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a shape that is not depthwise.
+pub fn depthwise_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    assert_eq!(
+        shape.kind(),
+        Some(ConvKind::Depthwise),
+        "depthwise_forward of a dense convolution"
+    );
+    assert_eq!(x.len(), shape.input_len(), "input size");
+    assert_eq!(weight.len(), shape.weight_len(), "weight size");
+    let channels = shape.channels_in;
+    let area = shape.kernel_area();
+    let [height, width] = shape.input;
+    let out_cols = shape.output[1];
+    let phases = Phases::new(width, shape.stride[1]);
+    let plane = shape.input_plane();
+    let mut output = vec![0.0; shape.output_len()];
+    output
+        .par_chunks_mut(shape.output_plane().max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |phased, (plane_index, out)| {
+            let taps = &weight[(plane_index % channels) * area..][..area];
+            let source = phased_plane(
+                &phases,
+                &x[plane_index * plane..][..plane],
+                height,
+                width,
+                phased,
+            );
+            for_each_tap(shape, |tap, valid_w, offset_w, o_row, in_row| {
+                let start = phases.start(in_row, &valid_w, offset_w, shape.padding[1]);
+                let out_row = &mut out[o_row * out_cols..][..out_cols][valid_w.clone()];
+                axpy(out_row, taps[tap], &source[start..start + out_row.len()]);
+            });
+        });
+    output
+}
+
+/// `plane` split by [`Phases`] into `buffer`, or `plane` itself for stride 1.
+fn phased_plane<'a>(
+    phases: &Phases,
+    plane: &'a [f32],
+    height: usize,
+    width: usize,
+    buffer: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    if phases.stride == 1 {
+        return plane;
+    }
+    buffer.resize(phases.plane_len(height), 0.0);
+    phases.split(plane, width, buffer);
+    buffer
+}
+
+/// Depthwise weight gradient `[C, 1, kh, kw]`: for each channel, the correlation of its input
+/// planes with its output-gradient planes, summed over the batch.
+fn depthwise_weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    let channels = shape.channels_in;
+    let area = shape.kernel_area();
+    let [height, width] = shape.input;
+    let out_cols = shape.output[1];
+    let phases = Phases::new(width, shape.stride[1]);
+    let (plane, pixels) = (shape.input_plane(), shape.output_plane());
+    let mut grad = vec![0.0; channels * area];
+    grad.par_chunks_mut(area)
+        .enumerate()
+        .for_each_init(Vec::new, |phased, (channel, taps)| {
+            for image in 0..shape.batch {
+                let plane_index = image * channels + channel;
+                let source = phased_plane(
+                    &phases,
+                    &x[plane_index * plane..][..plane],
+                    height,
+                    width,
+                    phased,
+                );
+                let grad_plane = &output_grad[plane_index * pixels..][..pixels];
+                for_each_tap(shape, |tap, valid_w, offset_w, o_row, in_row| {
+                    let start = phases.start(in_row, &valid_w, offset_w, shape.padding[1]);
+                    let g = &grad_plane[o_row * out_cols..][..out_cols][valid_w.clone()];
+                    taps[tap] += dot(g, &source[start..]);
+                });
+            }
+        });
+    grad
+}
+
+/// Depthwise input gradient `[N, C, H, W]`: each output gradient spread back over the
+/// inputs it read, weighted by the channel's kernel.
+fn depthwise_input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    let channels = shape.channels_in;
+    let area = shape.kernel_area();
+    let [height, width] = shape.input;
+    let out_cols = shape.output[1];
+    let phases = Phases::new(width, shape.stride[1]);
+    let pixels = shape.output_plane();
+    let mut grad = vec![0.0; shape.input_len()];
+    grad.par_chunks_mut(shape.input_plane().max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |phased, (plane_index, plane)| {
+            let taps = &weight[(plane_index % channels) * area..][..area];
+            let grad_plane = &output_grad[plane_index * pixels..][..pixels];
+            let target: &mut [f32] = if phases.stride == 1 {
+                plane
+            } else {
+                phased.clear();
+                phased.resize(phases.plane_len(height), 0.0);
+                phased
+            };
+            for_each_tap(shape, |tap, valid_w, offset_w, o_row, in_row| {
+                let start = phases.start(in_row, &valid_w, offset_w, shape.padding[1]);
+                let g = &grad_plane[o_row * out_cols..][..out_cols][valid_w.clone()];
+                axpy(&mut target[start..start + g.len()], taps[tap], g);
+            });
+            if phases.stride != 1 {
+                phases.merge_add(phased, width, plane);
+            }
+        });
+    grad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook definition, in f64: every output gradient times every input it read.
+    fn naive(shape: &ConvShape, x: &[f32], weight: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let per_group_in = shape.channels_in / shape.groups;
+        let per_group_out = shape.channels_out / shape.groups;
+        let [height, width] = shape.input;
+        let [out_h, out_w] = shape.output;
+        let [kh, kw] = shape.kernel;
+        let mut dx = vec![0.0f64; x.len()];
+        let mut dw = vec![0.0f64; weight.len()];
+        for n in 0..shape.batch {
+            for co in 0..shape.channels_out {
+                let g = co / per_group_out;
+                for oh in 0..out_h {
+                    for ow in 0..out_w {
+                        let dy = f64::from(
+                            grad[((n * shape.channels_out + co) * out_h + oh) * out_w + ow],
+                        );
+                        for cig in 0..per_group_in {
+                            let ci = g * per_group_in + cig;
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let ih = (oh * shape.stride[0] + i * shape.dilation[0])
+                                        as isize
+                                        - shape.padding[0] as isize;
+                                    let iw = (ow * shape.stride[1] + j * shape.dilation[1])
+                                        as isize
+                                        - shape.padding[1] as isize;
+                                    if ih < 0
+                                        || iw < 0
+                                        || ih >= height as isize
+                                        || iw >= width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi = ((n * shape.channels_in + ci) * height + ih as usize)
+                                        * width
+                                        + iw as usize;
+                                    let wi = ((co * per_group_in + cig) * kh + i) * kw + j;
+                                    dx[xi] += dy * f64::from(weight[wi]);
+                                    dw[wi] += dy * f64::from(x[xi]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|value| value as f32).collect();
+        (to_f32(dx), to_f32(dw))
+    }
+
+    /// The forward pass by definition, in f64.
+    fn naive_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let per_group_in = shape.channels_in / shape.groups;
+        let per_group_out = shape.channels_out / shape.groups;
+        let [height, width] = shape.input;
+        let [out_h, out_w] = shape.output;
+        let [kh, kw] = shape.kernel;
+        let mut y = vec![0.0f32; shape.output_len()];
+        for n in 0..shape.batch {
+            for co in 0..shape.channels_out {
+                for oh in 0..out_h {
+                    for ow in 0..out_w {
+                        let mut sum = 0.0f64;
+                        let group = co / per_group_out;
+                        for cig in 0..per_group_in {
+                            let ci = group * per_group_in + cig;
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let ih = (oh * shape.stride[0] + i) as isize
+                                        - shape.padding[0] as isize;
+                                    let iw = (ow * shape.stride[1] + j) as isize
+                                        - shape.padding[1] as isize;
+                                    if ih < 0
+                                        || iw < 0
+                                        || ih >= height as isize
+                                        || iw >= width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi = ((n * shape.channels_in + ci) * height + ih as usize)
+                                        * width
+                                        + iw as usize;
+                                    sum += f64::from(x[xi])
+                                        * f64::from(
+                                            weight[((co * per_group_in + cig) * kh + i) * kw + j],
+                                        );
+                                }
+                            }
+                        }
+                        y[((n * shape.channels_out + co) * out_h + oh) * out_w + ow] = sum as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(97));
+                ((h >> 8) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn shape(
+        batch: usize,
+        channels: [usize; 2],
+        input: [usize; 2],
+        kernel: usize,
+        stride: usize,
+        padding: [usize; 2],
+        groups: usize,
+    ) -> ConvShape {
+        let end_padding = padding;
+        let out =
+            |axis: usize| (input[axis] + padding[axis] + end_padding[axis] - kernel) / stride + 1;
+        ConvShape {
+            batch,
+            channels_in: channels[0],
+            channels_out: channels[1],
+            input,
+            output: [out(0), out(1)],
+            kernel: [kernel, kernel],
+            stride: [stride, stride],
+            padding,
+            dilation: [1, 1],
+            groups,
+        }
+    }
+
+    fn assert_close(found: &[f32], expected: &[f32], what: &str) {
+        assert_eq!(found.len(), expected.len(), "{what}: length");
+        let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (index, (a, b)) in found.iter().zip(expected).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale,
+                "{what}[{index}]: {a} against {b}"
+            );
+        }
+    }
+
+    fn check(shape: ConvShape) {
+        let x = values(shape.input_len(), 1);
+        let weight = values(shape.weight_len(), 2);
+        let grad = values(shape.output_len(), 3);
+        let (dx, dw) = naive(&shape, &x, &weight, &grad);
+        let (found_dx, found_dw) = input_and_weight_grads(&shape, &x, &weight, &grad);
+        let forward = if shape.groups == 1 {
+            dense_forward(&shape, &x, &weight)
+        } else {
+            depthwise_forward(&shape, &x, &weight)
+        };
+        assert_close(&forward, &naive_forward(&shape, &x, &weight), "forward");
+        assert_close(&found_dx, &dx, "input gradient");
+        assert_close(&found_dw, &dw, "weight gradient");
+        assert_close(
+            &input_grad(&shape, &weight, &grad),
+            &dx,
+            "input gradient alone",
+        );
+        assert_close(
+            &weight_grad(&shape, &x, &grad),
+            &dw,
+            "weight gradient alone",
+        );
+    }
+
+    #[test]
+    fn dense_gradients_match_the_definition() {
+        // 3x3 stride 1 and 2, a 7x7 stem, 1x1 with stride 2, odd sizes, one image per GEMM
+        // and several.
+        check(shape(2, [3, 4], [9, 7], 3, 1, [1, 1], 1));
+        check(shape(3, [5, 6], [11, 10], 3, 2, [1, 1], 1));
+        check(shape(2, [3, 8], [16, 15], 7, 2, [3, 3], 1));
+        check(shape(2, [3, 8], [19, 16], 7, 2, [3, 3], 1));
+        check(shape(4, [6, 5], [7, 9], 1, 2, [0, 0], 1));
+        check(shape(1, [4, 4], [32, 32], 1, 1, [0, 0], 1));
+        check(shape(5, [2, 3], [4, 4], 3, 1, [0, 0], 1));
+    }
+
+    #[test]
+    fn depthwise_gradients_match_the_definition() {
+        check(shape(2, [6, 6], [9, 8], 3, 1, [1, 1], 6));
+        check(shape(3, [4, 4], [11, 10], 3, 2, [1, 1], 4));
+        check(shape(1, [3, 3], [5, 5], 5, 1, [2, 2], 3));
+    }
+
+    #[test]
+    fn asymmetric_end_padding_follows_the_output_size() {
+        // One extra column of padding at the end: the output is one column wider.
+        let mut padded = shape(2, [3, 4], [6, 6], 3, 2, [1, 1], 1);
+        padded.output = [3, 4];
+        let mut input = padded;
+        input.input = [6, 7];
+        // The same as an input one column wider whose last column is zero.
+        let x = values(padded.input_len(), 4);
+        let weight = values(padded.weight_len(), 5);
+        let grad = values(padded.output_len(), 6);
+        let mut widened = vec![0.0; input.input_len()];
+        for (row_in, row_out) in x.chunks(6).zip(widened.chunks_mut(7)) {
+            row_out[..6].copy_from_slice(row_in);
+        }
+        let (_, expected_dw) = naive(&input, &widened, &weight, &grad);
+        let (expected_dx_wide, _) = naive(&input, &widened, &weight, &grad);
+        let expected_dx: Vec<f32> = expected_dx_wide
+            .chunks(7)
+            .flat_map(|row| row[..6].to_vec())
+            .collect();
+        let (dx, dw) = input_and_weight_grads(&padded, &x, &weight, &grad);
+        assert_close(&dx, &expected_dx, "input gradient");
+        assert_close(&dw, &expected_dw, "weight gradient");
+    }
+
+    #[test]
+    fn gradients_do_not_depend_on_the_thread_count() {
+        let shape = shape(4, [16, 32], [20, 20], 3, 1, [1, 1], 1);
+        let x = values(shape.input_len(), 7);
+        let weight = values(shape.weight_len(), 8);
+        let grad = values(shape.output_len(), 9);
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool")
+                .install(|| input_and_weight_grads(&shape, &x, &weight, &grad))
+        };
+        assert_eq!(run(1), run(3));
+    }
+}
