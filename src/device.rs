@@ -8,6 +8,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+use burn::cubecl::config::autotune::AutotuneLevel;
+use burn::cubecl::config::cache::CacheConfig;
+use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
 use burn::tensor::{Device, DeviceKind};
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +148,7 @@ impl ComputeDevice {
     }
 
     fn wgpu(adapter: &AdapterSummary, kind: DeviceKind) -> Self {
+        configure_gpu_runtime(adapter.is_real_gpu());
         let what = if adapter.is_real_gpu() {
             "GPU"
         } else {
@@ -159,6 +163,26 @@ impl ComputeDevice {
             ),
         }
     }
+}
+
+/// Settings of burn's GPU runtime (cubecl), fixed before its first device opens: autotune
+/// results are kept in the application's cache folder (`gpu-tuning/`), so a second run does
+/// not tune again, and on a software adapter autotune does the least work (it would time
+/// candidate kernels on the CPU, for minutes, to choose for a device no one trains on). A
+/// `cubecl.toml` or `CUBECL_*` variables of the user still win. [`select_device`] calls it;
+/// code that makes a wgpu `Device` itself should call it first.
+pub fn configure_gpu_runtime(real_gpu: bool) {
+    let mut config = CubeClRuntimeConfig::from_current_dir();
+    if matches!(config.environment.path, CacheConfig::Target)
+        && let Ok(root) = crate::download::cache_root()
+    {
+        config.environment.path = CacheConfig::Directory(root.join("gpu-tuning"));
+    }
+    if !real_gpu {
+        config.autotune.level = AutotuneLevel::Minimal;
+    }
+    // Only the first configuration of the process counts; later calls change nothing.
+    let _ = CubeClRuntimeConfig::try_set(config.override_from_env());
 }
 
 /// Picks the device for `choice`. For `auto` without a GPU, the returned description says that

@@ -254,6 +254,12 @@ impl DownloadError {
 /// is set (and not empty), otherwise `<user cache folder>/picie-explorer/weights`. The folder
 /// is not created here.
 pub fn weights_cache_dir() -> Result<PathBuf, DownloadError> {
+    Ok(cache_root()?.join("weights"))
+}
+
+/// The application's cache folder: `$PICIE_CACHE_DIR` when that variable is set (and not
+/// empty), otherwise `<user cache folder>/picie-explorer`. Not created here.
+pub fn cache_root() -> Result<PathBuf, DownloadError> {
     cache_dir_from(std::env::var_os(CACHE_DIR_ENV), dirs::cache_dir())
 }
 
@@ -262,9 +268,9 @@ fn cache_dir_from(
     user_cache: Option<PathBuf>,
 ) -> Result<PathBuf, DownloadError> {
     match override_dir.filter(|dir| !dir.is_empty()) {
-        Some(dir) => Ok(PathBuf::from(dir).join("weights")),
+        Some(dir) => Ok(PathBuf::from(dir)),
         None => user_cache
-            .map(|dir| dir.join("picie-explorer").join("weights"))
+            .map(|dir| dir.join("picie-explorer"))
             .ok_or(DownloadError::NoCacheDir),
     }
 }
@@ -678,11 +684,11 @@ mod tests {
     #[test]
     fn cache_dir_prefers_the_environment_override() {
         let from_env = cache_dir_from(Some("/tmp/picie".into()), Some("/home/u/.cache".into()));
-        assert_eq!(from_env.unwrap(), Path::new("/tmp/picie/weights"));
+        assert_eq!(from_env.unwrap(), Path::new("/tmp/picie"));
         let from_user = cache_dir_from(Some("".into()), Some("/home/u/.cache".into()));
         assert_eq!(
             from_user.unwrap(),
-            Path::new("/home/u/.cache/picie-explorer/weights")
+            Path::new("/home/u/.cache/picie-explorer")
         );
         assert!(matches!(
             cache_dir_from(None, None),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::{Device, DeviceKind, Tensor};
-use picie::device::list_adapters;
+use picie::device::{configure_gpu_runtime, list_adapters};
 use picie::model::{BackboneKind, PicieNet, build_network, images_to_tensor};
 
 #[test]
@@ -16,6 +16,7 @@ fn wgpu_forward_matches_the_cpu_backend() {
         return;
     };
     eprintln!("wgpu adapter: {} [{:?}]", adapter.name, adapter.device_type);
+    configure_gpu_runtime(adapter.is_real_gpu());
     let gpu = if adapter.is_real_gpu() {
         Device::wgpu(DeviceKind::DefaultDevice)
     } else {
@@ -122,4 +123,151 @@ fn wgpu_trains_an_epoch_and_writes_a_checkpoint() {
     assert!((0.0..=100.0).contains(&accuracy), "accuracy {accuracy}");
     let reopened = RunFolder::open(&run_dir).unwrap();
     assert_eq!(reopened.latest_checkpoint().unwrap().unwrap().1.epoch, 1);
+}
+
+/// One PiCIE training step (two views, G on the features, the four-term loss, backward and an
+/// Adam update) gives the same loss on the wgpu backend, with burn's autotune and kernel
+/// fusion, as on the CPU backend, before and after the update.
+///
+/// Tolerances: the loss is a mean of cross-entropies of about ln K = 1.6 over 2 x 2 x 256
+/// pixels; both backends compute in f32 but sum in different orders, which moves such a mean
+/// by about 1e-7 relative (lavapipe: identical to 7 digits). 2e-5 relative before the step
+/// leaves room for other GPUs' orders and transcendental functions and still catches a wrong
+/// kernel. The update's gradients are checked through the change of the loss it causes
+/// (about 1e-3 here, at least 20 times the tolerance): the two backends' changes must agree
+/// within 5 % (lavapipe: 0.8 %, from Adam's first step amplifying tiny gradients alike).
+#[test]
+fn one_training_step_gives_the_same_loss_on_wgpu_and_on_the_cpu() {
+    use burn::module::Module;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use burn::tensor::{Int, TensorData};
+    use picie::data::views::{GeometricParams, geometric_on_features};
+    use picie::loss::picie_loss;
+
+    let adapters = list_adapters();
+    let Some(adapter) = adapters.first() else {
+        eprintln!("no wgpu adapter on this machine: install mesa-vulkan-drivers to run this test");
+        return;
+    };
+    configure_gpu_runtime(adapter.is_real_gpu());
+    let gpu = if adapter.is_real_gpu() {
+        Device::wgpu(DeviceKind::DefaultDevice)
+    } else {
+        Device::wgpu(DeviceKind::Cpu)
+    };
+    let cpu = Device::flex();
+    let weights =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/weights/mobilenet_v2-imagenet.pth");
+    let (net_on_cpu, _) =
+        build_network(BackboneKind::MobilenetV2, Some(&weights), 0, &cpu).unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let checkpoint = folder.path().join("network.safetensors");
+    net_on_cpu.save(&checkpoint, &Default::default()).unwrap();
+
+    let (batch, size, clusters) = (2, 64, 5);
+    let grid = size / 4;
+    let image = |shift: usize| -> Vec<u8> {
+        (0..size * size)
+            .flat_map(|index| {
+                let (x, y) = (index % size, index / size);
+                [
+                    ((x * 4 + shift) % 256) as u8,
+                    (y * 4) as u8,
+                    ((x + y + shift) * 2 % 256) as u8,
+                ]
+            })
+            .collect()
+    };
+    let pictures = [image(0), image(37)];
+    let flipped: Vec<Vec<u8>> = pictures
+        .iter()
+        .map(|picture| {
+            picture
+                .chunks(size * 3)
+                .flat_map(|row| row.chunks(3).rev().flatten().copied().collect::<Vec<u8>>())
+                .collect()
+        })
+        .collect();
+    let geometric = [
+        GeometricParams {
+            x0: 2,
+            y0: 1,
+            side: 12,
+            flip: true,
+        },
+        GeometricParams::identity(grid),
+    ];
+    let centroid_values: Vec<f32> = (0..clusters * 128)
+        .map(|i| ((i * 7919 % 61) as f32 - 30.0) / 30.0)
+        .collect();
+    // Fixed pseudo-labels, the same for both backends.
+    let labels: Vec<i64> = (0..2 * batch * grid * grid)
+        .map(|i| ((i * 31 + i / 17) % clusters) as i64)
+        .collect();
+
+    let step = |device: &Device| -> (f32, f32) {
+        let training = device.clone().autodiff();
+        let (network, _) = PicieNet::load(&checkpoint, &training).unwrap();
+        let mut network = network.train();
+        let mut optimizer = AdamConfig::new().init();
+        let views = |images: &[Vec<u8>]| {
+            let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+            images_to_tensor(&refs, size, &training)
+        };
+        let mu = || {
+            let values = Tensor::<2>::from_data(
+                TensorData::new(centroid_values.clone(), [clusters, 128]),
+                &training,
+            );
+            let norm = values.clone().square().sum_dim(1).sqrt();
+            values / norm
+        };
+        let label_tensor = |half: usize| {
+            let count = batch * grid * grid;
+            Tensor::<3, Int>::from_data(
+                TensorData::new(
+                    labels[half * count..(half + 1) * count].to_vec(),
+                    [batch, grid, grid],
+                ),
+                &training,
+            )
+        };
+        let loss_of = |network: &PicieNet| {
+            let first = network.forward(views(&pictures));
+            let second = geometric_on_features(network.forward(views(&flipped)), &geometric);
+            picie_loss(
+                first,
+                second,
+                mu(),
+                mu(),
+                label_tensor(0),
+                label_tensor(1),
+                None,
+                None,
+            )
+        };
+        let loss = loss_of(&network);
+        let before = loss.terms().total;
+        let gradients = GradientsParams::from_grads(loss.total.backward(), &network);
+        network = optimizer.step(1e-3, network.clone(), gradients);
+        let after = loss_of(&network).terms().total;
+        (before, after)
+    };
+    let (cpu_before, cpu_after) = step(&cpu);
+    let (gpu_before, gpu_after) = step(&gpu);
+    eprintln!("loss on the CPU {cpu_before} -> {cpu_after}, on wgpu {gpu_before} -> {gpu_after}");
+    let tolerance = 2e-5 * cpu_before.abs();
+    let (cpu_change, gpu_change) = (cpu_after - cpu_before, gpu_after - gpu_before);
+    assert!(
+        cpu_change.abs() > 20.0 * tolerance,
+        "the update should move the loss well past the tolerance (moved {cpu_change})"
+    );
+    assert!(
+        (gpu_before - cpu_before).abs() <= tolerance,
+        "loss before the step: {gpu_before} on wgpu, {cpu_before} on the CPU"
+    );
+    assert!(
+        (gpu_change - cpu_change).abs() <= 0.05 * cpu_change.abs(),
+        "change of the loss by the update: {gpu_change} on wgpu, {cpu_change} on the CPU"
+    );
 }
