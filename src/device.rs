@@ -143,7 +143,10 @@ impl ComputeDevice {
         Self {
             device: Device::flex(),
             backend: BackendKind::Flex,
-            description: format!("CPU: burn Flex backend, {threads} threads"),
+            description: format!(
+                "CPU: burn Flex backend, {threads} threads, {} kernels",
+                cpu_simd_level()
+            ),
         }
     }
 
@@ -183,6 +186,31 @@ pub fn configure_gpu_runtime(real_gpu: bool) {
     }
     // Only the first configuration of the process counts; later calls change nothing.
     let _ = CubeClRuntimeConfig::try_set(config.override_from_env());
+}
+
+/// The widest vector instructions the CPU kernels (the GEMMs of Flex and of the convolution
+/// gradients) use on this processor: they choose at run time, so one binary runs everywhere.
+pub fn cpu_simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "AVX-512"
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            "AVX2"
+        } else {
+            "SSE2"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
 }
 
 /// Picks the device for `choice`. For `auto` without a GPU, the returned description says that

@@ -5,6 +5,7 @@
 //! CLI are thin layers over these modules.
 #![warn(missing_docs)]
 
+pub mod allocator;
 #[cfg(feature = "gui")]
 pub mod app;
 pub mod bank;

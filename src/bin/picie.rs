@@ -326,6 +326,7 @@ struct TrainArgs {
 }
 
 fn main() {
+    picie::allocator::configure();
     if let Err(error) = run(Cli::parse()) {
         eprintln!("error: {error:#}");
         std::process::exit(1);
@@ -677,11 +678,15 @@ impl TrainObserver for TerminalObserver {
                 evaluation.mean_iou
             )),
             TrainEvent::EpochFinished(record) => self.say(format!(
-                "epoch {} done: clustering {:.1} s, training {:.1} s ({:.2} images/s), loss {:.4}",
+                "epoch {} done: clustering {:.1} s (k-means {:.1} s), training {:.1} s ({:.2} images/s), evaluation and bank {:.1} s, saving {:.1} s; views {:.1} s on their own thread; loss {:.4}",
                 record.epoch,
                 record.seconds_clustering,
+                record.seconds_kmeans,
                 record.seconds_training,
                 record.images_per_second,
+                record.seconds_evaluation,
+                record.seconds_saving,
+                record.seconds_views,
                 record.loss.total
             )),
             TrainEvent::Paused(paused) => {

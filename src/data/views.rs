@@ -592,6 +592,38 @@ pub fn build_views(
     params: &[ViewParams],
     device: &Device,
 ) -> (Tensor<4>, Tensor<4>) {
+    build_view_batch(bases, base_size, input_size, params).into_tensors(device)
+}
+
+/// The two views of a batch on the host, `[B, 3, input, input]` each, before they go to a
+/// device (so they can be built on another thread).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewBatch {
+    /// View 1, `G(P1(x))`, row-major.
+    pub first: Vec<f32>,
+    /// View 2, `P2(x)`, row-major.
+    pub second: Vec<f32>,
+    /// `[B, 3, input, input]`.
+    pub shape: [usize; 4],
+}
+
+impl ViewBatch {
+    /// Both views as tensors on `device`.
+    pub fn into_tensors(self, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        (
+            Tensor::from_data(TensorData::new(self.first, self.shape), device),
+            Tensor::from_data(TensorData::new(self.second, self.shape), device),
+        )
+    }
+}
+
+/// [`build_views`] without the upload: the views' values on the host.
+pub fn build_view_batch(
+    bases: &[&[u8]],
+    base_size: usize,
+    input_size: usize,
+    params: &[ViewParams],
+) -> ViewBatch {
     assert_eq!(
         bases.len(),
         params.len(),
@@ -648,11 +680,11 @@ pub fn build_views(
                 );
             });
     }
-    let shape = [bases.len(), 3, input_size, input_size];
-    (
-        Tensor::from_data(TensorData::new(first, shape), device),
-        Tensor::from_data(TensorData::new(second, shape), device),
-    )
+    ViewBatch {
+        first,
+        second,
+        shape: [bases.len(), 3, input_size, input_size],
+    }
 }
 
 /// G on a feature map: for each image cut its box (in feature cells) out of `features`

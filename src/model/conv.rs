@@ -686,6 +686,16 @@ pub fn batch_norm_forward(norm: &BatchNorm, input: Tensor<4>) -> Tensor<4> {
     Tensor::<4>::from_dispatch(output)
 }
 
+/// `input.clamp(min, max)` with the single-pass kernels of [`ConvGradOps`] (burn's generic
+/// clamp runs two masked fills forward and two backward).
+pub fn clamp_forward(input: Tensor<4>, min: f32, max: f32) -> Tensor<4> {
+    Tensor::<4>::from_dispatch(<Dispatch as ConvGradOps>::clamp_with_grads(
+        input.into_dispatch(),
+        min,
+        max,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use burn::module::Module;
@@ -839,14 +849,4 @@ mod tests {
             "inference output",
         );
     }
-}
-
-/// `input.clamp(min, max)` with the single-pass kernels of [`ConvGradOps`] (burn's generic
-/// clamp runs two masked fills forward and two backward).
-pub fn clamp_forward(input: Tensor<4>, min: f32, max: f32) -> Tensor<4> {
-    Tensor::<4>::from_dispatch(<Dispatch as ConvGradOps>::clamp_with_grads(
-        input.into_dispatch(),
-        min,
-        max,
-    ))
 }

@@ -201,6 +201,9 @@ pub fn train_backward(
 mod tests {
     use super::*;
 
+    /// Nudges one of (input, gamma, beta) by the given step, for a numeric derivative.
+    type Perturbation<'a> = dyn Fn(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>, f32) + 'a;
+
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
@@ -261,7 +264,7 @@ mod tests {
         let (dx, dgamma, dbeta) =
             train_backward(&shape, &x, &gamma, &mean, &variance, 1e-5, &weights);
         let step = 1e-2f32;
-        let numeric = |change: &dyn Fn(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>, f32)| {
+        let numeric = |change: &Perturbation<'_>| {
             let (mut x1, mut g1, mut b1) = (x.clone(), gamma.clone(), beta.clone());
             change(&mut x1, &mut g1, &mut b1, step);
             let (mut x2, mut g2, mut b2) = (x.clone(), gamma.clone(), beta.clone());

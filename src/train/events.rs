@@ -148,8 +148,19 @@ pub struct EpochRecord {
     pub seconds_clustering: f64,
     /// Seconds spent optimising.
     pub seconds_training: f64,
-    /// Seconds spent evaluating.
+    /// Seconds spent evaluating (and collecting the feature bank from the same pass).
     pub seconds_evaluation: f64,
+    /// Seconds the view thread spent building the two views, in both passes (beside the
+    /// network's work, so part of it overlaps clustering and training).
+    #[serde(default)]
+    pub seconds_views: f64,
+    /// Seconds of the clustering phase spent in k-means and labelling (the rest computes
+    /// the features of both views).
+    #[serde(default)]
+    pub seconds_kmeans: f64,
+    /// Seconds spent writing the checkpoint, the feature bank and the metrics.
+    #[serde(default)]
+    pub seconds_saving: f64,
     /// Training throughput.
     pub images_per_second: f64,
     /// Mean loss terms over the epoch.

@@ -9,6 +9,7 @@
 mod control;
 mod data;
 mod events;
+mod prefetch;
 pub mod run;
 mod trainer;
 

@@ -1,5 +1,6 @@
 //! The training loop.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use super::events::{
     ClusterMap, ClusterStatistics, EpochRecord, LossTerms, StepProgress, TrainEvent, TrainObserver,
     TrainPhase,
 };
+use super::prefetch::ViewStream;
 use super::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
 use crate::bank::{BankBuilder, FeatureBank, build_bank};
 use crate::cluster::{
@@ -68,6 +70,17 @@ pub struct Trainer {
     data: Arc<TrainingData>,
     control: TrainControl,
     resume: bool,
+    /// This epoch's time in parts of its phases, for the epoch record.
+    phase_times: Cell<PhaseTimes>,
+}
+
+/// Seconds of an epoch spent in parts of its phases.
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseTimes {
+    /// Building views (on the view thread, beside the network's work).
+    views: f64,
+    /// k-means and labelling, after the features.
+    kmeans: f64,
 }
 
 /// The network being trained and its optimiser.
@@ -167,6 +180,7 @@ impl Trainer {
             data,
             control,
             resume,
+            phase_times: Cell::new(PhaseTimes::default()),
         })
     }
 
@@ -232,17 +246,20 @@ impl Trainer {
         let run_started = Instant::now();
         for epoch in first_epoch..=self.config.epochs {
             let order = self.batch_order(epoch);
-            let params: Vec<ViewParams> = (0..self.data.len())
-                .map(|index| {
-                    views::draw_view_params(
-                        self.config.seed,
-                        epoch,
-                        index,
-                        self.config.feature_grid(),
-                    )
-                })
-                .collect();
+            let params: Arc<Vec<ViewParams>> = Arc::new(
+                (0..self.data.len())
+                    .map(|index| {
+                        views::draw_view_params(
+                            self.config.seed,
+                            epoch,
+                            index,
+                            self.config.feature_grid(),
+                        )
+                    })
+                    .collect(),
+            );
 
+            self.phase_times.set(PhaseTimes::default());
             let clustering_started = Instant::now();
             let edits = self.control.take_edits();
             let edit_request = previous
@@ -323,17 +340,22 @@ impl Trainer {
                 self.config.feature_bank,
                 observer,
             )?;
-            let record = EpochRecord {
+            let times = self.phase_times.get();
+            let mut record = EpochRecord {
                 epoch,
                 acc: evaluation.as_ref().map(|e| e.accuracy),
                 miou: evaluation.as_ref().map(|e| e.mean_iou),
                 seconds_clustering,
                 seconds_training,
                 seconds_evaluation: evaluation_started.elapsed().as_secs_f64(),
+                seconds_views: times.views,
+                seconds_kmeans: times.kmeans,
+                seconds_saving: 0.0,
                 images_per_second: self.data.len() as f64 / seconds_training.max(1e-9),
                 loss,
                 label_change,
             };
+            let saving_started = Instant::now();
             observer.on_event(&TrainEvent::Phase {
                 epoch,
                 phase: TrainPhase::Checkpointing,
@@ -357,6 +379,7 @@ impl Trainer {
             if let Some(bank) = bank {
                 bank.save(self.run.root())?;
             }
+            record.seconds_saving = saving_started.elapsed().as_secs_f64();
             metrics.epochs.retain(|existing| existing.epoch < epoch);
             metrics.epochs.push(record.clone());
             self.run.write_metrics(&metrics)?;
@@ -453,27 +476,19 @@ impl Trainer {
         order.chunks(self.config.batch_size)
     }
 
-    /// Builds the two views of a batch and returns them with the geometric parameters.
-    fn views_of(
+    /// Starts building the views of `batches` on the view thread.
+    fn view_stream(
         &self,
-        batch: &[usize],
-        params: &[ViewParams],
-        device: &Device,
-    ) -> (Tensor<4>, Tensor<4>, Vec<views::GeometricParams>) {
-        let bases: Vec<&[u8]> = batch
-            .iter()
-            .map(|&index| self.data.bases[index].as_slice())
-            .collect();
-        let batch_params: Vec<ViewParams> = batch.iter().map(|&index| params[index]).collect();
-        let (first, second) = views::build_views(
-            &bases,
-            self.config.base_size as usize,
+        batches: &[&[usize]],
+        params: &Arc<Vec<ViewParams>>,
+    ) -> Result<ViewStream, TrainError> {
+        ViewStream::start(
+            Arc::clone(&self.data),
             self.config.input_size as usize,
-            &batch_params,
-            device,
-        );
-        let geometric = batch_params.iter().map(|p| p.geometric).collect();
-        (first, second, geometric)
+            batches.iter().map(|batch| batch.to_vec()).collect(),
+            Arc::clone(params),
+        )
+        .map_err(|error| TrainError::Data(format!("could not start the view thread: {error}")))
     }
 
     /// Computes both views' features for the whole dataset and clusters them.
@@ -484,7 +499,7 @@ impl Trainer {
         training_device: &Device,
         epoch: usize,
         order: &[usize],
-        params: &[ViewParams],
+        params: &Arc<Vec<ViewParams>>,
         clusters: usize,
         edits: Option<(&Centroids, &[ClusterEdit])>,
         observer: &mut dyn TrainObserver,
@@ -501,14 +516,17 @@ impl Trainer {
         let mut first = self.feature_store("view1")?;
         let mut second = self.feature_store("view2")?;
         let batches: Vec<&[usize]> = self.batches(order).collect();
-        for (done, batch) in batches.iter().enumerate() {
+        let mut stream = self.view_stream(&batches, params)?;
+        for done in 0..batches.len() {
             observer.on_event(&TrainEvent::Phase {
                 epoch,
                 phase: TrainPhase::Features,
                 done,
                 total: batches.len(),
             });
-            let (view_first, view_second, geometric) = self.views_of(batch, params, &device);
+            let prepared = stream.next().ok_or_else(view_thread_stopped)?;
+            let (view_first, view_second) = prepared.views.into_tensors(&device);
+            let geometric = prepared.geometric;
             let output_first = network.forward(view_first);
             let output_second = network.forward(view_second);
             let features_first = output_first.clone().detach();
@@ -531,12 +549,17 @@ impl Trainer {
                 break;
             }
         }
+        self.add_times(PhaseTimes {
+            views: stream.finish(),
+            kmeans: 0.0,
+        });
         observer.on_event(&TrainEvent::Phase {
             epoch,
             phase: TrainPhase::Clustering,
             done: 0,
             total: 2,
         });
+        let kmeans_started = Instant::now();
         let compute_device = training_device.clone().inner();
         let kmeans = |store: &FeatureStore,
                       view: u64,
@@ -627,6 +650,10 @@ impl Trainer {
                 overclustering: None,
             });
         }
+        self.add_times(PhaseTimes {
+            views: 0.0,
+            kmeans: kmeans_started.elapsed().as_secs_f64(),
+        });
         let mut heads = results.into_iter();
         let mut main = heads
             .next()
@@ -736,7 +763,7 @@ impl Trainer {
         device: &Device,
         epoch: usize,
         order: &[usize],
-        params: &[ViewParams],
+        params: &Arc<Vec<ViewParams>>,
         clusters: &EpochClusters,
         run_started: Instant,
         first_epoch: usize,
@@ -762,14 +789,21 @@ impl Trainer {
         let mut images_done = 0usize;
         let started = Instant::now();
         let mut offset = 0usize;
+        let mut stream = self.view_stream(&batches, params)?;
         for (step, batch) in batches.iter().enumerate() {
             if self
                 .control
                 .wait_if_paused(|paused| observer.on_event(&TrainEvent::Paused(paused)))
             {
+                self.add_times(PhaseTimes {
+                    views: stream.finish(),
+                    kmeans: 0.0,
+                });
                 return Ok((sums.divided_by(step), false));
             }
-            let (view_first, view_second, geometric) = self.views_of(batch, params, device);
+            let prepared = stream.next().ok_or_else(view_thread_stopped)?;
+            let (view_first, view_second) = prepared.views.into_tensors(device);
+            let geometric = prepared.geometric;
             let range = offset * cells..(offset + batch.len()) * cells;
             offset += batch.len();
 
@@ -849,7 +883,20 @@ impl Trainer {
                 loss: terms,
             }));
         }
+        self.add_times(PhaseTimes {
+            views: stream.finish(),
+            kmeans: 0.0,
+        });
         Ok((sums.divided_by(batches.len()), true))
+    }
+
+    /// Adds to this epoch's [`PhaseTimes`].
+    fn add_times(&self, more: PhaseTimes) {
+        let times = self.phase_times.get();
+        self.phase_times.set(PhaseTimes {
+            views: times.views + more.views,
+            kmeans: times.kmeans + more.kmeans,
+        });
     }
 
     /// Scores the network on the un-augmented images (when they have labels) and, with
@@ -956,6 +1003,10 @@ impl Trainer {
         })?;
         Ok(())
     }
+}
+
+fn view_thread_stopped() -> TrainError {
+    TrainError::Data("the thread building the views stopped early".into())
 }
 
 fn cluster_error(error: impl std::fmt::Display) -> TrainError {
