@@ -1210,7 +1210,7 @@ pub fn build_run_bank(
     check_patch(patch, config.input_size)?;
     let compute = crate::device::select_device(config.device)
         .map_err(|e| BankError::Device(e.to_string()))?;
-    let (network, epoch) = run
+    let (network, epoch, _) = run
         .latest_network(&compute.device)
         .map_err(|e| BankError::Invalid(e.to_string()))?;
     let progress = std::sync::Mutex::new(progress);

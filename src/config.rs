@@ -128,6 +128,42 @@ pub enum ConfigError {
 }
 
 impl TrainConfig {
+    /// The settings a resumed run cannot change, each as `name recorded -> asked`, where
+    /// `self` is what was asked and `recorded` the run's config. The epochs, the device, the
+    /// starting weights and the previews may change.
+    pub fn resume_conflicts(&self, recorded: &TrainConfig) -> Vec<String> {
+        let mut conflicts = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),*) => {$(
+                if self.$field != recorded.$field {
+                    conflicts.push(format!(
+                        "{} {:?} -> {:?}",
+                        stringify!($field).replace('_', " "),
+                        recorded.$field,
+                        self.$field
+                    ));
+                }
+            )*};
+        }
+        compare!(
+            backbone,
+            clusters,
+            overclusters,
+            base_size,
+            input_size,
+            batch_size,
+            learning_rate,
+            balance,
+            kmeans_iterations,
+            cluster_batch_norm,
+            eval_clusters,
+            seed,
+            feature_bank,
+            bank_patch
+        );
+        conflicts
+    }
+
     /// Reads a JSON config file; fields it leaves out keep their defaults.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -233,7 +233,9 @@ pub fn segmenter_for_run(
         });
     }
     let compute = select_device(config.device)?;
-    let (network, epoch) = run.latest_network(&compute.device)?;
+    // A damaged latest checkpoint falls back to the previous one; the centroid check below
+    // then says the centroids belong to another epoch.
+    let (network, epoch, _) = run.latest_network(&compute.device)?;
     // Centroids of another epoch's network would give meaningless clusters.
     if centroids.epoch != epoch {
         return Err(ExportError::BadCentroids {

@@ -346,7 +346,46 @@ impl LabelMap {
             }
         };
         map.ensure_len(clusters);
+        map.check(&path, clusters)?;
         Ok(map)
+    }
+
+    /// Refuses merges a hand-edited file can hold but the app never makes: into a cluster the
+    /// run does not have, into itself, or in a cycle (they would give wrong legends).
+    fn check(&self, path: &Path, clusters: usize) -> Result<(), LabelMapError> {
+        let problem = |reason: String| LabelMapError::Io {
+            path: path.to_owned(),
+            reason: format!("{reason}; correct it or delete the file to start afresh"),
+        };
+        for (cluster, label) in self.clusters.iter().enumerate().take(clusters) {
+            match label.merged_into {
+                Some(target) if target >= clusters => {
+                    return Err(problem(format!(
+                        "cluster {cluster} is merged into cluster {target}, but the run's \
+                         clusters are 0..={}",
+                        clusters.saturating_sub(1)
+                    )));
+                }
+                Some(target) if target == cluster => {
+                    return Err(problem(format!("cluster {cluster} is merged into itself")));
+                }
+                _ => {}
+            }
+        }
+        for start in 0..clusters {
+            let mut seen = vec![false; clusters];
+            let mut current = start;
+            while let Some(next) = self.clusters[current].merged_into {
+                if seen[current] {
+                    return Err(problem(format!(
+                        "the merges from cluster {start} form a cycle"
+                    )));
+                }
+                seen[current] = true;
+                current = next;
+            }
+        }
+        Ok(())
     }
 
     /// Saves atomically into the run folder.
@@ -452,6 +491,37 @@ impl LabelHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hand_edited_label_maps_with_impossible_merges_are_refused_by_name() {
+        let folder = tempfile::tempdir().unwrap();
+        let write = |merges: &[(usize, usize)]| {
+            let mut map = LabelMap::new(4);
+            for &(cluster, target) in merges {
+                map.clusters[cluster].merged_into = Some(target);
+            }
+            let text = serde_json::to_string(&map).unwrap();
+            std::fs::write(LabelMap::path_in(folder.path()), text).unwrap();
+        };
+        for (merges, expected) in [
+            (vec![(1, 9)], "merged into cluster 9"),
+            (vec![(2, 255)], "merged into cluster 255"),
+            (vec![(3, 3)], "merged into itself"),
+            (vec![(0, 1), (1, 2), (2, 0)], "form a cycle"),
+        ] {
+            write(&merges);
+            let message = LabelMap::load_or_new(folder.path(), 4)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains(expected) && message.contains(LABELMAP_FILE),
+                "{merges:?}: {message}"
+            );
+        }
+        write(&[(0, 1), (1, 2)]);
+        let map = LabelMap::load_or_new(folder.path(), 4).unwrap();
+        assert_eq!(map.root(0), 2);
+    }
 
     #[test]
     fn merges_ignores_names_and_undo_redo_behave_as_a_user_expects() {

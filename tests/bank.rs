@@ -12,7 +12,7 @@ use picie::config::TrainConfig;
 use picie::data::{DemoOptions, write_demo_dataset};
 use picie::device::DeviceChoice;
 use picie::model::BackboneKind;
-use picie::train::{NullObserver, RunFolder, TrainControl, Trainer, TrainingData};
+use picie::train::{ExistingRun, NullObserver, RunFolder, TrainControl, Trainer, TrainingData};
 use rand::{Rng, SeedableRng};
 
 /// Similarities of the same f16 vectors in f32 and in f64 differ by about 1e-6.
@@ -307,7 +307,9 @@ fn a_trained_run_has_a_bank_that_saves_reloads_and_finds_itself() {
     let (data, images_dir) = demo_data(&folder.path().join("demo"), 6);
     let run_dir = folder.path().join("run");
     let config = demo_config();
-    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let missing = FeatureBank::load(&run_dir).unwrap_err();
     assert!(matches!(missing, BankError::Missing { .. }));
     assert!(
@@ -329,7 +331,7 @@ fn a_trained_run_has_a_bank_that_saves_reloads_and_finds_itself() {
 
     // The same network builds the same bank.
     let device = Device::flex();
-    let (network, epoch) = RunFolder::open(&run_dir)
+    let (network, epoch, _) = RunFolder::open(&run_dir)
         .unwrap()
         .latest_network(&device)
         .unwrap();

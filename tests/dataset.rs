@@ -550,3 +550,33 @@ fn base_transform_resizes_the_short_side_and_crops_the_centre() {
     assert_eq!(transform.crop_box(100, 50), (25, 0, 50));
     assert_eq!(transform.apply_rgb(&small).dimensions(), (160, 160));
 }
+
+#[cfg(unix)]
+#[test]
+fn symbolic_link_loops_end_and_count_each_image_once() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let farm = dir.path().join("farm");
+    fs::create_dir_all(farm.join("inner")).unwrap();
+    RgbImage::new(4, 4).save(farm.join("a.png")).unwrap();
+    RgbImage::new(4, 4).save(farm.join("inner/b.png")).unwrap();
+    // Two links back to the folder itself, one to its parent, one to a file.
+    symlink(&farm, farm.join("loop1")).unwrap();
+    symlink(&farm, farm.join("inner/loop2")).unwrap();
+    symlink(dir.path(), farm.join("up")).unwrap();
+    symlink(farm.join("a.png"), farm.join("alias.png")).unwrap();
+
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let scanned = farm.clone();
+    std::thread::spawn(move || {
+        let _ = sender.send(ImageFolder::scan(&scanned, None).map(|folder| folder.len()));
+    });
+    let images = receiver
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the scan of a symbolic-link loop did not end")
+        .unwrap();
+    assert_eq!(
+        images, 2,
+        "each image once, through whichever path came first"
+    );
+}

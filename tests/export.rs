@@ -16,7 +16,7 @@ use picie::export::{
 use picie::labelmap::{IGNORE_INDEX, LabelEdit, LabelMap, LegendEntry};
 use picie::model::BackboneKind;
 use picie::segment::Segmenter;
-use picie::train::{NullObserver, RunFolder, TrainControl, Trainer, TrainingData};
+use picie::train::{ExistingRun, NullObserver, RunFolder, TrainControl, Trainer, TrainingData};
 
 const CLUSTERS: usize = 5;
 
@@ -67,7 +67,9 @@ impl Fixture {
         )
         .unwrap();
         let run = root.join("run");
-        let folder_run = RunFolder::create(&run, &config).unwrap();
+        let folder_run = RunFolder::create(&run, &config, ExistingRun::Refuse)
+            .unwrap()
+            .0;
         Trainer::new(
             config,
             folder_run,

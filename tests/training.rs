@@ -7,7 +7,9 @@ use picie::config::TrainConfig;
 use picie::data::{DemoOptions, write_demo_dataset};
 use picie::device::DeviceChoice;
 use picie::model::BackboneKind;
-use picie::train::{NullObserver, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+use picie::train::{
+    ExistingRun, NullObserver, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData,
+};
 
 fn demo_config(epochs: usize) -> TrainConfig {
     TrainConfig {
@@ -56,7 +58,9 @@ fn training_beats_the_untrained_network_and_writes_a_complete_run() {
         ..demo_config(4)
     };
     let run_dir = folder.path().join("run");
-    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
     let mut steps = 0;
     let mut previews = 0;
@@ -118,7 +122,9 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
 
     let straight_dir = folder.path().join("straight");
     let config = demo_config(2);
-    let run = RunFolder::create(&straight_dir, &config).unwrap();
+    let run = RunFolder::create(&straight_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let straight = Trainer::new(
         config.clone(),
         run,
@@ -132,7 +138,9 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
 
     // The same run, stopped after its first epoch and resumed.
     let split_dir = folder.path().join("split");
-    let run = RunFolder::create(&split_dir, &demo_config(1)).unwrap();
+    let run = RunFolder::create(&split_dir, &demo_config(1), ExistingRun::Refuse)
+        .unwrap()
+        .0;
     Trainer::new(
         demo_config(1),
         run,
@@ -166,7 +174,9 @@ fn zero_epochs_makes_a_valid_run_of_the_untrained_network() {
     let data = demo_data(&folder.path().join("demo"), 8);
     let run_dir = folder.path().join("run");
     let config = demo_config(0);
-    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let outcome = Trainer::new(config, run, data, TrainControl::new(), false)
         .unwrap()
         .run(&mut NullObserver)
@@ -176,7 +186,7 @@ fn zero_epochs_makes_a_valid_run_of_the_untrained_network() {
     let run = RunFolder::open(&run_dir).unwrap();
     let segmentation = run.segmentation().unwrap();
     assert_eq!(segmentation.clusters, 8);
-    let (_, epoch) = run.latest_network(&burn::tensor::Device::flex()).unwrap();
+    let (_, epoch, _) = run.latest_network(&burn::tensor::Device::flex()).unwrap();
     assert_eq!(epoch, 0);
 }
 
@@ -188,7 +198,9 @@ fn overclustering_head_trains_alongside_the_main_one() {
         overclusters: Some(20),
         ..demo_config(1)
     };
-    let run = RunFolder::create(&folder.path().join("run"), &config).unwrap();
+    let run = RunFolder::create(&folder.path().join("run"), &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let mut clustering_units = 0;
     let mut losses = Vec::new();
     let mut observer = |event: &TrainEvent| match event {
@@ -220,7 +232,9 @@ fn splits_and_merges_sent_to_the_trainer_change_the_next_epochs_clusters() {
     let data = demo_data(&folder.path().join("demo"), 16);
     let run_dir = folder.path().join("run");
     let config = demo_config(3);
-    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let control = TrainControl::new();
     let mut trainer = Trainer::new(config, run, data, control.clone(), false).unwrap();
     let mut edited = Vec::new();

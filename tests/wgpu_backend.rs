@@ -71,7 +71,7 @@ fn wgpu_trains_an_epoch_and_writes_a_checkpoint() {
     use picie::config::TrainConfig;
     use picie::data::{DemoOptions, write_demo_dataset};
     use picie::device::DeviceChoice;
-    use picie::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+    use picie::train::{ExistingRun, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
     if list_adapters().is_empty() {
         eprintln!("no wgpu adapter on this machine: install mesa-vulkan-drivers to run this test");
@@ -104,7 +104,9 @@ fn wgpu_trains_an_epoch_and_writes_a_checkpoint() {
         ..TrainConfig::default()
     };
     let run_dir = folder.path().join("run");
-    let run = RunFolder::create(&run_dir, &config).unwrap();
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
     let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
     let mut losses = Vec::new();
     let mut observer = |event: &TrainEvent| {

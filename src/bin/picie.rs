@@ -22,8 +22,8 @@ use picie::labelmap::LabelMap;
 use picie::model::BackboneKind;
 use picie::segment::write_index_png;
 use picie::train::{
-    RunFolder, TrainControl, TrainEvent, TrainObserver, TrainPhase, Trainer, TrainingData,
-    evaluate_network,
+    ExistingRun, RunFolder, TrainControl, TrainEvent, TrainObserver, TrainPhase, Trainer,
+    TrainingData, evaluate_network,
 };
 
 /// PiCIE Explorer, headless: unsupervised semantic segmentation of a folder of images.
@@ -287,9 +287,12 @@ struct TrainArgs {
     /// JSON config file (see config.json in any run folder).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue the run in --out from its latest checkpoint.
+    /// Continue the run in --out from its latest checkpoint, with its recorded settings.
     #[arg(long)]
     resume: bool,
+    /// If --out already holds a run, move it aside (to OUT.replaced-N) and start a new one.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// resnet18 or mobilenet_v2.
     #[arg(long)]
     backbone: Option<BackboneKind>,
@@ -309,7 +312,7 @@ struct TrainArgs {
     #[arg(long)]
     batch: Option<usize>,
     /// Adam learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Network input side.
     #[arg(long)]
@@ -545,6 +548,26 @@ fn train(args: TrainArgs) -> Result<()> {
         config.seed = value;
     }
     config.validate()?;
+    // The run folder is claimed before the slow dataset decoding, so a refusal comes at once
+    // and nothing in a folder that holds another run is touched.
+    let run = if args.resume {
+        RunFolder::open_for_writing(&args.out)?
+    } else {
+        let existing = if args.overwrite {
+            ExistingRun::MoveAside
+        } else {
+            ExistingRun::Refuse
+        };
+        let (run, moved_to) = RunFolder::create(&args.out, &config, existing)?;
+        if let Some(moved_to) = moved_to {
+            eprintln!(
+                "moved the run that was in {} to {}",
+                args.out.display(),
+                moved_to.display()
+            );
+        }
+        run
+    };
 
     let bar = progress_bar(0, "decoding images");
     let data = TrainingData::load(
@@ -570,11 +593,6 @@ fn train(args: TrainArgs) -> Result<()> {
             ""
         }
     );
-    let run = if args.resume {
-        RunFolder::open(&args.out)?
-    } else {
-        RunFolder::create(&args.out, &config)?
-    };
     let control = TrainControl::new();
     {
         // Ctrl-C finishes the current batch, keeps the last checkpoint and exits cleanly.
@@ -588,16 +606,29 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut observer = TerminalObserver::new();
     let outcome = trainer.run(&mut observer)?;
     observer.bar.finish_and_clear();
-    println!(
-        "{} after epoch {}; run folder {}",
-        if outcome.stopped {
-            "stopped"
-        } else {
-            "finished"
-        },
-        outcome.last_epoch,
-        args.out.display()
-    );
+    if outcome.stopped && outcome.last_epoch == 0 {
+        println!(
+            "stopped before epoch 1 ended, so the run has no checkpoint yet; run the same \
+             command again to start it over (run folder {})",
+            args.out.display()
+        );
+    } else {
+        println!(
+            "{} after epoch {}; run folder {}{}",
+            if outcome.stopped {
+                "stopped"
+            } else {
+                "finished"
+            },
+            outcome.last_epoch,
+            args.out.display(),
+            if outcome.stopped {
+                "; continue it with --resume"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(())
 }
 
@@ -692,6 +723,7 @@ impl TrainObserver for TerminalObserver {
             TrainEvent::Paused(paused) => {
                 self.say(if *paused { "paused" } else { "resumed" }.to_owned());
             }
+            TrainEvent::Warning(message) => self.say(format!("warning: {message}")),
             _ => {}
         }
     }
@@ -710,7 +742,10 @@ fn eval(
         config.device = device;
     }
     let compute = select_device(config.device)?;
-    let (network, epoch) = run.latest_network(&compute.device)?;
+    let (network, epoch, note) = run.latest_network(&compute.device)?;
+    if let Some(note) = note {
+        eprintln!("warning: {note}");
+    }
     // Evaluation images are the un-augmented inputs: decode them straight at the input size.
     let data = TrainingData::load(
         images,

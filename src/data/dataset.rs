@@ -1,5 +1,6 @@
 //! Scanning and decoding image folders, with optional evaluation labels.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -91,6 +92,23 @@ pub enum DatasetError {
         path: PathBuf,
         /// Its size, as far as it is known.
         detail: String,
+    },
+    /// A label folder was given but some images have no label file in it.
+    #[error(
+        "{missing} of {total} images have no label in {} (for example {examples}); scores need \
+         a label for every image: add the missing labels, or leave out the label folder to \
+         train without scores",
+        .labels.display()
+    )]
+    MissingLabels {
+        /// The label folder.
+        labels: PathBuf,
+        /// Images without a label.
+        missing: usize,
+        /// Images in the dataset.
+        total: usize,
+        /// The first few names without a label.
+        examples: String,
     },
     /// An image has no pixels.
     #[error("{} has no pixels (width or height is 0)", .path.display())]
@@ -286,7 +304,14 @@ impl ImageFolder {
             .and_then(|dir| fs::canonicalize(dir).ok());
 
         let mut files = Vec::new();
-        walk(images, images, skip_dir.as_deref(), 0, &mut files)?;
+        walk(
+            images,
+            images,
+            skip_dir.as_deref(),
+            0,
+            &mut Visited::default(),
+            &mut files,
+        )?;
         if files.is_empty() {
             return Err(DatasetError::NoImages {
                 path: images.to_path_buf(),
@@ -549,18 +574,31 @@ fn is_image_file(path: &Path) -> bool {
         })
 }
 
+/// Folders and files already collected, by canonical path: a symbolic link to a folder is
+/// followed once, so link loops end and each file is read once.
+#[derive(Default)]
+struct Visited {
+    folders: HashSet<PathBuf>,
+    files: HashSet<PathBuf>,
+}
+
 /// Collects `(relative name, path)` of every image file under `dir`.
 fn walk(
     root: &Path,
     dir: &Path,
     skip_dir: Option<&Path>,
     depth: usize,
+    visited: &mut Visited,
     out: &mut Vec<(String, PathBuf)>,
 ) -> Result<(), DatasetError> {
     let unreadable = |source| DatasetError::FolderUnreadable {
         path: dir.to_path_buf(),
         source,
     };
+    let canonical = fs::canonicalize(dir).map_err(unreadable)?;
+    if !visited.folders.insert(canonical) {
+        return Ok(());
+    }
     for entry in fs::read_dir(dir).map_err(unreadable)? {
         let entry = entry.map_err(unreadable)?;
         let file_name = entry.file_name();
@@ -581,8 +619,11 @@ fn walk(
             {
                 continue;
             }
-            walk(root, &path, skip_dir, depth + 1, out)?;
+            walk(root, &path, skip_dir, depth + 1, visited, out)?;
         } else if meta.is_file() && is_image_file(&path) {
+            if fs::canonicalize(&path).is_ok_and(|canonical| !visited.files.insert(canonical)) {
+                continue;
+            }
             let relative = path.strip_prefix(root).unwrap_or(&path);
             let name = relative
                 .components()

@@ -115,6 +115,12 @@ impl StateDict {
     /// Reads a torchvision `.pth` (zip) state_dict or one of our safetensors checkpoints,
     /// recognised by content, not by extension.
     pub fn read(path: &Path) -> Result<Self, WeightsError> {
+        if path.is_dir() {
+            return Err(WeightsError::Unreadable {
+                path: path.to_owned(),
+                reason: "it is a folder; give the .pth or .safetensors file itself".into(),
+            });
+        }
         let mut magic = [0u8; 2];
         {
             use std::io::Read;

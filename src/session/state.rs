@@ -269,6 +269,10 @@ impl SessionState {
                 self.cluster_edits.push(origin.clone());
                 false
             }
+            TrainEvent::Warning(message) => {
+                self.warnings.push(message.clone());
+                false
+            }
             TrainEvent::EditRefused(reason) => {
                 self.warnings
                     .push(format!("cluster edit not applied: {reason}"));
@@ -317,13 +321,26 @@ impl SessionState {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut line = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
-        line.push(b'\n');
+        use std::io::{Read, Seek, SeekFrom};
         let mut file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)?;
-        // One write per line: a crash leaves at most a partial last line, skipped on load.
+        // A crash mid-write leaves a partial last line (skipped on load); start a new line
+        // after it, or this snapshot would be glued to the fragment and lost with it.
+        let mut line = Vec::new();
+        if file.metadata()?.len() > 0 {
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::End(-1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                line.push(b'\n');
+            }
+        }
+        line.extend(serde_json::to_vec(snapshot).map_err(std::io::Error::other)?);
+        line.push(b'\n');
+        // One write per line: a crash leaves at most a partial last line.
         file.write_all(&line)?;
         file.flush()
     }
@@ -406,5 +423,16 @@ mod tests {
 
         let missing = SessionState::load(&folder.path().join("nothing")).unwrap_err();
         assert!(missing.contains("no saved explorer session"), "{missing}");
+
+        // Training continues after the torn line: the next snapshot is kept.
+        SessionState::append_snapshot(folder.path(), &snapshot(3, 0)).unwrap();
+        let continued = SessionState::load(folder.path()).unwrap();
+        let epochs: Vec<usize> = continued
+            .timeline
+            .snapshots()
+            .iter()
+            .map(|s| s.epoch)
+            .collect();
+        assert_eq!(epochs, vec![1, 1, 2, 3]);
     }
 }

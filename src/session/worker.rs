@@ -11,7 +11,7 @@ use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
 use super::state::{DatasetPaths, SessionState};
 use super::timeline::Snapshot;
 use crate::config::TrainConfig;
-use crate::train::{RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+use crate::train::{ExistingRun, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
 /// Commands from the app to the trainer; they take effect at the next batch boundary (edits:
 /// at the next epoch's clustering).
@@ -192,9 +192,9 @@ fn run_training(
         ));
     }
     let run = if request.resume {
-        RunFolder::open(&request.run_dir)
+        RunFolder::open_for_writing(&request.run_dir)
     } else {
-        RunFolder::create(&request.run_dir, &config)
+        RunFolder::create(&request.run_dir, &config, ExistingRun::Refuse).map(|(run, _)| run)
     }
     .map_err(|error| error.to_string())?;
     // The session record on disk is kept by this thread, so it survives the window: the

@@ -40,6 +40,26 @@ impl TrainingData {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self, DatasetError> {
         let folder = ImageFolder::scan(images, labels)?;
+        let unlabelled = folder.unlabelled();
+        if let Some(labels) = labels
+            && !unlabelled.is_empty()
+        {
+            let mut examples = unlabelled
+                .iter()
+                .take(3)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if unlabelled.len() > 3 {
+                examples.push_str(", …");
+            }
+            return Err(DatasetError::MissingLabels {
+                labels: labels.to_owned(),
+                missing: unlabelled.len(),
+                total: folder.len(),
+                examples,
+            });
+        }
         let loaded = folder
             .load(&BaseTransform::new(base_size), progress)
             .into_non_empty()?;

@@ -233,6 +233,9 @@ pub enum TrainEvent {
     },
     /// A merge or split could not be applied (the message says why); training goes on.
     EditRefused(String),
+    /// Something the user should know that does not stop training (an older checkpoint used
+    /// because the latest is damaged).
+    Warning(String),
     /// Training paused (true) or resumed (false) at a batch boundary.
     Paused(bool),
     /// Training ended; `stopped` when it ended on a stop request.

@@ -19,5 +19,5 @@ pub use events::{
     ClusterMap, ClusterStatistics, EpochRecord, LossTerms, NullObserver, StepProgress, TrainEvent,
     TrainObserver, TrainPhase,
 };
-pub use run::{RunError, RunFolder};
+pub use run::{ExistingRun, RunError, RunFolder, RunLock};
 pub use trainer::{TrainError, TrainOutcome, Trainer, cluster_unaugmented, evaluate_network};

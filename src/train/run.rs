@@ -4,15 +4,23 @@
 //! RUN_DIR/config.json            the TrainConfig of the run
 //! RUN_DIR/metrics.json           {"no_train": {...}, "epochs": [...]}
 //! RUN_DIR/latest.json            {"epoch": N, "directory": "checkpoints/epoch-000N"}
-//! RUN_DIR/checkpoints/epoch-000N/ network.safetensors, optimizer.bpk, state.json, labels.bin
+//! RUN_DIR/checkpoints/epoch-000N/ network.safetensors, optimizer.bpk, state.json, labels.bin,
+//!                                metrics.json (the run's metrics up to this epoch)
 //! RUN_DIR/segmentation.json      centroids of the un-augmented images, for segment/export
+//! RUN_DIR/.lock                  held by the one process writing the run (pid and command)
 //! ```
 //! A checkpoint is written into a temporary folder that is renamed into place, and
 //! `latest.json` is replaced only after that, so a crash never leaves a half checkpoint
-//! behind as the latest one.
+//! behind as the latest one. The metrics travel inside the checkpoint, so an epoch's
+//! checkpoint and its metrics are committed by the same rename; the top-level
+//! `metrics.json` is a copy for readers. Only one process writes a run folder at a time: the
+//! writer holds an operating-system lock on `.lock`, which the system releases when the
+//! process ends, however it ends.
 
 use std::fs;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +54,44 @@ pub enum RunError {
     )]
     NotARun(PathBuf),
     /// The run has no checkpoint yet.
-    #[error("run {0} has no checkpoint yet; train it first")]
+    #[error(
+        "run {0} has no checkpoint yet (it was stopped or failed before its first epoch \
+         ended); train it again with `picie train --out {0}` and the same settings"
+    )]
     NoCheckpoint(PathBuf),
+    /// Another process is writing the run folder.
+    #[error(
+        "run folder {root} is in use by another PiCIE process ({holder}); wait for it to \
+         finish or stop it, or choose another folder"
+    )]
+    Busy {
+        /// The run folder.
+        root: PathBuf,
+        /// Who holds it: pid and command line, as the holder wrote them.
+        holder: String,
+    },
+    /// A new run was asked for in a folder that already holds one.
+    #[error(
+        "{root} already holds a run (trained to epoch {epoch}); continue it with --resume, \
+         choose another --out, or pass --overwrite to move the old run aside"
+    )]
+    Exists {
+        /// The run folder.
+        root: PathBuf,
+        /// The epoch of its latest checkpoint.
+        epoch: usize,
+    },
+    /// A resumed run was given settings that differ from the recorded ones.
+    #[error(
+        "run {root} continues with its recorded settings, but these differ: {changes}. Leave \
+         them out to continue the run, or start a new run (another --out) to change them"
+    )]
+    ResumeChanges {
+        /// The run folder.
+        root: PathBuf,
+        /// The settings that differ, each as `name recorded -> asked`.
+        changes: String,
+    },
     /// A configuration problem.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -112,10 +156,76 @@ struct Latest {
     directory: String,
 }
 
-/// A run folder on disk.
+/// The writer's lock on a run folder: an operating-system file lock on `RUN_DIR/.lock`,
+/// released when this value is dropped or the process ends (a kill included), so a lock is
+/// never left stale by a dead process.
+#[derive(Debug)]
+pub struct RunLock {
+    // Held open for the lock; the lock goes with the handle.
+    _file: fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `root` (created if missing), or says who holds it.
+    pub fn acquire(root: &Path) -> Result<Self, RunError> {
+        fs::create_dir_all(root).map_err(write_error(root))?;
+        let path = root.join(".lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(write_error(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(RunError::Busy {
+                    root: root.to_owned(),
+                    holder: if holder.is_empty() {
+                        "a process that is starting".to_owned()
+                    } else {
+                        holder.to_owned()
+                    },
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(RunError::Write { path, source });
+            }
+        }
+        // Who holds it, for the message a second writer gets.
+        let command: Vec<String> = std::env::args().collect();
+        let holder = format!("pid {}: {}", std::process::id(), command.join(" "));
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(holder.as_bytes()))
+            .and_then(|()| file.flush());
+        written.map_err(write_error(&path))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// What a new run does when its folder already holds a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExistingRun {
+    /// Refuse with [`RunError::Exists`].
+    #[default]
+    Refuse,
+    /// Move the old run's files into a new sibling folder `NAME.replaced-N` first.
+    MoveAside,
+}
+
+/// A run folder on disk. Values made by [`RunFolder::create`] and
+/// [`RunFolder::open_for_writing`] hold the folder's lock (shared by clones) for as long as
+/// one of them lives.
 #[derive(Debug, Clone)]
 pub struct RunFolder {
     root: PathBuf,
+    lock: Option<Arc<RunLock>>,
 }
 
 fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -145,25 +255,128 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), RunError> {
 }
 
 impl RunFolder {
-    /// Creates (or reuses) a run folder and saves `config` in it.
-    pub fn create(root: &Path, config: &TrainConfig) -> Result<Self, RunError> {
-        fs::create_dir_all(root.join("checkpoints")).map_err(write_error(root))?;
+    /// Starts a new run in `root` and saves `config` in it, holding the folder's lock.
+    ///
+    /// A folder that already holds a run (one with a checkpoint) is refused, or with
+    /// [`ExistingRun::MoveAside`] its files are moved into a sibling folder, whose path is
+    /// returned. Files of a start that never finished an epoch are replaced.
+    pub fn create(
+        root: &Path,
+        config: &TrainConfig,
+        existing: ExistingRun,
+    ) -> Result<(Self, Option<PathBuf>), RunError> {
+        let lock = RunLock::acquire(root)?;
         let run = Self {
             root: root.to_owned(),
+            lock: Some(Arc::new(lock)),
         };
+        let mut moved_to = None;
+        if let Some(epoch) = run.newest_checkpoint_epoch() {
+            match existing {
+                ExistingRun::Refuse => {
+                    return Err(RunError::Exists {
+                        root: root.to_owned(),
+                        epoch,
+                    });
+                }
+                ExistingRun::MoveAside => moved_to = Some(run.move_aside()?),
+            }
+        } else {
+            // Leftovers of a start that failed before its first checkpoint.
+            for name in ["metrics.json", "segmentation.json", "latest.json"] {
+                let path = root.join(name);
+                if path.exists() {
+                    fs::remove_file(&path).map_err(write_error(&path))?;
+                }
+            }
+        }
+        fs::create_dir_all(root.join("checkpoints")).map_err(write_error(root))?;
         config.save(&run.config_path())?;
+        Ok((run, moved_to))
+    }
+
+    /// Opens an existing run folder to continue it, holding the folder's lock.
+    pub fn open_for_writing(root: &Path) -> Result<Self, RunError> {
+        let mut run = Self::open(root)?;
+        run.lock = Some(Arc::new(RunLock::acquire(root)?));
         Ok(run)
     }
 
-    /// Opens an existing run folder.
+    /// Opens an existing run folder for reading.
     pub fn open(root: &Path) -> Result<Self, RunError> {
         let run = Self {
             root: root.to_owned(),
+            lock: None,
         };
         if !run.config_path().is_file() {
             return Err(RunError::NotARun(root.to_owned()));
         }
         Ok(run)
+    }
+
+    /// Whether this value holds the folder's writer lock.
+    pub fn is_locked(&self) -> bool {
+        self.lock.is_some()
+    }
+
+    /// The epoch of the newest checkpoint folder, whatever `latest.json` says.
+    fn newest_checkpoint_epoch(&self) -> Option<usize> {
+        let latest = self
+            .latest_checkpoint()
+            .ok()
+            .flatten()
+            .map(|(_, state)| state.epoch);
+        let folders = self
+            .checkpoint_folders()
+            .into_iter()
+            .map(|(epoch, _)| epoch)
+            .max();
+        latest.max(folders)
+    }
+
+    /// Checkpoint folders `(epoch, path)`, oldest first (temporary ones left out).
+    fn checkpoint_folders(&self) -> Vec<(usize, PathBuf)> {
+        let Ok(entries) = fs::read_dir(self.root.join("checkpoints")) else {
+            return Vec::new();
+        };
+        let mut folders: Vec<(usize, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let epoch = name.strip_prefix("epoch-")?.parse().ok()?;
+                Some((epoch, entry.path()))
+            })
+            .collect();
+        folders.sort();
+        folders
+    }
+
+    /// Moves every file of the run but the lock into a new sibling folder `NAME.replaced-N`.
+    fn move_aside(&self) -> Result<PathBuf, RunError> {
+        let name = self
+            .root
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".to_owned());
+        let parent = self.root.parent().unwrap_or(Path::new("."));
+        let mut aside = parent.join(format!("{name}.replaced-1"));
+        for n in 2.. {
+            if !aside.exists() {
+                break;
+            }
+            aside = parent.join(format!("{name}.replaced-{n}"));
+        }
+        fs::create_dir(&aside).map_err(write_error(&aside))?;
+        let entries = fs::read_dir(&self.root).map_err(write_error(&self.root))?;
+        for entry in entries {
+            let entry = entry.map_err(write_error(&self.root))?;
+            if entry.file_name() == ".lock" {
+                continue;
+            }
+            let target = aside.join(entry.file_name());
+            fs::rename(entry.path(), &target).map_err(write_error(&target))?;
+        }
+        Ok(aside)
     }
 
     /// The folder.
@@ -186,13 +399,39 @@ impl RunFolder {
         Ok(TrainConfig::load(&self.config_path())?)
     }
 
-    /// The metrics so far (empty if none were written).
+    /// The metrics so far (empty if none were written). The copy committed with the latest
+    /// checkpoint wins when it has more epochs than `metrics.json` (a process killed between
+    /// the two writes).
     pub fn metrics(&self) -> Result<Metrics, RunError> {
         let path = self.metrics_path();
-        if !path.exists() {
-            return Ok(Metrics::default());
+        let top = if path.exists() {
+            Some(read_json::<Metrics>(&path)?)
+        } else {
+            None
+        };
+        let committed = self
+            .latest_checkpoint()
+            .ok()
+            .flatten()
+            .map(|(directory, _)| directory.join("metrics.json"))
+            .filter(|path| path.is_file())
+            .and_then(|path| read_json::<Metrics>(&path).ok());
+        Ok(match (top, committed) {
+            (Some(top), Some(committed)) if committed.epochs.len() > top.epochs.len() => committed,
+            (Some(top), _) => top,
+            (None, committed) => committed.unwrap_or_default(),
+        })
+    }
+
+    /// The metrics committed with a checkpoint (empty for checkpoints written before
+    /// checkpoints carried them).
+    pub fn checkpoint_metrics(&self, directory: &Path) -> Result<Metrics, RunError> {
+        let path = directory.join("metrics.json");
+        if path.is_file() {
+            read_json(&path)
+        } else {
+            self.metrics()
         }
-        read_json(&path)
     }
 
     /// Replaces `metrics.json`.
@@ -200,14 +439,16 @@ impl RunFolder {
         write_json(&self.metrics_path(), metrics)
     }
 
-    /// Writes the checkpoint of an epoch atomically and makes it the latest; keeps the
-    /// previous one and deletes older ones.
+    /// Writes the checkpoint of an epoch with the run's `metrics` atomically and makes it the
+    /// latest, then copies the metrics to `metrics.json`; keeps the checkpoint it follows and
+    /// deletes older ones.
     pub fn write_checkpoint(
         &self,
         state: &CheckpointState,
         network: &PicieNet,
         optimizer: &burn::optim::ModuleOptimizer,
         labels_first: &[u8],
+        metrics: &Metrics,
     ) -> Result<(), RunError> {
         let checkpoints = self.root.join("checkpoints");
         let name = format!("epoch-{:04}", state.epoch);
@@ -226,9 +467,15 @@ impl RunFolder {
                 source: std::io::Error::other(format!("{error:?}")),
             })?;
         write_json(&partial.join("state.json"), state)?;
+        write_json(&partial.join("metrics.json"), metrics)?;
         let labels_path = partial.join("labels.bin");
         fsutil::write_bytes_atomic(&labels_path, labels_first)
             .map_err(write_error(&labels_path))?;
+        let previous = self
+            .latest_checkpoint()
+            .ok()
+            .flatten()
+            .map(|(directory, _)| directory);
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).map_err(write_error(&final_dir))?;
         }
@@ -240,20 +487,13 @@ impl RunFolder {
                 directory: format!("checkpoints/{name}"),
             },
         )?;
-        // Keep this checkpoint and the one before; older ones only cost disk.
-        if let Ok(entries) = fs::read_dir(&checkpoints) {
-            let mut epochs: Vec<(usize, PathBuf)> = entries
-                .filter_map(Result::ok)
-                .filter_map(|entry| {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let epoch = name.strip_prefix("epoch-")?.parse().ok()?;
-                    Some((epoch, entry.path()))
-                })
-                .collect();
-            epochs.sort();
-            let keep_from = epochs.len().saturating_sub(2);
-            for (_, path) in &epochs[..keep_from] {
-                let _ = fs::remove_dir_all(path);
+        self.write_metrics(metrics)?;
+        // Keep this checkpoint and the one it follows (the fallback if this one is damaged);
+        // older ones only cost disk.
+        for (_, path) in self.checkpoint_folders() {
+            let keep = path == final_dir || previous.as_ref() == Some(&path);
+            if !keep {
+                let _ = fs::remove_dir_all(&path);
             }
         }
         Ok(())
@@ -271,6 +511,51 @@ impl RunFolder {
         Ok(Some((directory, state)))
     }
 
+    /// Loads the newest checkpoint that `load` accepts: the latest, then older ones on disk.
+    /// When the latest is damaged, the returned note says so and names the one used. No
+    /// usable checkpoint: the latest's problem, or [`RunError::NoCheckpoint`].
+    pub fn load_newest<T>(
+        &self,
+        mut load: impl FnMut(&Path, &CheckpointState) -> Result<T, RunError>,
+    ) -> Result<(T, PathBuf, CheckpointState, Option<String>), RunError> {
+        let mut problems = Vec::new();
+        let mut candidates = Vec::new();
+        match self.latest_checkpoint() {
+            Ok(Some(latest)) => candidates.push(latest),
+            Ok(None) => {}
+            Err(error) => problems.push(error),
+        }
+        for (_, directory) in self.checkpoint_folders().into_iter().rev() {
+            if candidates.iter().any(|(path, _)| *path == directory) {
+                continue;
+            }
+            match read_json::<CheckpointState>(&directory.join("state.json")) {
+                Ok(state) => candidates.push((directory, state)),
+                Err(error) => problems.push(error),
+            }
+        }
+        for (directory, state) in candidates {
+            match load(&directory, &state) {
+                Ok(value) => {
+                    let note = problems.first().map(|problem| {
+                        format!(
+                            "the latest checkpoint of {} is damaged ({problem}); using the \
+                             intact checkpoint of epoch {} instead",
+                            self.root.display(),
+                            state.epoch
+                        )
+                    });
+                    return Ok((value, directory, state, note));
+                }
+                Err(error) => problems.push(error),
+            }
+        }
+        Err(problems
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| RunError::NoCheckpoint(self.root.clone())))
+    }
+
     /// The view-1 labels saved with a checkpoint.
     pub fn checkpoint_labels(directory: &Path) -> Result<Vec<u8>, RunError> {
         let path = directory.join("labels.bin");
@@ -280,16 +565,16 @@ impl RunFolder {
         })
     }
 
-    /// The network of the latest checkpoint.
+    /// The network of the newest checkpoint that loads, its epoch, and a note when the
+    /// latest was damaged and an older one is used.
     pub fn latest_network(
         &self,
         device: &burn::tensor::Device,
-    ) -> Result<(PicieNet, usize), RunError> {
-        let (directory, state) = self
-            .latest_checkpoint()?
-            .ok_or_else(|| RunError::NoCheckpoint(self.root.clone()))?;
-        let (network, _) = PicieNet::load(&directory.join("network.safetensors"), device)?;
-        Ok((network, state.epoch))
+    ) -> Result<(PicieNet, usize, Option<String>), RunError> {
+        let (network, _, state, note) = self.load_newest(|directory, _| {
+            Ok(PicieNet::load(&directory.join("network.safetensors"), device)?.0)
+        })?;
+        Ok((network, state.epoch, note))
     }
 
     /// `segmentation.json`.

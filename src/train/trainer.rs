@@ -145,6 +145,23 @@ impl EpochClusters {
     }
 }
 
+/// Refuses a resume whose settings differ from the run's recorded ones, naming them.
+fn check_resume(
+    run: &RunFolder,
+    asked: &TrainConfig,
+    recorded: &TrainConfig,
+) -> Result<(), TrainError> {
+    let conflicts = asked.resume_conflicts(recorded);
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    Err(RunError::ResumeChanges {
+        root: run.root().to_owned(),
+        changes: conflicts.join(", "),
+    }
+    .into())
+}
+
 /// `origin[new] = Some(old)`: the previous epoch's cluster a new id continues after an edit.
 type IdOrigin = Vec<Option<usize>>;
 
@@ -174,6 +191,27 @@ impl Trainer {
                 data.base_size, data.eval_size, config.base_size, config.input_size
             )));
         }
+        let mut config = config;
+        if resume {
+            let mut recorded = run.config()?;
+            if recorded.clusters.is_none() {
+                // Runs made before K was recorded: the checkpoint's K, not one from labels.
+                recorded.clusters = run
+                    .latest_checkpoint()
+                    .ok()
+                    .flatten()
+                    .map(|(_, state)| state.clusters);
+            }
+            // K left open means the run's own K.
+            config.clusters = config.clusters.or(recorded.clusters);
+            check_resume(&run, &config, &recorded)?;
+        } else if config.clusters.is_none() {
+            // K is recorded, so a resume without labels keeps it.
+            config.clusters = Some(config.clusters_for(data.classes()));
+        }
+        if run.is_locked() {
+            config.save(&run.config_path())?;
+        }
         Ok(Self {
             config,
             run,
@@ -194,7 +232,11 @@ impl Trainer {
 
         let mut weights = String::from("the run's latest checkpoint");
         let (mut model, first_epoch, mut metrics, mut previous) = if self.resume {
-            self.restore(&compute)?
+            let (restored, note) = self.restore(&compute)?;
+            if let Some(note) = note {
+                observer.on_event(&TrainEvent::Warning(note));
+            }
+            restored
         } else {
             let (network, origin) = build_network(
                 self.config.backbone,
@@ -363,6 +405,9 @@ impl Trainer {
                 total: 1,
             });
             let labels_bytes = labels_to_bytes(&epoch_clusters.labels_first);
+            // The metrics are committed with the checkpoint, so the two never disagree.
+            metrics.epochs.retain(|existing| existing.epoch < epoch);
+            metrics.epochs.push(record.clone());
             self.run.write_checkpoint(
                 &CheckpointState {
                     epoch,
@@ -375,13 +420,15 @@ impl Trainer {
                 &model.network.valid(),
                 &model.optimizer,
                 &labels_bytes,
+                &metrics,
             )?;
             if let Some(bank) = bank {
                 bank.save(self.run.root())?;
             }
             record.seconds_saving = saving_started.elapsed().as_secs_f64();
-            metrics.epochs.retain(|existing| existing.epoch < epoch);
-            metrics.epochs.push(record.clone());
+            if let Some(last) = metrics.epochs.last_mut() {
+                last.seconds_saving = record.seconds_saving;
+            }
             self.run.write_metrics(&metrics)?;
             observer.on_event(&TrainEvent::EpochFinished(record));
             previous = Some(PreviousEpoch {
@@ -412,27 +459,37 @@ impl Trainer {
         })
     }
 
-    /// Loads the latest checkpoint of the run.
+    /// Loads the newest intact checkpoint of the run; the note says when the latest was
+    /// damaged and an older one is used.
+    #[allow(clippy::type_complexity)]
     fn restore(
         &self,
         compute: &ComputeDevice,
-    ) -> Result<(Model, usize, Metrics, Option<PreviousEpoch>), TrainError> {
-        let Some((directory, state)) = self.run.latest_checkpoint()? else {
-            return Err(RunError::NoCheckpoint(self.run.root().to_owned()).into());
-        };
-        let (network, _) = PicieNet::load(&directory.join("network.safetensors"), &compute.device)?;
-        let optimizer_path = directory.join("optimizer.bpk");
-        let optimizer = if state.epoch == 0 {
-            AdamConfig::new().init()
-        } else {
-            AdamConfig::new()
-                .init()
-                .load(&optimizer_path)
-                .map_err(|error| RunError::Read {
-                    path: optimizer_path.clone(),
-                    reason: format!("{error:?}"),
-                })?
-        };
+    ) -> Result<
+        (
+            (Model, usize, Metrics, Option<PreviousEpoch>),
+            Option<String>,
+        ),
+        TrainError,
+    > {
+        let ((network, optimizer, metrics), directory, state, note) =
+            self.run.load_newest(|directory, state| {
+                let (network, _) =
+                    PicieNet::load(&directory.join("network.safetensors"), &compute.device)?;
+                let optimizer_path = directory.join("optimizer.bpk");
+                let optimizer = if state.epoch == 0 {
+                    AdamConfig::new().init()
+                } else {
+                    AdamConfig::new()
+                        .init()
+                        .load(&optimizer_path)
+                        .map_err(|error| RunError::Read {
+                            path: optimizer_path.clone(),
+                            reason: format!("{error:?}"),
+                        })?
+                };
+                Ok((network, optimizer, self.run.checkpoint_metrics(directory)?))
+            })?;
         let labels = RunFolder::checkpoint_labels(&directory)
             .ok()
             .filter(|bytes| !bytes.is_empty())
@@ -443,10 +500,13 @@ impl Trainer {
             _ => None,
         };
         Ok((
-            Model { network, optimizer },
-            state.epoch + 1,
-            self.run.metrics()?,
-            previous,
+            (
+                Model { network, optimizer },
+                state.epoch + 1,
+                metrics,
+                previous,
+            ),
+            note,
         ))
     }
 
@@ -966,6 +1026,7 @@ impl Trainer {
                 &network,
                 &model.optimizer,
                 &[],
+                &self.run.metrics()?,
             )?;
             if self.config.feature_bank {
                 let bank = build_bank(

@@ -1,0 +1,255 @@
+//! The run folder as a whole, driven through the `picie` binary as a user would: a second run
+//! into a folder, two writers at once, a resume with other settings, and kills at random
+//! instants followed by a resume. After each, the folder must be consistent and usable.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use picie::train::{RunFolder, RunLock};
+use rand::{Rng, SeedableRng};
+
+const EPOCHS: usize = 3;
+
+fn picie() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_picie"));
+    command.env("NO_COLOR", "1");
+    command
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A tiny labelled dataset, written once per test folder.
+fn demo(folder: &Path) -> PathBuf {
+    let data = folder.join("demo");
+    let output = picie()
+        .args(["demo-data", "--images", "8", "--size", "64", "--seed", "3"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    data
+}
+
+/// `picie train` on the tiny dataset with small settings, plus `extra` arguments.
+fn train(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut command = picie();
+    command
+        .arg("train")
+        .arg("--images")
+        .arg(data.join("images"))
+        .arg("--labels")
+        .arg(data.join("labels"))
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--backbone",
+            "mobilenet_v2",
+            "--device",
+            "cpu",
+            "--input-size",
+            "64",
+            "--base-size",
+            "64",
+            "--batch",
+            "4",
+        ])
+        .args(extra);
+    command
+}
+
+fn run_ok(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let printed = text(&output);
+    assert!(output.status.success(), "{printed}");
+    printed
+}
+
+fn run_refused(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let printed = text(&output);
+    assert!(!output.status.success(), "expected a refusal: {printed}");
+    assert!(!printed.contains("panicked"), "{printed}");
+    printed
+}
+
+/// What a user relies on after any interruption: the latest checkpoint is complete, its
+/// metrics list every epoch up to it once, and the folder's own metrics agree. Returns the
+/// latest epoch (None: no checkpoint yet).
+fn check_consistent(out: &Path) -> Option<usize> {
+    let Ok(run) = RunFolder::open(out) else {
+        return None;
+    };
+    let (directory, state) = run.latest_checkpoint().unwrap()?;
+    for file in [
+        "network.safetensors",
+        "optimizer.bpk",
+        "state.json",
+        "metrics.json",
+    ] {
+        assert!(
+            directory.join(file).is_file(),
+            "{} lacks {file}",
+            directory.display()
+        );
+    }
+    let epochs: Vec<usize> = run
+        .metrics()
+        .unwrap()
+        .epochs
+        .iter()
+        .map(|record| record.epoch)
+        .collect();
+    assert_eq!(
+        epochs,
+        (1..=state.epoch).collect::<Vec<_>>(),
+        "metrics of {}",
+        out.display()
+    );
+    Some(state.epoch)
+}
+
+/// Resumes (or restarts, when no epoch was committed) until the run is complete, then checks
+/// that it can be scored and segmented.
+fn finish_and_use(data: &Path, out: &Path) {
+    let flags = ["--epochs", "3"];
+    match check_consistent(out) {
+        Some(_) => run_ok(train(data, out, &["--resume"]).args(flags)),
+        None => run_ok(&mut train(data, out, &flags)),
+    };
+    assert_eq!(check_consistent(out), Some(EPOCHS));
+    let run = RunFolder::open(out).unwrap();
+    assert_eq!(run.segmentation().unwrap().epoch, EPOCHS);
+    run_ok(
+        picie()
+            .args(["eval", "--device", "cpu", "--run"])
+            .arg(out)
+            .arg("--images")
+            .arg(data.join("images"))
+            .arg("--labels")
+            .arg(data.join("labels")),
+    );
+}
+
+#[test]
+fn a_second_run_into_a_folder_is_refused_or_moves_the_first_aside() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let out = folder.path().join("run");
+    run_ok(&mut train(&data, &out, &["--epochs", "2"]));
+    let config_before = std::fs::read(out.join("config.json")).unwrap();
+
+    let refused = run_refused(&mut train(&data, &out, &["--epochs", "1"]));
+    assert!(
+        refused.contains("already holds a run") && refused.contains("--overwrite"),
+        "{refused}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("config.json")).unwrap(),
+        config_before
+    );
+    assert_eq!(check_consistent(&out), Some(2));
+
+    let moved = run_ok(&mut train(&data, &out, &["--epochs", "1", "--overwrite"]));
+    let aside = folder.path().join("run.replaced-1");
+    assert!(moved.contains("run.replaced-1"), "{moved}");
+    assert_eq!(check_consistent(&aside), Some(2));
+    assert_eq!(check_consistent(&out), Some(1));
+}
+
+#[test]
+fn a_second_writer_is_refused_with_the_holder_named() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let out = folder.path().join("run");
+    let lock = RunLock::acquire(&out).unwrap();
+    let refused = run_refused(&mut train(&data, &out, &["--epochs", "1"]));
+    assert!(
+        refused.contains("in use by another PiCIE process")
+            && refused.contains(&format!("pid {}", std::process::id())),
+        "{refused}"
+    );
+    drop(lock);
+    run_ok(&mut train(&data, &out, &["--epochs", "1"]));
+    assert_eq!(check_consistent(&out), Some(1));
+}
+
+#[test]
+fn a_resume_keeps_the_recorded_settings_and_names_changes_it_refuses() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let out = folder.path().join("run");
+    run_ok(&mut train(&data, &out, &["--epochs", "1"]));
+    let clusters = RunFolder::open(&out).unwrap().config().unwrap().clusters;
+    assert!(clusters.is_some(), "K is recorded at the start");
+
+    let refused = run_refused(
+        train(&data, &out, &["--resume", "--epochs", "2"]).args(["--seed", "5", "--lr", "0.001"]),
+    );
+    assert!(
+        refused.contains("seed 0 -> 5") && refused.contains("learning rate"),
+        "{refused}"
+    );
+    assert_eq!(check_consistent(&out), Some(1));
+
+    // Without labels, K stays the run's, and the new epoch count is recorded.
+    run_ok(
+        picie()
+            .args(["train", "--resume", "--epochs", "2", "--device", "cpu"])
+            .arg("--images")
+            .arg(data.join("images"))
+            .arg("--out")
+            .arg(&out),
+    );
+    let config = RunFolder::open(&out).unwrap().config().unwrap();
+    assert_eq!(config.clusters, clusters);
+    assert_eq!(config.epochs, 2);
+    assert_eq!(check_consistent(&out), Some(2));
+}
+
+/// Kills `picie train` at `kills` seeded random instants (each followed by a resume from
+/// whatever is on disk) and checks the folder after every kill and at the end.
+fn kill_and_resume(kills: usize, seed: u64) {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    // How long a whole run takes here bounds the kill instants.
+    let timed = folder.path().join("timed");
+    let started = Instant::now();
+    run_ok(&mut train(&data, &timed, &["--epochs", "3"]));
+    let whole = started.elapsed();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut committed_epochs = Vec::new();
+    for attempt in 0..kills {
+        let out = folder.path().join(format!("run-{attempt}"));
+        let before = rng.random_range(0.0..1.0) * whole.as_secs_f64();
+        let mut child = train(&data, &out, &["--epochs", "3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs_f64(before));
+        let _ = child.kill(); // SIGKILL on Unix: no handler runs
+        let _ = child.wait();
+        committed_epochs.push(check_consistent(&out));
+        finish_and_use(&data, &out);
+    }
+    eprintln!("{kills} kills; epochs committed at each kill: {committed_epochs:?}");
+}
+
+#[test]
+fn kills_at_random_instants_leave_a_consistent_resumable_run() {
+    kill_and_resume(3, 7);
+}
+
+/// The long form for the note: `cargo test --release --test run_folder -- --ignored`.
+#[test]
+#[ignore = "slow: 100 kills"]
+fn a_hundred_kills_leave_every_run_consistent_and_resumable() {
+    kill_and_resume(100, 11);
+}
