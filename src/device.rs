@@ -213,6 +213,35 @@ pub fn cpu_simd_level() -> &'static str {
     }
 }
 
+/// Gives the Vulkan drivers a private runtime folder when the session has none, so that
+/// listing adapters on a headless machine does not print Mesa's `XDG_RUNTIME_DIR is invalid`
+/// on every run. Call at the start of `main`, before any thread starts.
+pub fn prepare_runtime_folder() {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        let usable = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(std::path::PathBuf::from)
+            .and_then(|path| std::fs::metadata(path).ok())
+            .is_some_and(|meta| meta.is_dir());
+        if usable {
+            return;
+        }
+        let folder = std::env::temp_dir().join(format!(
+            "picie-runtime-{}",
+            std::env::var("USER").unwrap_or_default()
+        ));
+        let created = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&folder);
+        if created.is_ok() {
+            // SAFETY: called at the start of main, before any other thread exists.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &folder) };
+        }
+    }
+}
+
 /// Picks the device for `choice`. For `auto` without a GPU, the returned description says that
 /// the CPU backend is used and why, so callers can print it as the one line the user sees.
 pub fn select_device(choice: DeviceChoice) -> Result<ComputeDevice, DeviceError> {

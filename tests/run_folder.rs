@@ -253,3 +253,57 @@ fn kills_at_random_instants_leave_a_consistent_resumable_run() {
 fn a_hundred_kills_leave_every_run_consistent_and_resumable() {
     kill_and_resume(100, 11);
 }
+
+#[test]
+fn mistakes_at_the_start_get_messages_that_say_what_to_do() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let out = folder.path().join("run");
+
+    // A weights path that is a folder.
+    let message = run_refused(train(&data, &out, &["--epochs", "1", "--weights"]).arg(&data));
+    assert!(message.contains("it is a folder"), "{message}");
+
+    // A negative learning rate is a value, not an unknown flag.
+    let message = run_refused(&mut train(&data, &out, &["--epochs", "1", "--lr", "-1"]));
+    assert!(message.contains("learning_rate -1 must be positive"), "{message}");
+
+    // A checkpoint of the other backbone.
+    run_ok(&mut train(&data, &out, &["--epochs", "0"]));
+    let network = RunFolder::open(&out)
+        .unwrap()
+        .latest_checkpoint()
+        .unwrap()
+        .unwrap()
+        .0
+        .join("network.safetensors");
+    let mut other = picie();
+    other.arg("train").arg("--images").arg(data.join("images"));
+    other
+        .arg("--out")
+        .arg(folder.path().join("other"))
+        .arg("--weights")
+        .arg(&network);
+    other.args(["--backbone", "resnet18", "--device", "cpu", "--epochs", "1"]);
+    other.args(["--input-size", "64", "--base-size", "64"]);
+    let message = run_refused(&mut other);
+    assert!(
+        message.contains("is a MobileNetV2 checkpoint")
+            && message.contains("--backbone mobilenet_v2"),
+        "{message}"
+    );
+
+    // Half the labels missing: refused with the count, not trained without scores.
+    let labels = data.join("labels");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&labels).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "png") && removed < 4 {
+            std::fs::remove_file(path).unwrap();
+            removed += 1;
+        }
+    }
+    let fresh = folder.path().join("fresh");
+    let message = run_refused(&mut train(&data, &fresh, &["--epochs", "1"]));
+    assert!(message.contains("4 of 8 images have no label"), "{message}");
+}

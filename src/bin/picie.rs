@@ -330,8 +330,19 @@ struct TrainArgs {
 
 fn main() {
     picie::allocator::configure();
+    picie::device::prepare_runtime_folder();
     if let Err(error) = run(Cli::parse()) {
-        eprintln!("error: {error:#}");
+        // The chain of causes, leaving out a cause whose text a message already includes
+        // (most of ours name their OS error themselves).
+        let mut message = error.to_string();
+        for cause in error.chain().skip(1) {
+            let text = cause.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+        }
+        eprintln!("error: {message}");
         std::process::exit(1);
     }
 }

@@ -350,13 +350,11 @@ pub fn build_network(
     if dict.metadata.get("format").map(String::as_str) == Some(CHECKPOINT_FORMAT) {
         let (loaded, _) = PicieNet::load(&path, device)?;
         if loaded.kind() != kind {
-            return Err(WeightsError::Corrupt {
+            return Err(WeightsError::WrongBackbone {
                 path,
-                reason: format!(
-                    "it is a {} checkpoint but {} was asked for",
-                    loaded.kind().display_name(),
-                    kind.display_name()
-                ),
+                found: loaded.kind().display_name().to_owned(),
+                found_flag: loaded.kind().name().to_owned(),
+                asked: kind.display_name().to_owned(),
             });
         }
         return Ok((loaded, origin));

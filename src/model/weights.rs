@@ -43,6 +43,21 @@ pub enum WeightsError {
         /// What was wrong.
         reason: String,
     },
+    /// A network checkpoint of another backbone than the one asked for.
+    #[error(
+        "weights file {path} is a {found} checkpoint but {asked} was asked for; choose \
+         --backbone {found_flag}, or a checkpoint of {asked}"
+    )]
+    WrongBackbone {
+        /// The file.
+        path: PathBuf,
+        /// The checkpoint's backbone, in words.
+        found: String,
+        /// Its `--backbone` value.
+        found_flag: String,
+        /// The backbone asked for, in words.
+        asked: String,
+    },
     /// A tensor the network needs is not in the file.
     #[error("weights file {path} has no tensor '{key}' needed by {network}; {hint}")]
     MissingKey {

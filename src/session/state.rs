@@ -365,14 +365,34 @@ impl SessionState {
     /// trainer continues when it resumes a run: it only appends to the log).
     pub fn load_without_snapshots(run_dir: &Path) -> Result<Self, String> {
         let path = Self::path_in(run_dir);
-        let text = std::fs::read_to_string(&path).map_err(|error| {
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(if run_dir.join("config.json").is_file() {
+                    format!(
+                        "{} is a run made with the picie CLI, which keeps no explorer session: \
+                         the app reopens runs it trained itself. Its masks: `picie export --run \
+                         {}`; to explore it here, open its image folder and train in the app",
+                        run_dir.display(),
+                        run_dir.display()
+                    )
+                } else {
+                    format!(
+                        "{} has no saved explorer session: open a run folder the app trained",
+                        run_dir.display()
+                    )
+                });
+            }
+            Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+        };
+        let mut state: Self = serde_json::from_slice(&bytes).map_err(|error| {
             format!(
-                "{} has no saved explorer session ({error}); was it trained in the app?",
+                "{} is damaged ({error}); the run's checkpoints do not depend on it: \
+                 `picie export --run {}` still works",
+                path.display(),
                 run_dir.display()
             )
         })?;
-        let mut state: Self = serde_json::from_str(&text)
-            .map_err(|error| format!("{} is damaged: {error}", path.display()))?;
         state.run_dir = run_dir.to_owned();
         Ok(state)
     }

@@ -50,6 +50,21 @@ pub enum TrainError {
     /// The dataset does not fit the configuration.
     #[error("{0}")]
     Data(String),
+    /// The loss stopped being a finite number.
+    #[error(
+        "training diverged at epoch {epoch}, step {step}: the loss is {loss}. Lower the learning \
+         rate (it is {learning_rate}; the default is 1e-4) and start the run again"
+    )]
+    Diverged {
+        /// The epoch.
+        epoch: usize,
+        /// The step in the epoch, from 1.
+        step: usize,
+        /// The loss value.
+        loss: f32,
+        /// The run's learning rate.
+        learning_rate: f64,
+    },
 }
 
 /// How a training run ended.
@@ -906,6 +921,14 @@ impl Trainer {
             }
             let loss = loss.ok_or_else(|| TrainError::Cluster("no clustering head".into()))?;
             let terms = loss.terms();
+            if !terms.total.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    step: step + 1,
+                    loss: terms.total,
+                    learning_rate: self.config.learning_rate,
+                });
+            }
             let gradients = GradientsParams::from_grads(loss.total.backward(), &model.network);
             // Parameters are shared handles, so the clone is cheap; the step returns the update.
             model.network =
