@@ -266,7 +266,10 @@ fn mistakes_at_the_start_get_messages_that_say_what_to_do() {
 
     // A negative learning rate is a value, not an unknown flag.
     let message = run_refused(&mut train(&data, &out, &["--epochs", "1", "--lr", "-1"]));
-    assert!(message.contains("learning_rate -1 must be positive"), "{message}");
+    assert!(
+        message.contains("learning_rate -1 must be positive"),
+        "{message}"
+    );
 
     // A checkpoint of the other backbone.
     run_ok(&mut train(&data, &out, &["--epochs", "0"]));
@@ -306,4 +309,33 @@ fn mistakes_at_the_start_get_messages_that_say_what_to_do() {
     let fresh = folder.path().join("fresh");
     let message = run_refused(&mut train(&data, &fresh, &["--epochs", "1"]));
     assert!(message.contains("4 of 8 images have no label"), "{message}");
+}
+
+#[test]
+fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let out = folder.path().join("run");
+    run_ok(&mut train(&data, &out, &["--epochs", "2"]));
+    let (latest, state) = RunFolder::open(&out)
+        .unwrap()
+        .latest_checkpoint()
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.epoch, 2);
+    let network = latest.join("network.safetensors");
+    let length = std::fs::metadata(&network).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&network)
+        .unwrap();
+    file.set_len(length / 2).unwrap();
+
+    let resumed = run_ok(&mut train(&data, &out, &["--resume", "--epochs", "3"]));
+    assert!(
+        resumed.contains("damaged") && resumed.contains("checkpoint of epoch 1 instead"),
+        "{resumed}"
+    );
+    // Epoch 2 is trained again from epoch 1's checkpoint; the metrics list each epoch once.
+    assert_eq!(check_consistent(&out), Some(3));
 }
