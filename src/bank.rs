@@ -32,19 +32,19 @@ use image::imageops::{self, FilterType};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::TrainingData;
 use crate::data::{BaseTransform, load_one};
 use crate::fsutil;
 use crate::model::{FEATURE_STRIDE, PicieNet, images_to_tensor};
-use crate::train::{RunError, RunFolder, TrainError, TrainingData};
+use crate::run::{RunError, RunFolder};
 
-/// Folder of the bank inside a run folder.
-pub const BANK_DIR: &str = "bank";
+pub use crate::run::paths::BANK_DIR;
 /// The header file inside [`BANK_DIR`].
 pub const INFO_FILE: &str = "info.json";
 /// The feature file inside [`BANK_DIR`].
 pub const FEATURES_FILE: &str = "features.f16";
 /// Default patch side in input pixels.
-pub const DEFAULT_PATCH: usize = 8;
+pub const DEFAULT_PATCH: usize = crate::config::DEFAULT_BANK_PATCH;
 /// Patches per chunk of the device path (one matrix product each; 32 MiB of f32 at dim 128,
 /// below wgpu's default storage-buffer limit).
 pub const SEARCH_CHUNK: usize = 65_536;
@@ -66,7 +66,7 @@ const BUILD_HINT: &str = "build it with `picie bank --run RUN_DIR --images DIR` 
 #[derive(Debug, thiserror::Error)]
 pub enum BankError {
     /// The run has no bank yet.
-    #[error("run {} has no feature bank ({} is missing); {BUILD_HINT}", run.display(), run.join(BANK_DIR).join(INFO_FILE).display())]
+    #[error("run {} has no feature bank ({} is missing); {BUILD_HINT}", run.display(), crate::run::paths::bank(run).join(INFO_FILE).display())]
     Missing {
         /// The run folder.
         run: PathBuf,
@@ -163,16 +163,6 @@ pub enum BankError {
     /// The run folder could not be read.
     #[error(transparent)]
     Run(#[from] RunError),
-}
-
-impl From<BankError> for TrainError {
-    fn from(error: BankError) -> Self {
-        match error {
-            BankError::Run(error) => TrainError::Run(error),
-            BankError::Write { path, source } => TrainError::Run(RunError::Write { path, source }),
-            other => TrainError::Data(other.to_string()),
-        }
-    }
 }
 
 /// What a bank holds, saved as its header.
@@ -537,7 +527,7 @@ impl Clone for FeatureBank {
 
 /// `RUN_DIR/bank`.
 pub fn bank_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join(BANK_DIR)
+    crate::run::paths::bank(run_dir)
 }
 
 /// Whether a run folder has a bank (its header exists; it may still fail to load).
@@ -1199,7 +1189,7 @@ pub fn build_run_bank(
     progress: &mut (dyn FnMut(&str, usize, usize) + Send),
 ) -> Result<BuiltBank, BankError> {
     let run =
-        crate::train::RunFolder::open(run_dir).map_err(|e| BankError::Invalid(e.to_string()))?;
+        crate::run::RunFolder::open(run_dir).map_err(|e| BankError::Invalid(e.to_string()))?;
     let mut config = run
         .config()
         .map_err(|e| BankError::Invalid(e.to_string()))?;
@@ -1517,7 +1507,7 @@ pub struct NeighboursReport {
 
 /// The image folder a run was trained on, as the app recorded it (`explorer/session.json`).
 pub fn recorded_images_dir(run_dir: &Path) -> Option<PathBuf> {
-    let text = fs::read_to_string(run_dir.join("explorer").join("session.json")).ok()?;
+    let text = fs::read_to_string(crate::run::paths::session(run_dir)).ok()?;
     let value: serde_json::Value = serde_json::from_str(&text).ok()?;
     let images = value.get("dataset")?.get("images")?.as_str()?;
     Some(PathBuf::from(images))

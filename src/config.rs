@@ -8,6 +8,9 @@ use crate::device::DeviceChoice;
 use crate::loss::BalanceMode;
 use crate::model::BackboneKind;
 
+/// Default side of a feature-bank patch in input pixels.
+pub const DEFAULT_BANK_PATCH: usize = 8;
+
 /// How BatchNorm behaves while features are computed for clustering.
 ///
 /// The reference leaves this open (its compact PyTorch version defaults to train mode). We
@@ -90,7 +93,7 @@ impl Default for TrainConfig {
             preview_every_steps: 0,
             seed: 0,
             feature_bank: true,
-            bank_patch: crate::bank::DEFAULT_PATCH,
+            bank_patch: DEFAULT_BANK_PATCH,
         }
     }
 }

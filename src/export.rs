@@ -30,8 +30,8 @@ use crate::device::{DeviceChoice, DeviceError, select_device};
 use crate::eval::{ConfusionMatrix, Evaluation};
 use crate::labelmap::{IGNORE_INDEX, LabelMap, LegendEntry};
 use crate::model::FEATURE_DIM;
+use crate::run::{RunError, RunFolder};
 use crate::segment::{Segmenter, encode_png};
-use crate::train::{RunError, RunFolder};
 
 /// Sub-folder of the index masks.
 pub const INDEX_DIR: &str = "index";

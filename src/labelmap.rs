@@ -14,8 +14,7 @@ use crate::palette::cluster_colour;
 
 /// The index written for pixels of ignored clusters (as the evaluation's "unlabelled").
 pub const IGNORE_INDEX: u8 = 255;
-/// File name of the label map inside a run folder.
-pub const LABELMAP_FILE: &str = "labelmap.json";
+pub use crate::run::paths::LABELMAP_FILE;
 
 /// The user's decisions about one cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,7 +325,7 @@ impl LabelMap {
 
     /// Where a run's label map lives.
     pub fn path_in(run_dir: &Path) -> PathBuf {
-        run_dir.join(LABELMAP_FILE)
+        crate::run::paths::label_map(run_dir)
     }
 
     /// The run's label map, or a fresh one for `clusters` clusters when it has none yet.

@@ -23,6 +23,7 @@ pub mod linalg;
 pub mod loss;
 pub mod model;
 pub mod palette;
+pub mod run;
 pub mod segment;
 pub mod session;
 pub mod train;

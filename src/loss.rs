@@ -12,8 +12,6 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::train::LossTerms;
-
 /// How the cross-entropy weights the clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -264,4 +262,47 @@ pub fn overclustering_weights(k1: usize, k2: usize) -> (f32, f32) {
         return (0.5, 0.5);
     }
     ((log2 / sum) as f32, (log1 / sum) as f32)
+}
+
+/// The four PiCIE loss terms and their combination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossTerms {
+    /// L11: view 1 features against view 1 clusters.
+    pub within_first: f32,
+    /// L22: view 2 features against view 2 clusters.
+    pub within_second: f32,
+    /// L12: view 1 features against view 2 clusters.
+    pub cross_first_second: f32,
+    /// L21: view 2 features against view 1 clusters.
+    pub cross_second_first: f32,
+    /// ((L12 + L21) / 2 + (L11 + L22) / 2) / 2.
+    pub total: f32,
+}
+
+impl std::ops::Add for LossTerms {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            within_first: self.within_first + other.within_first,
+            within_second: self.within_second + other.within_second,
+            cross_first_second: self.cross_first_second + other.cross_first_second,
+            cross_second_first: self.cross_second_first + other.cross_second_first,
+            total: self.total + other.total,
+        }
+    }
+}
+
+impl LossTerms {
+    /// Every term divided by `count` (a mean over steps); unchanged for a count of 0.
+    pub fn divided_by(self, count: usize) -> Self {
+        let n = count.max(1) as f32;
+        Self {
+            within_first: self.within_first / n,
+            within_second: self.within_second / n,
+            cross_first_second: self.cross_first_second / n,
+            cross_second_first: self.cross_second_first / n,
+            total: self.total / n,
+        }
+    }
 }

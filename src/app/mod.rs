@@ -556,7 +556,7 @@ impl ExplorerApp {
     /// Opens what a path names: a run folder made by the app, or a folder of images.
     pub fn open_path(&mut self, path: &Path) {
         // A run folder (the app's or the CLI's) opens as a run, never as an image folder.
-        if SessionState::path_in(path).is_file() || path.join("config.json").is_file() {
+        if SessionState::path_in(path).is_file() || crate::run::paths::config(path).is_file() {
             self.open_run(path);
         } else if path.is_dir() {
             self.open_dataset(DatasetPaths::from_folder(path));

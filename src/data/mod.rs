@@ -6,6 +6,7 @@
 
 mod dataset;
 mod demo;
+mod training;
 pub mod views;
 
 pub use dataset::{
@@ -14,3 +15,4 @@ pub use dataset::{
     load_one, read_class_names,
 };
 pub use demo::{DEMO_CLASSES, DemoOptions, DemoSummary, generate_demo_scene, write_demo_dataset};
+pub use training::TrainingData;

@@ -13,10 +13,7 @@ use super::timeline::{Snapshot, Timeline};
 use super::worker::WorkerEvent;
 use crate::train::{ClusterStatistics, LossTerms, TrainEvent};
 
-/// File name of the saved session inside `RUN_DIR/explorer`.
-pub const SESSION_FILE: &str = "session.json";
-/// File name of the snapshot log inside `RUN_DIR/explorer`.
-pub const SNAPSHOTS_FILE: &str = "snapshots.jsonl";
+pub use crate::run::paths::{SESSION_FILE, SNAPSHOTS_FILE};
 
 /// A dataset the user opened: images and, when found, labels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,7 +293,7 @@ impl SessionState {
 
     /// Where the session of a run folder is saved.
     pub fn path_in(run_dir: &Path) -> PathBuf {
-        run_dir.join("explorer").join(SESSION_FILE)
+        crate::run::paths::session(run_dir)
     }
 
     /// Saves the session (without the timeline) atomically into its run folder.
@@ -317,7 +314,7 @@ impl SessionState {
     /// Appends one snapshot to the run's snapshot log.
     pub fn append_snapshot(run_dir: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
         use std::io::Write;
-        let path = run_dir.join("explorer").join(SNAPSHOTS_FILE);
+        let path = crate::run::paths::snapshots(run_dir);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -348,7 +345,7 @@ impl SessionState {
     /// Reopens the session saved in `run_dir`, with its snapshots.
     pub fn load(run_dir: &Path) -> Result<Self, String> {
         let mut state = Self::load_without_snapshots(run_dir)?;
-        let log = run_dir.join("explorer").join(SNAPSHOTS_FILE);
+        let log = crate::run::paths::snapshots(run_dir);
         if let Ok(text) = std::fs::read_to_string(&log) {
             // Lines that do not parse are the tail of an interrupted write.
             for snapshot in text
@@ -368,7 +365,7 @@ impl SessionState {
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Err(if run_dir.join("config.json").is_file() {
+                return Err(if crate::run::paths::config(run_dir).is_file() {
                     format!(
                         "{} is a run made with the picie CLI, which keeps no explorer session: \
                          the app reopens runs it trained itself. Its masks: `picie export --run \
@@ -425,7 +422,7 @@ mod tests {
         }
         session.save().unwrap();
         // A crash in the middle of the next line.
-        let log = folder.path().join("explorer").join(SNAPSHOTS_FILE);
+        let log = crate::run::paths::snapshots(folder.path());
         let mut text = std::fs::read_to_string(&log).unwrap();
         text.push_str("{\"epoch\":2,\"step\":2,\"ma");
         std::fs::write(&log, text).unwrap();

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::eval::Evaluation;
+pub use crate::loss::LossTerms;
+pub use crate::run::EpochRecord;
 
 /// The phase of an epoch, for progress displays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,49 +34,6 @@ impl TrainPhase {
             Self::Training => "Training",
             Self::Evaluating => "Evaluating",
             Self::Checkpointing => "Writing checkpoint",
-        }
-    }
-}
-
-/// The four PiCIE loss terms and their combination.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct LossTerms {
-    /// L11: view 1 features against view 1 clusters.
-    pub within_first: f32,
-    /// L22: view 2 features against view 2 clusters.
-    pub within_second: f32,
-    /// L12: view 1 features against view 2 clusters.
-    pub cross_first_second: f32,
-    /// L21: view 2 features against view 1 clusters.
-    pub cross_second_first: f32,
-    /// ((L12 + L21) / 2 + (L11 + L22) / 2) / 2.
-    pub total: f32,
-}
-
-impl std::ops::Add for LossTerms {
-    type Output = Self;
-
-    fn add(self, other: Self) -> Self {
-        Self {
-            within_first: self.within_first + other.within_first,
-            within_second: self.within_second + other.within_second,
-            cross_first_second: self.cross_first_second + other.cross_first_second,
-            cross_second_first: self.cross_second_first + other.cross_second_first,
-            total: self.total + other.total,
-        }
-    }
-}
-
-impl LossTerms {
-    /// Every term divided by `count` (a mean over steps); unchanged for a count of 0.
-    pub fn divided_by(self, count: usize) -> Self {
-        let n = count.max(1) as f32;
-        Self {
-            within_first: self.within_first / n,
-            within_second: self.within_second / n,
-            cross_first_second: self.cross_first_second / n,
-            cross_second_first: self.cross_second_first / n,
-            total: self.total / n,
         }
     }
 }
@@ -131,43 +90,6 @@ pub struct ClusterMap {
     pub labels: Vec<u16>,
     /// Cosine similarity of each cell to its centroid.
     pub similarity: Vec<f32>,
-}
-
-/// One line of `metrics.json`'s `epochs`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct EpochRecord {
-    /// Epoch, from 1.
-    pub epoch: usize,
-    /// Pixel accuracy in percent (with labels).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acc: Option<f64>,
-    /// Mean IoU in percent (with labels).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub miou: Option<f64>,
-    /// Seconds spent computing features and clustering.
-    pub seconds_clustering: f64,
-    /// Seconds spent optimising.
-    pub seconds_training: f64,
-    /// Seconds spent evaluating (and collecting the feature bank from the same pass).
-    pub seconds_evaluation: f64,
-    /// Seconds the view thread spent building the two views, in both passes (beside the
-    /// network's work, so part of it overlaps clustering and training).
-    #[serde(default)]
-    pub seconds_views: f64,
-    /// Seconds of the clustering phase spent in k-means and labelling (the rest computes
-    /// the features of both views).
-    #[serde(default)]
-    pub seconds_kmeans: f64,
-    /// Seconds spent writing the checkpoint, the feature bank and the metrics.
-    #[serde(default)]
-    pub seconds_saving: f64,
-    /// Training throughput.
-    pub images_per_second: f64,
-    /// Mean loss terms over the epoch.
-    pub loss: LossTerms,
-    /// Fraction of pixels whose view-1 label changed since the previous epoch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub label_change: Option<f64>,
 }
 
 /// Everything the trainer reports.

@@ -1,4 +1,5 @@
-//! The PiCIE training loop, its run folder, and the event interface the GUI and CLI consume.
+//! The PiCIE training loop and the event interface the GUI and CLI consume (the run folder it
+//! writes is [`crate::run`]).
 //!
 //! An epoch: build both views of every image (parameters seeded per image and epoch), compute
 //! the pixel features of both views, cluster each view's features with k-means from scratch,
@@ -7,17 +8,16 @@
 //! preview cluster maps; a [`TrainControl`] pauses, resumes or stops at batch boundaries.
 
 mod control;
-mod data;
 mod events;
 mod prefetch;
-pub mod run;
 mod trainer;
 
+pub use crate::data::TrainingData;
+pub use crate::run;
+pub use crate::run::{ExistingRun, RunError, RunFolder, RunLock};
 pub use control::{ControlState, TrainControl};
-pub use data::TrainingData;
 pub use events::{
     ClusterMap, ClusterStatistics, EpochRecord, LossTerms, NullObserver, StepProgress, TrainEvent,
     TrainObserver, TrainPhase,
 };
-pub use run::{ExistingRun, RunError, RunFolder, RunLock};
 pub use trainer::{TrainError, TrainOutcome, Trainer, cluster_unaugmented, evaluate_network};

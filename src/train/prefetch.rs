@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crossbeam::channel::{Receiver, bounded};
 
-use super::data::TrainingData;
+use crate::data::TrainingData;
 use crate::data::views::{self, GeometricParams, ViewBatch, ViewParams};
 
 /// One batch's views and the geometric change G of each image.

@@ -11,23 +11,23 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use super::control::TrainControl;
-use super::data::TrainingData;
 use super::events::{
     ClusterMap, ClusterStatistics, EpochRecord, LossTerms, StepProgress, TrainEvent, TrainObserver,
     TrainPhase,
 };
 use super::prefetch::ViewStream;
-use super::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
 use crate::bank::{BankBuilder, FeatureBank, build_bank};
 use crate::cluster::{
     self, Centroids, ClusterEdit, FeatureStore, KMeansConfig, PixelLabels, SpillConfig,
 };
 use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig};
+use crate::data::TrainingData;
 use crate::data::views::{self, ViewParams};
 use crate::device::{ComputeDevice, DeviceError, select_device};
 use crate::eval::{Evaluation, confusion_from_store};
 use crate::loss::{class_weights, picie_loss};
 use crate::model::{FEATURE_DIM, PicieNet, WeightsError, build_network, images_to_tensor};
+use crate::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
 
 /// Why training could not run or continue.
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +50,13 @@ pub enum TrainError {
     /// The dataset does not fit the configuration.
     #[error("{0}")]
     Data(String),
+    /// The feature bank could not be built or saved.
+    #[error(transparent)]
+    Bank(#[from] crate::bank::BankError),
     /// The loss stopped being a finite number.
     #[error(
         "training diverged at epoch {epoch}, step {step}: the loss is {loss}. Lower the learning \
-         rate (it is {learning_rate}; the default is 1e-4) and start the run again"
+         rate (it is {learning_rate:e}; the default is 1e-4) and start the run again"
     )]
     Diverged {
         /// The epoch.
@@ -529,7 +532,7 @@ impl Trainer {
     /// datasets of 10^7..10^8 pixels fit.
     fn feature_store(&self, name: &str) -> Result<FeatureStore, TrainError> {
         const MEMORY_BUDGET_BYTES: usize = 2 << 30;
-        let folder = self.run.root().join("features").join(name);
+        let folder = crate::run::paths::feature_spill(self.run.root(), name);
         FeatureStore::new(
             FEATURE_DIM,
             Some(SpillConfig::new(folder, MEMORY_BUDGET_BYTES)),

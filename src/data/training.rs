@@ -5,7 +5,7 @@ use std::path::Path;
 
 use image::imageops::FilterType;
 
-use crate::data::{BaseTransform, DatasetError, ImageFolder, LoadedDataset, SkippedFile};
+use super::{BaseTransform, DatasetError, ImageFolder, LoadedDataset, SkippedFile};
 
 /// Images decoded at the base size, and their evaluation-size copies.
 #[derive(Debug, Clone)]

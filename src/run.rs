@@ -1,4 +1,5 @@
-//! The run folder: config, checkpoints (written atomically), metrics and the final centroids.
+//! The run folder, and the one place that knows its layout ([`paths`]): config, checkpoints
+//! (written atomically, with the metrics), the final centroids, the writer's lock.
 //!
 //! ```text
 //! RUN_DIR/config.json            the TrainConfig of the run
@@ -24,9 +25,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::events::EpochRecord;
 use crate::config::{ConfigError, TrainConfig};
 use crate::fsutil;
+use crate::loss::LossTerms;
 use crate::model::{PicieNet, WeightsError};
 
 /// Errors of reading and writing a run folder; each names the file.
@@ -98,6 +99,43 @@ pub enum RunError {
     /// A network file problem.
     #[error(transparent)]
     Weights(#[from] WeightsError),
+}
+
+/// One line of `metrics.json`'s `epochs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epoch, from 1.
+    pub epoch: usize,
+    /// Pixel accuracy in percent (with labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc: Option<f64>,
+    /// Mean IoU in percent (with labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miou: Option<f64>,
+    /// Seconds spent computing features and clustering.
+    pub seconds_clustering: f64,
+    /// Seconds spent optimising.
+    pub seconds_training: f64,
+    /// Seconds spent evaluating (and collecting the feature bank from the same pass).
+    pub seconds_evaluation: f64,
+    /// Seconds the view thread spent building the two views, in both passes (beside the
+    /// network's work, so part of it overlaps clustering and training).
+    #[serde(default)]
+    pub seconds_views: f64,
+    /// Seconds of the clustering phase spent in k-means and labelling (the rest computes
+    /// the features of both views).
+    #[serde(default)]
+    pub seconds_kmeans: f64,
+    /// Seconds spent writing the checkpoint, the feature bank and the metrics.
+    #[serde(default)]
+    pub seconds_saving: f64,
+    /// Training throughput.
+    pub images_per_second: f64,
+    /// Mean loss terms over the epoch.
+    pub loss: LossTerms,
+    /// Fraction of pixels whose view-1 label changed since the previous epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_change: Option<f64>,
 }
 
 /// Score on the labels, as written to `metrics.json`.
@@ -217,6 +255,54 @@ pub enum ExistingRun {
     Refuse,
     /// Move the old run's files into a new sibling folder `NAME.replaced-N` first.
     MoveAside,
+}
+
+/// Where each file of a run folder lives: the one place that joins a name onto a run folder.
+/// Functions, not methods, because the app and the bank address folders they have not
+/// opened as a [`RunFolder`].
+pub mod paths {
+    use std::path::{Path, PathBuf};
+
+    /// The app's folder inside a run folder.
+    pub const EXPLORER_DIR: &str = "explorer";
+    /// The app's session record, inside [`EXPLORER_DIR`].
+    pub const SESSION_FILE: &str = "session.json";
+    /// The app's snapshot log, inside [`EXPLORER_DIR`].
+    pub const SNAPSHOTS_FILE: &str = "snapshots.jsonl";
+    /// Cluster names, colours and merges.
+    pub const LABELMAP_FILE: &str = "labelmap.json";
+    /// The feature bank's folder.
+    pub const BANK_DIR: &str = "bank";
+
+    /// `config.json`: marks a run folder.
+    pub fn config(root: &Path) -> PathBuf {
+        root.join("config.json")
+    }
+
+    /// `explorer/session.json`.
+    pub fn session(root: &Path) -> PathBuf {
+        root.join(EXPLORER_DIR).join(SESSION_FILE)
+    }
+
+    /// `explorer/snapshots.jsonl`.
+    pub fn snapshots(root: &Path) -> PathBuf {
+        root.join(EXPLORER_DIR).join(SNAPSHOTS_FILE)
+    }
+
+    /// `labelmap.json`.
+    pub fn label_map(root: &Path) -> PathBuf {
+        root.join(LABELMAP_FILE)
+    }
+
+    /// `bank/`.
+    pub fn bank(root: &Path) -> PathBuf {
+        root.join(BANK_DIR)
+    }
+
+    /// `features/NAME/`: where a view's pixel features spill past the memory budget.
+    pub fn feature_spill(root: &Path, name: &str) -> PathBuf {
+        root.join("features").join(name)
+    }
 }
 
 /// A run folder on disk. Values made by [`RunFolder::create`] and
@@ -386,7 +472,7 @@ impl RunFolder {
 
     /// `config.json`.
     pub fn config_path(&self) -> PathBuf {
-        self.root.join("config.json")
+        paths::config(&self.root)
     }
 
     /// `metrics.json`.
