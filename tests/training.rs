@@ -61,9 +61,13 @@ fn training_beats_the_untrained_network_and_writes_a_complete_run() {
     let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
         .unwrap()
         .0;
+    let input = config.input_size as usize;
     let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
     let mut steps = 0;
     let mut previews = 0;
+    // Feature cells (4 x 4 pixels) whose pixels fall in more than one cluster: only a map
+    // upsampled before the argmax has boundaries inside a cell.
+    let mut cells_with_a_boundary = 0;
     let mut previews_within_epochs = 0;
     let mut observer = |event: &TrainEvent| match event {
         TrainEvent::Step(_) => steps += 1,
@@ -71,6 +75,20 @@ fn training_beats_the_untrained_network_and_writes_a_complete_run() {
             previews += maps.len();
             previews_within_epochs += usize::from(*step > 0);
             for map in maps {
+                assert_eq!(
+                    (map.width, map.height),
+                    (input, input),
+                    "maps at input size"
+                );
+                for cell_y in (0..input).step_by(4) {
+                    for cell_x in (0..input).step_by(4) {
+                        let first = map.labels[cell_y * input + cell_x];
+                        let mixed = (0..16).any(|i| {
+                            map.labels[(cell_y + i / 4) * input + cell_x + i % 4] != first
+                        });
+                        cells_with_a_boundary += usize::from(mixed);
+                    }
+                }
                 assert_eq!(map.labels.len(), map.width * map.height);
                 assert_eq!(map.similarity.len(), map.labels.len());
                 assert!(map.labels.iter().all(|&label| label < 8));
@@ -83,6 +101,10 @@ fn training_beats_the_untrained_network_and_writes_a_complete_run() {
     assert_eq!(outcome.last_epoch, 4);
     assert_eq!(steps, 4 * 4);
     assert!(previews >= 4 * 2);
+    assert!(
+        cells_with_a_boundary > 0,
+        "boundaries only on the feature grid"
+    );
     // Four steps an epoch, a preview every two steps: one inside each epoch.
     assert_eq!(previews_within_epochs, 4);
 

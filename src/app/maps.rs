@@ -404,7 +404,13 @@ impl ExplorerApp {
             return texture.id();
         }
         let palette = self.palette_rgba(clusters);
-        let scale = CPU_OVERLAY_SCALE;
+        // Maps at the feature grid are enlarged so their cell edges can be drawn; maps at
+        // image resolution are drawn as they are.
+        let scale = if map.width >= 96 {
+            1
+        } else {
+            CPU_OVERLAY_SCALE
+        };
         let (width, height) = (map.width * scale, map.height * scale);
         let label_at = |x: usize, y: usize| {
             map.labels[y.min(map.height - 1) * map.width + x.min(map.width - 1)]

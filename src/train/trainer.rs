@@ -797,13 +797,25 @@ impl Trainer {
             .map(|index| self.data.eval_images[index].as_slice())
             .collect();
         let features = network.forward(images_to_tensor(&images, size, device));
-        let [batch, dim, height, width] = features.dims();
+        let [batch, dim, grid_height, grid_width] = features.dims();
         // [B, D, h, w] -> [B, h*w, D] -> [B*h*w, D] x [D, K] -> [B*h*w, K]
         let pixels = features
-            .reshape([batch, dim, height * width])
+            .reshape([batch, dim, grid_height * grid_width])
             .swap_dims(1, 2)
-            .reshape([batch * height * width, dim]);
+            .reshape([batch * grid_height * grid_width, dim]);
         let similarities = pixels.matmul(centroids.to_tensor(device).transpose());
+        // As the evaluation does: the similarities are upsampled to the input's pixels before
+        // the argmax, so a cluster's boundary follows the image instead of the feature grid.
+        let clusters = centroids.clusters;
+        let similarities = similarities
+            .reshape([batch, grid_height, grid_width, clusters])
+            .permute([0, 3, 1, 2]);
+        let similarities = if [grid_height, grid_width] == [size, size] {
+            similarities
+        } else {
+            crate::model::resize::resize_bilinear(similarities, [size, size])
+        };
+        let (height, width) = (size, size);
         let (best, index) = similarities.max_dim_with_indices(1);
         let best = best
             .into_data()
