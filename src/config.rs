@@ -35,6 +35,9 @@ pub struct TrainConfig {
     /// Starting weights (torchvision .pth or our checkpoint); `None`: the downloaded ImageNet
     /// file if present, else random init.
     pub weights: Option<PathBuf>,
+    /// Start the backbone from random weights even when torchvision's ImageNet file is in the
+    /// cache (`weights` must then be `None`).
+    pub random_init: bool,
     /// Where to train.
     pub device: DeviceChoice,
     /// Clusters K; `None`: the number of label classes when labels are given, else 27.
@@ -77,6 +80,7 @@ impl Default for TrainConfig {
         Self {
             backbone: BackboneKind::Resnet18,
             weights: None,
+            random_init: false,
             device: DeviceChoice::Auto,
             clusters: None,
             overclusters: None,
@@ -205,6 +209,9 @@ impl TrainConfig {
                 "base_size {} must be at least input_size {}",
                 self.base_size, self.input_size
             ));
+        }
+        if self.random_init && self.weights.is_some() {
+            return invalid("random_init and weights exclude each other: choose one".into());
         }
         if self.batch_size == 0 {
             return invalid("batch_size must be at least 1".into());

@@ -339,3 +339,38 @@ fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one_and_says_so() {
     // Epoch 2 is trained again from epoch 1's checkpoint; the metrics list each epoch once.
     assert_eq!(check_consistent(&out), Some(3));
 }
+
+#[test]
+fn random_init_is_random_even_with_imagenet_weights_in_the_cache() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let cache = folder.path().join("cache");
+    std::fs::create_dir_all(cache.join("weights")).unwrap();
+    std::fs::copy(
+        "../shared/weights/mobilenet_v2-imagenet.pth",
+        cache.join("weights/mobilenet_v2-b0353104.pth"),
+    )
+    .unwrap();
+    let started = |out: &str, extra: &[&str]| {
+        let printed = run_ok(
+            train(&data, &folder.path().join(out), &["--epochs", "0"])
+                .args(extra)
+                .env("PICIE_CACHE_DIR", &cache),
+        );
+        printed
+            .lines()
+            .find(|line| line.starts_with("weights:"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(started("cached", &[]).contains("ImageNet weights from"));
+    assert_eq!(
+        started("random", &["--random-init"]),
+        "weights: random init, as asked"
+    );
+    let config = RunFolder::open(&folder.path().join("random"))
+        .unwrap()
+        .config()
+        .unwrap();
+    assert!(config.random_init && config.weights.is_none());
+}

@@ -326,8 +326,20 @@ impl ExplorerApp {
         // The demo is small and synthetic: settings that show clusters forming in a minute
         // or two on a CPU.
         if self.dataset.is_some() {
-            self.settings.config = training::demo_config(&self.settings.config);
-            self.settings.weights = WeightsChoice::Random;
+            if training::imagenet_weights_cached(crate::model::BackboneKind::MobilenetV2) {
+                self.settings.config = training::demo_config_imagenet(&self.settings.config);
+                self.settings.weights = WeightsChoice::ImageNet;
+            } else {
+                self.settings.config = training::demo_config(&self.settings.config);
+                self.settings.weights = WeightsChoice::Random;
+                self.notify(
+                    "The demo is made for ImageNet weights: press Download in the training \
+                     panel (MobileNetV2, 14 MB), then open the demo again. Without them it \
+                     trains from random weights, and its clusters are coarse bands rather \
+                     than the scene's parts.",
+                    false,
+                );
+            }
         }
     }
 
@@ -382,7 +394,11 @@ impl ExplorerApp {
             .training
             .resolve_weights(&self.settings.weights, config.backbone)
         {
-            Ok(weights) => config.weights = weights,
+            Ok(weights) => {
+                config.weights = weights;
+                // Random init means random even with ImageNet weights in the cache.
+                config.random_init = self.settings.weights == WeightsChoice::Random;
+            }
             Err(message) => {
                 self.notify(message, true);
                 return;

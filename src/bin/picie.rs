@@ -299,6 +299,9 @@ struct TrainArgs {
     /// Backbone weights: torchvision .pth or a network checkpoint.
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Start from random weights even when ImageNet weights were downloaded.
+    #[arg(long, conflicts_with = "weights")]
+    random_init: bool,
     /// auto, gpu, cpu or wgpu.
     #[arg(long)]
     device: Option<DeviceChoice>,
@@ -527,6 +530,11 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(value) = args.weights {
         config.weights = Some(value);
+        config.random_init = false;
+    }
+    if args.random_init {
+        config.random_init = true;
+        config.weights = None;
     }
     if let Some(value) = args.device {
         config.device = value;

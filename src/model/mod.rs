@@ -310,6 +310,8 @@ pub enum WeightsOrigin {
     Cache(std::path::PathBuf),
     /// No weights: random initialisation.
     RandomInit,
+    /// Random initialisation, asked for (ImageNet weights in the cache are not used).
+    RandomInitAsked,
 }
 
 impl fmt::Display for WeightsOrigin {
@@ -321,8 +323,20 @@ impl fmt::Display for WeightsOrigin {
                 "no weights given or downloaded: the backbone starts from random init \
                  (pass --weights PATH or run `picie download-weights`)",
             ),
+            Self::RandomInitAsked => formatter.write_str("random init, as asked"),
         }
     }
+}
+
+/// A network with every weight drawn from `seed` (the backbone too): what random init means.
+pub fn random_network(
+    kind: BackboneKind,
+    seed: u64,
+    device: &Device,
+) -> Result<(PicieNet, WeightsOrigin), WeightsError> {
+    let mut net = PicieNet::new(kind, device);
+    net.visit_weights(&mut weights::SeededInit::new(seed, device))?;
+    Ok((net, WeightsOrigin::RandomInitAsked))
 }
 
 /// Builds a network: backbone weights from `weights` if given (a torchvision state_dict, or

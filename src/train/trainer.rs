@@ -26,7 +26,9 @@ use crate::data::views::{self, ViewParams};
 use crate::device::{ComputeDevice, DeviceError, select_device};
 use crate::eval::{Evaluation, confusion_from_store};
 use crate::loss::{class_weights, picie_loss};
-use crate::model::{FEATURE_DIM, PicieNet, WeightsError, build_network, images_to_tensor};
+use crate::model::{
+    FEATURE_DIM, PicieNet, WeightsError, build_network, images_to_tensor, random_network,
+};
 use crate::run::{CheckpointState, Metrics, RunError, RunFolder, Score, SegmentationCentroids};
 
 /// Why training could not run or continue.
@@ -256,12 +258,16 @@ impl Trainer {
             }
             restored
         } else {
-            let (network, origin) = build_network(
-                self.config.backbone,
-                self.config.weights.as_deref(),
-                self.config.seed,
-                &compute.device,
-            )?;
+            let (network, origin) = if self.config.random_init {
+                random_network(self.config.backbone, self.config.seed, &compute.device)?
+            } else {
+                build_network(
+                    self.config.backbone,
+                    self.config.weights.as_deref(),
+                    self.config.seed,
+                    &compute.device,
+                )?
+            };
             weights = origin.to_string();
             let optimizer = AdamConfig::new().init();
             (Model { network, optimizer }, 1, Metrics::default(), None)
