@@ -212,6 +212,11 @@ impl ExplorerApp {
                 });
             }
             let hint = self.cluster_name(root);
+            // The row already says which cluster it is: the hint leads with the matched class.
+            let short_hint = match self.matched_class(root) {
+                Some(class) => format!("{root} · {class}"),
+                None => hint.clone(),
+            };
             let text = self.relabel.editing_names.entry(root).or_insert_with(|| {
                 if map.is_named(root) {
                     map.name(root)
@@ -219,11 +224,16 @@ impl ExplorerApp {
                     String::new()
                 }
             });
-            let response = ui.add(
-                egui::TextEdit::singleline(text)
-                    .hint_text(hint)
-                    .desired_width(110.0),
-            );
+            // The field takes the row's width left after the share, so names are not cut
+            // short; the tooltip shows the whole name when the panel is narrow.
+            let share_width = 48.0;
+            let response = ui
+                .add(
+                    egui::TextEdit::singleline(text)
+                        .hint_text(short_hint)
+                        .desired_width((ui.available_width() - share_width).max(110.0)),
+                )
+                .on_hover_text(hint);
             if response.lost_focus() {
                 let name = text.clone();
                 if name.trim()
