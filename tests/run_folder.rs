@@ -271,6 +271,17 @@ fn mistakes_at_the_start_get_messages_that_say_what_to_do() {
         "{message}"
     );
 
+    // A learning rate that makes the loss blow up stops with the cause, not a later symptom.
+    let message = run_refused(&mut train(
+        &data,
+        &folder.path().join("diverged"),
+        &["--epochs", "2", "--lr", "1e30"],
+    ));
+    assert!(
+        message.contains("training diverged") && message.contains("it is 1e30"),
+        "{message}"
+    );
+
     // A checkpoint of the other backbone.
     run_ok(&mut train(&data, &out, &["--epochs", "0"]));
     let network = RunFolder::open(&out)
