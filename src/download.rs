@@ -278,7 +278,12 @@ fn cache_dir_from(
 /// The path of `weights` in the cache if it has already been downloaded. Files only reach the
 /// cache after their hash has been verified, so a present file is complete.
 pub fn cached_weights_path(weights: &KnownWeights) -> Option<PathBuf> {
-    let path = weights_cache_dir().ok()?.join(weights.file_name);
+    cached_weights_in(&cache_root().ok()?, weights)
+}
+
+/// `weights`' file under the cache folder `root` (in `root/weights`), if it is there.
+pub fn cached_weights_in(root: &Path, weights: &KnownWeights) -> Option<PathBuf> {
+    let path = root.join("weights").join(weights.file_name);
     path.is_file().then_some(path)
 }
 

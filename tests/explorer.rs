@@ -277,3 +277,61 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
         "demo_0003.png"
     );
 }
+
+/// The first run a new user makes: with torchvision's MobileNetV2 in the cache (the shared
+/// copy stands in for the download), the demo starts from it and its scores rise well above
+/// the untrained network's.
+#[test]
+fn the_demo_starts_from_imagenet_weights_and_finds_the_scenes_parts() {
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(cache.path().join("weights")).unwrap();
+    std::fs::copy(
+        "../shared/weights/mobilenet_v2-imagenet.pth",
+        cache.path().join("weights/mobilenet_v2-b0353104.pth"),
+    )
+    .unwrap();
+    let mut harness = new_harness(cache.path());
+    harness.get_by_label("Try the demo dataset").click();
+    harness.run_steps(2);
+    let settings = &harness.state().settings;
+    assert_eq!(
+        settings.config.input_size, 128,
+        "the ImageNet demo settings"
+    );
+    assert!(!settings.config.random_init);
+    harness.state_mut().settings.config.device = DeviceChoice::Cpu;
+    harness.get_by_label("Start").click();
+    harness.step();
+    step_until(&mut harness, "the demo run to finish", |app| {
+        app.session
+            .as_ref()
+            .is_some_and(|s| s.status.finished || s.status.error.is_some())
+    });
+    let session = harness.state().session.clone().unwrap();
+    assert!(session.status.error.is_none(), "{:?}", session.status.error);
+    assert!(
+        session.status.weights.contains("mobilenet_v2-b0353104.pth"),
+        "{}",
+        session.status.weights
+    );
+    let score = |epoch: usize| {
+        session
+            .scores
+            .iter()
+            .find(|score| score.epoch == epoch)
+            .unwrap_or_else(|| panic!("no score for epoch {epoch}"))
+            .clone()
+    };
+    let (untrained, last) = (score(0), score(6));
+    eprintln!(
+        "demo: untrained {:.2} / {:.2}, epoch 6 {:.2} / {:.2}",
+        untrained.accuracy, untrained.mean_iou, last.accuracy, last.mean_iou
+    );
+    assert!(
+        last.accuracy >= untrained.accuracy + 8.0 && last.accuracy >= 68.0,
+        "Acc {:.2} untrained, {:.2} after the demo",
+        untrained.accuracy,
+        last.accuracy
+    );
+    assert!(last.mean_iou >= 38.0, "mIoU {:.2}", last.mean_iou);
+}

@@ -326,7 +326,9 @@ impl ExplorerApp {
         // The demo is small and synthetic: settings that show clusters forming in a minute
         // or two on a CPU.
         if self.dataset.is_some() {
-            if training::imagenet_weights_cached(crate::model::BackboneKind::MobilenetV2) {
+            let cache = self.cache_folder().ok();
+            let backbone = crate::model::BackboneKind::MobilenetV2;
+            if training::cached_imagenet_weights(cache.as_deref(), backbone).is_some() {
                 self.settings.config = training::demo_config_imagenet(&self.settings.config);
                 self.settings.weights = WeightsChoice::ImageNet;
             } else {
@@ -390,10 +392,10 @@ impl ExplorerApp {
             return;
         };
         let mut config = self.settings.config.clone();
-        match self
-            .training
-            .resolve_weights(&self.settings.weights, config.backbone)
-        {
+        match self.training.resolve_weights(
+            &self.settings.weights,
+            training::cached_imagenet_weights(self.cache_folder().ok().as_deref(), config.backbone),
+        ) {
             Ok(weights) => {
                 config.weights = weights;
                 // Random init means random even with ImageNet weights in the cache.

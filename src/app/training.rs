@@ -1,7 +1,7 @@
 //! The training panel: every hyperparameter with a tooltip, the starting weights (ImageNet
 //! download with progress, a file, or random init) and Start / Pause / Resume / Stop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crossbeam::channel::{Receiver, unbounded};
 use eframe::egui;
@@ -77,11 +77,10 @@ pub fn demo_config_imagenet(current: &TrainConfig) -> TrainConfig {
     }
 }
 
-/// Whether torchvision's ImageNet weights of `backbone` are in the download cache.
-pub fn imagenet_weights_cached(backbone: BackboneKind) -> bool {
-    download::known_weights(backbone_name(backbone))
-        .and_then(download::cached_weights_path)
-        .is_some()
+/// torchvision's ImageNet file of `backbone` in the cache folder `root`, if it is there.
+pub fn cached_imagenet_weights(root: Option<&Path>, backbone: BackboneKind) -> Option<PathBuf> {
+    let known = download::known_weights(backbone_name(backbone))?;
+    download::cached_weights_in(root?, known)
 }
 
 /// State of the panel that is not a setting.
@@ -96,7 +95,7 @@ impl TrainingPanel {
     pub fn resolve_weights(
         &self,
         choice: &WeightsChoice,
-        backbone: BackboneKind,
+        cached_imagenet: Option<PathBuf>,
     ) -> Result<Option<PathBuf>, String> {
         match choice {
             WeightsChoice::Random => Ok(None),
@@ -105,14 +104,11 @@ impl TrainingPanel {
                 "the weights file {} does not exist; choose another or use random init",
                 path.display()
             )),
-            WeightsChoice::ImageNet => download::known_weights(backbone_name(backbone))
-                .and_then(download::cached_weights_path)
-                .map(Some)
-                .ok_or_else(|| {
-                    "the ImageNet weights are not downloaded yet: press Download, choose a \
+            WeightsChoice::ImageNet => cached_imagenet.map(Some).ok_or_else(|| {
+                "the ImageNet weights are not downloaded yet: press Download, choose a \
                      file, or use random init"
-                        .to_string()
-                }),
+                    .to_string()
+            }),
         }
     }
 }
@@ -315,7 +311,8 @@ impl ExplorerApp {
         );
         let backbone = backbone_name(self.settings.config.backbone);
         let known = download::known_weights(backbone);
-        let cached = known.and_then(download::cached_weights_path);
+        let cache = self.cache_folder().ok();
+        let cached = cached_imagenet_weights(cache.as_deref(), self.settings.config.backbone);
         ui.add_enabled_ui(!running, |ui| {
             ui.radio_value(
                 &mut self.settings.weights,
