@@ -8,12 +8,13 @@ use burn::tensor::{Device, DeviceKind, Tensor};
 use picie::device::{configure_gpu_runtime, list_adapters};
 use picie::model::{BackboneKind, PicieNet, build_network, images_to_tensor};
 
-#[test]
-fn wgpu_forward_matches_the_cpu_backend() {
+/// The first wgpu adapter (configured as the app does) and the CPU backend; `None`, with a
+/// line saying why, on a machine without any adapter.
+fn wgpu_and_cpu() -> Option<(Device, Device)> {
     let adapters = list_adapters();
     let Some(adapter) = adapters.first() else {
         eprintln!("no wgpu adapter on this machine: install mesa-vulkan-drivers to run this test");
-        return;
+        return None;
     };
     eprintln!("wgpu adapter: {} [{:?}]", adapter.name, adapter.device_type);
     configure_gpu_runtime(adapter.is_real_gpu());
@@ -22,9 +23,20 @@ fn wgpu_forward_matches_the_cpu_backend() {
     } else {
         Device::wgpu(DeviceKind::Cpu)
     };
-    let cpu = Device::flex();
-    let weights =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/weights/mobilenet_v2-imagenet.pth");
+    Some((gpu, Device::flex()))
+}
+
+/// The shared torchvision MobileNetV2 file.
+fn mobilenet_weights() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/weights/mobilenet_v2-imagenet.pth")
+}
+
+#[test]
+fn wgpu_forward_matches_the_cpu_backend() {
+    let Some((gpu, cpu)) = wgpu_and_cpu() else {
+        return;
+    };
+    let weights = mobilenet_weights();
 
     // A 64x64 crop of a smooth colour ramp: tiny, so lavapipe finishes quickly.
     let size = 64;
@@ -146,20 +158,10 @@ fn one_training_step_gives_the_same_loss_on_wgpu_and_on_the_cpu() {
     use picie::data::views::{GeometricParams, geometric_on_features};
     use picie::loss::picie_loss;
 
-    let adapters = list_adapters();
-    let Some(adapter) = adapters.first() else {
-        eprintln!("no wgpu adapter on this machine: install mesa-vulkan-drivers to run this test");
+    let Some((gpu, cpu)) = wgpu_and_cpu() else {
         return;
     };
-    configure_gpu_runtime(adapter.is_real_gpu());
-    let gpu = if adapter.is_real_gpu() {
-        Device::wgpu(DeviceKind::DefaultDevice)
-    } else {
-        Device::wgpu(DeviceKind::Cpu)
-    };
-    let cpu = Device::flex();
-    let weights =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/weights/mobilenet_v2-imagenet.pth");
+    let weights = mobilenet_weights();
     let (net_on_cpu, _) =
         build_network(BackboneKind::MobilenetV2, Some(&weights), 0, &cpu).unwrap();
     let folder = tempfile::tempdir().unwrap();
