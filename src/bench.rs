@@ -162,7 +162,8 @@ pub fn time_training_step(
     let mut network = PicieNet::new(backbone, &device.device)
         .fork(&training_device)
         .train();
-    let mut optimizer = AdamConfig::new().init();
+    // PyTorch's epsilon, as the training it is compared with.
+    let mut optimizer = AdamConfig::new().with_epsilon(1e-8).init();
     let grid = size / FEATURE_STRIDE;
     let geometric: Vec<GeometricParams> = (0..batch)
         .map(|index| GeometricParams {

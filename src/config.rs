@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{KMeansConfig, KMeansInit};
 use crate::device::DeviceChoice;
 use crate::loss::BalanceMode;
 use crate::model::BackboneKind;
@@ -13,17 +14,32 @@ pub const DEFAULT_BANK_PATCH: usize = 8;
 
 /// How BatchNorm behaves while features are computed for clustering.
 ///
-/// The reference leaves this open (its compact PyTorch version defaults to train mode). We
-/// default to running statistics: batch statistics need the autodiff graph, which burn only
-/// frees on a backward pass, so train mode costs an extra (empty) backward per batch.
+/// Batch statistics need the autodiff graph, which burn only frees on a backward pass, so the
+/// modes with train-mode features cost an extra (empty) backward per batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClusterBatchNorm {
-    /// Batch statistics (the network in train mode), as the reference's PyTorch version.
+    /// Batch statistics (the network in train mode) for centroids and labels, as our compact
+    /// PyTorch version (`torch_picie_train.py --cluster-bn train`).
     Train,
-    /// Running statistics.
+    /// Running statistics for centroids and labels.
     #[default]
     Eval,
+    /// As the authors' code: centroids from train-mode features, labels from a second pass
+    /// in eval mode (twice the forward passes of the clustering phase).
+    Reference,
+}
+
+/// How the logits at feature resolution become a per-pixel map for evaluation, `segment` and
+/// export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upsampling {
+    /// Bilinear, as the reference.
+    #[default]
+    Bilinear,
+    /// Joint bilateral upsampling guided by the image: cluster borders follow colour edges.
+    Bilateral,
 }
 
 /// The configuration of a training run. Missing fields in a config file take the defaults.
@@ -52,16 +68,30 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Adam learning rate.
     pub learning_rate: f64,
+    /// Adam's epsilon (PyTorch's and the authors' 1e-8; burn's own default is 1e-5).
+    pub adam_epsilon: f64,
     /// Epochs of (cluster both views, label, optimise).
     pub epochs: usize,
     /// Class weights of the cross-entropy.
     pub balance: BalanceMode,
     /// Lloyd iterations of k-means.
     pub kmeans_iterations: usize,
+    /// How k-means picks its first centroids (random points, as faiss in the reference).
+    pub kmeans_init: KMeansInit,
+    /// k-means runs per clustering, keeping the lowest inertia.
+    pub kmeans_restarts: usize,
     /// BatchNorm mode during the clustering pass.
     pub cluster_batch_norm: ClusterBatchNorm,
     /// Clusters for evaluation; `None`: the number of label classes.
     pub eval_clusters: Option<usize>,
+    /// Images whose relative path starts with this are not trained on but scored beside the
+    /// training images after every epoch (a held-out split); `None`: train on every image.
+    pub held_out_prefix: Option<String>,
+    /// Average the features of each image and of its mirror image before clustering and
+    /// labelling in evaluation, `segment` and export (test-time flip; twice the forward passes).
+    pub test_time_flip: bool,
+    /// How logits are brought to pixel resolution in evaluation, `segment` and export.
+    pub upsampling: Upsampling,
     /// Images whose cluster maps are sent to observers.
     pub preview_images: usize,
     /// Also send preview maps every this many steps (0: once per epoch).
@@ -88,11 +118,17 @@ impl Default for TrainConfig {
             input_size: 160,
             batch_size: 16,
             learning_rate: 1e-4,
+            adam_epsilon: 1e-8,
             epochs: 10,
             balance: BalanceMode::Reference,
             kmeans_iterations: 20,
+            kmeans_init: KMeansInit::Random,
+            kmeans_restarts: 1,
             cluster_batch_norm: ClusterBatchNorm::Eval,
             eval_clusters: None,
+            held_out_prefix: None,
+            test_time_flip: false,
+            upsampling: Upsampling::Bilinear,
             preview_images: 8,
             preview_every_steps: 0,
             seed: 0,
@@ -160,10 +196,14 @@ impl TrainConfig {
             input_size,
             batch_size,
             learning_rate,
+            adam_epsilon,
             balance,
             kmeans_iterations,
+            kmeans_init,
+            kmeans_restarts,
             cluster_batch_norm,
             eval_clusters,
+            held_out_prefix,
             seed,
             feature_bank,
             bank_patch
@@ -236,6 +276,22 @@ impl TrainConfig {
         if self.kmeans_iterations == 0 {
             return invalid("kmeans_iterations must be at least 1".into());
         }
+        if self.kmeans_restarts == 0 {
+            return invalid("kmeans_restarts must be at least 1".into());
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon.is_finite()) {
+            return invalid(format!(
+                "adam_epsilon {} must be positive",
+                self.adam_epsilon
+            ));
+        }
+        if self.held_out_prefix.as_deref() == Some("") {
+            return invalid(
+                "held_out_prefix is empty, which would hold out every image: name a file name \
+                 prefix such as 0006R0_"
+                    .into(),
+            );
+        }
         if self.feature_bank
             && (self.bank_patch == 0
                 || !self.bank_patch.is_multiple_of(crate::model::FEATURE_STRIDE)
@@ -252,6 +308,20 @@ impl TrainConfig {
     /// K for a dataset with `classes` label classes (if labelled).
     pub fn clusters_for(&self, classes: Option<usize>) -> usize {
         self.clusters.or(classes).unwrap_or(27)
+    }
+
+    /// The k-means settings of the run for `clusters` clusters, seeded with `seed`.
+    pub fn kmeans(&self, clusters: usize, seed: u64) -> KMeansConfig {
+        KMeansConfig::new(clusters)
+            .with_iterations(self.kmeans_iterations)
+            .with_init(self.kmeans_init)
+            .with_restarts(self.kmeans_restarts)
+            .with_seed(seed)
+    }
+
+    /// The Adam optimiser settings of the run.
+    pub fn adam(&self) -> burn::optim::AdamConfig {
+        burn::optim::AdamConfig::new().with_epsilon(self.adam_epsilon as f32)
     }
 
     /// Side of the stride-4 feature grid of the training input.

@@ -252,7 +252,8 @@ pub fn segmenter_for_run(
         centroids.centroids,
         config.input_size,
         compute.device,
-    );
+    )
+    .with_inference(config.test_time_flip, config.upsampling);
     Ok((segmenter, config))
 }
 

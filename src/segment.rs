@@ -6,7 +6,9 @@ use burn::tensor::Device;
 use image::imageops::FilterType;
 use rayon::prelude::*;
 
+use crate::config::Upsampling;
 use crate::data::{DatasetError, load_one};
+use crate::eval::{BilateralParams, bilateral_upsample_argmax};
 use crate::model::{FEATURE_DIM, PicieNet, images_to_tensor_rect};
 
 /// The network and centroids that turn an image into cluster indices.
@@ -18,6 +20,9 @@ pub struct Segmenter {
     /// The shorter side images are resized to before the network sees them.
     input_size: u32,
     device: Device,
+    /// Average with the mirror image's features.
+    test_time_flip: bool,
+    upsampling: Upsampling,
 }
 
 /// One segmented image.
@@ -41,7 +46,17 @@ impl Segmenter {
             clusters,
             input_size,
             device,
+            test_time_flip: false,
+            upsampling: Upsampling::Bilinear,
         }
+    }
+
+    /// With test-time flip (features averaged with the mirror image's) and the given way of
+    /// bringing logits to pixel resolution.
+    pub fn with_inference(mut self, test_time_flip: bool, upsampling: Upsampling) -> Self {
+        self.test_time_flip = test_time_flip;
+        self.upsampling = upsampling;
+        self
     }
 
     /// Number of clusters.
@@ -50,8 +65,8 @@ impl Segmenter {
     }
 
     /// Segments an RGB image at its own resolution: the network sees it with the shorter side
-    /// at the input size (no crop), and the logits `<z, mu>` are interpolated bilinearly to
-    /// every original pixel before the argmax.
+    /// at the input size (no crop), and the logits `<z, mu>` are brought to every original
+    /// pixel (bilinearly, or guided by the image's edges) before the argmax.
     pub fn segment(&self, image: &image::RgbImage) -> Segmentation {
         let (width, height) = image.dimensions();
         let scale = self.input_size as f64 / f64::from(width.min(height));
@@ -66,7 +81,11 @@ impl Segmenter {
             &self.device,
         );
         // [1, D, h, w]
-        let features = self.network.forward(input);
+        let features = if self.test_time_flip {
+            self.network.forward_flip_averaged(input)
+        } else {
+            self.network.forward(input)
+        };
         let [_, dim, feature_height, feature_width] = features.dims();
         let values = features
             .into_data()
@@ -87,14 +106,33 @@ impl Segmenter {
                 logits[k * cells + cell] = sum;
             }
         }
-        let labels = upsample_argmax(
-            &logits,
-            self.clusters,
-            feature_width,
-            feature_height,
-            width as usize,
-            height as usize,
-        );
+        let labels = match self.upsampling {
+            Upsampling::Bilinear => upsample_argmax(
+                &logits,
+                self.clusters,
+                feature_width,
+                feature_height,
+                width as usize,
+                height as usize,
+            ),
+            Upsampling::Bilateral => {
+                // Pixel-major, as the bilateral filter reads one cell's K logits at a time.
+                let mut by_cell = vec![0f32; cells * self.clusters];
+                for k in 0..self.clusters {
+                    for cell in 0..cells {
+                        by_cell[cell * self.clusters + k] = logits[k * cells + cell];
+                    }
+                }
+                bilateral_upsample_argmax(
+                    &by_cell,
+                    self.clusters,
+                    [feature_height, feature_width],
+                    image.as_raw(),
+                    [height as usize, width as usize],
+                    &BilateralParams::default(),
+                )
+            }
+        };
         Segmentation {
             width,
             height,

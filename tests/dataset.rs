@@ -580,3 +580,86 @@ fn symbolic_link_loops_end_and_count_each_image_once() {
         "each image once, through whichever path came first"
     );
 }
+
+/// Training scores its network after every epoch and `picie eval` scores a run's network
+/// later: both must see the same pixels and labels, whatever the base size training cuts
+/// its views from (labels used to be resized twice on the training side).
+#[test]
+fn training_and_picie_eval_score_the_same_evaluation_images_and_labels() {
+    let folder = tempfile::tempdir().unwrap();
+    let summary = write_demo_dataset(
+        folder.path(),
+        &DemoOptions {
+            images: 4,
+            size: 100,
+            seed: 2,
+        },
+    )
+    .unwrap();
+    let load = |base: u32| {
+        picie::data::TrainingData::load(
+            &summary.images_dir,
+            Some(&summary.labels_dir),
+            base,
+            64,
+            &no_progress,
+        )
+        .unwrap()
+    };
+    // As `picie train` (base 96) and `picie eval` (decoded at the input size) load them.
+    let training = load(96);
+    let evaluation = load(64);
+    assert_eq!(training.eval_images, evaluation.eval_images);
+    assert_eq!(training.eval_labels, evaluation.eval_labels);
+    let first_label = picie::data::load_label(
+        &summary
+            .labels_dir
+            .join(Path::new(&training.names[0]).with_extension("png")),
+    )
+    .unwrap();
+    assert_eq!(
+        training.eval_labels.as_ref().unwrap()[0],
+        BaseTransform::new(64).apply_label(&first_label).into_raw(),
+        "labels come straight from the file at the evaluation size"
+    );
+}
+
+#[test]
+fn a_held_out_prefix_splits_the_images_and_a_wrong_one_is_explained() {
+    let folder = tempfile::tempdir().unwrap();
+    let summary = write_demo_dataset(
+        folder.path(),
+        &DemoOptions {
+            images: 6,
+            size: 64,
+            seed: 2,
+        },
+    )
+    .unwrap();
+    let data = picie::data::TrainingData::load(
+        &summary.images_dir,
+        Some(&summary.labels_dir),
+        64,
+        64,
+        &no_progress,
+    )
+    .unwrap();
+    let (kept, held) = data.split_held_out("demo_0004").unwrap();
+    assert_eq!(held.names, ["demo_0004.png"]);
+    assert_eq!(kept.len(), 5);
+    assert!(!kept.names.iter().any(|name| name.starts_with("demo_0004")));
+    assert_eq!(held.eval_images[0], data.eval_images[4]);
+    assert_eq!(
+        held.eval_labels.as_ref().unwrap()[0],
+        data.eval_labels.as_ref().unwrap()[4]
+    );
+    assert_eq!(held.classes(), data.classes());
+
+    let none = data.split_held_out("0006R0_").unwrap_err();
+    assert!(
+        none.contains("0006R0_") && none.contains("demo_0000.png"),
+        "{none}"
+    );
+    let all = data.split_held_out("demo_").unwrap_err();
+    assert!(all.contains("none would be left to train on"), "{all}");
+}

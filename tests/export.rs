@@ -478,3 +478,79 @@ fn a_cancelled_export_stops_and_leaves_nothing_partial() {
         "one image's index, colour and overlay: {files:?}"
     );
 }
+
+/// Fraction of the pixels on a border of `mask` (differing from the pixel right or below)
+/// that lie within one pixel of a border of `label`: how well mask edges follow object edges.
+fn border_precision(mask: &[u16], label: &image::GrayImage) -> (usize, usize) {
+    let (width, height) = (label.width() as usize, label.height() as usize);
+    let label_border = |x: usize, y: usize| -> bool {
+        let here = label.get_pixel(x as u32, y as u32)[0];
+        (x + 1 < width && label.get_pixel(x as u32 + 1, y as u32)[0] != here)
+            || (y + 1 < height && label.get_pixel(x as u32, y as u32 + 1)[0] != here)
+    };
+    let (mut on_edge, mut borders) = (0, 0);
+    for y in 0..height {
+        for x in 0..width {
+            let here = mask[y * width + x];
+            let border = (x + 1 < width && mask[y * width + x + 1] != here)
+                || (y + 1 < height && mask[(y + 1) * width + x] != here);
+            if !border {
+                continue;
+            }
+            borders += 1;
+            let near = (y.saturating_sub(1)..(y + 2).min(height))
+                .any(|ny| (x.saturating_sub(1)..(x + 2).min(width)).any(|nx| label_border(nx, ny)));
+            on_edge += usize::from(near);
+        }
+    }
+    (on_edge, borders)
+}
+
+#[test]
+fn bilateral_upsampling_puts_mask_borders_on_object_edges_and_flip_makes_masks_mirror() {
+    let fixture = Fixture::new(6);
+    let folder = fixture.labelled();
+    let bilinear = fixture.segmenter();
+    let bilateral = fixture
+        .segmenter()
+        .with_inference(false, picie::config::Upsampling::Bilateral);
+    let (mut plain, mut guided) = ((0, 0), (0, 0));
+    for entry in folder.entries() {
+        let image = picie::data::load_one(&entry.path).unwrap();
+        let label = picie::data::load_label(entry.label.as_ref().unwrap()).unwrap();
+        for (segmenter, total) in [(&bilinear, &mut plain), (&bilateral, &mut guided)] {
+            let (on_edge, borders) = border_precision(&segmenter.segment(&image).labels, &label);
+            total.0 += on_edge;
+            total.1 += borders;
+        }
+    }
+    let precision = |(on_edge, borders): (usize, usize)| on_edge as f64 / borders.max(1) as f64;
+    eprintln!(
+        "mask border pixels within 1 px of an object edge: bilinear {:.3}, bilateral {:.3}",
+        precision(plain),
+        precision(guided)
+    );
+    assert!(
+        precision(guided) > precision(plain) + 0.05,
+        "mask borders on object edges: bilateral {:.3} ({guided:?}), bilinear {:.3} ({plain:?})",
+        precision(guided),
+        precision(plain)
+    );
+
+    // Test-time flip: the mirror image's mask is the mirrored mask.
+    let flipped = fixture
+        .segmenter()
+        .with_inference(true, picie::config::Upsampling::Bilinear);
+    let image = picie::data::load_one(&folder.entries()[0].path).unwrap();
+    let mirror = image::imageops::flip_horizontal(&image);
+    let (a, b) = (flipped.segment(&image), flipped.segment(&mirror));
+    let width = a.width as usize;
+    let agreeing = (0..a.labels.len())
+        .filter(|&i| a.labels[i] == b.labels[(i / width) * width + width - 1 - i % width])
+        .count();
+    assert!(
+        agreeing as f64 >= 0.995 * a.labels.len() as f64,
+        "{agreeing} of {} pixels mirror",
+        a.labels.len()
+    );
+}

@@ -4,7 +4,7 @@
 use burn::tensor::Device;
 use half::f16;
 use picie::cluster::{
-    self, Centroids, ClusterError, FeatureStore, KMeansConfig, KMeansMode, PixelLabels,
+    self, Centroids, ClusterError, FeatureStore, KMeansConfig, KMeansInit, KMeansMode, PixelLabels,
     SpillConfig, StepKind,
 };
 use picie::model::FEATURE_DIM;
@@ -366,4 +366,42 @@ fn timing_750k_points_k11() {
          mini-batch (100k seed) {minibatched:?}; mean similarity {:.4}",
         assignment.mean_similarity
     );
+}
+
+/// Final inertia of a run, as `1 - mean similarity` of its last Lloyd step.
+fn final_inertia(result: &cluster::KMeansResult) -> f64 {
+    1.0 - result.steps.last().unwrap().mean_similarity
+}
+
+#[test]
+fn random_initialisation_is_seeded_and_restarts_keep_the_lowest_inertia() {
+    let device = Device::flex();
+    // Overlapping blobs and few iterations: runs from different random starts end apart.
+    let (data, _) = blobs(12, 300, 0.08, 5);
+    let store = store_of(&data, None);
+    let config = KMeansConfig::new(12)
+        .with_mode(KMeansMode::Full)
+        .with_init(KMeansInit::Random)
+        .with_iterations(3)
+        .with_seed(9);
+    let once = cluster::kmeans(&store, &config, &device).unwrap();
+    let again = cluster::kmeans(&store, &config, &device).unwrap();
+    assert_eq!(once.centroids, again.centroids, "one seed, one result");
+    let other_seed = cluster::kmeans(&store, &config.clone().with_seed(10), &device).unwrap();
+    assert_ne!(once.centroids, other_seed.centroids);
+
+    let restarted = cluster::kmeans(&store, &config.clone().with_restarts(6), &device).unwrap();
+    // Restart 0 is the single run, so the best of six is never worse than it...
+    assert!(final_inertia(&restarted) <= final_inertia(&once));
+    // ...and no worse than any of the five other starts run on their own.
+    for restart in 1..6u64 {
+        let seed = 9u64.wrapping_add(restart.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let single = cluster::kmeans(&store, &config.clone().with_seed(seed), &device).unwrap();
+        assert!(
+            final_inertia(&restarted) <= final_inertia(&single),
+            "restart {restart}: {} > {}",
+            final_inertia(&restarted),
+            final_inertia(&single)
+        );
+    }
 }

@@ -385,3 +385,56 @@ fn random_init_is_random_even_with_imagenet_weights_in_the_cache() {
         .unwrap();
     assert!(config.random_init && config.weights.is_none());
 }
+
+#[test]
+fn seeds_train_a_folder_each_and_report_mean_and_spread_with_held_out_scores() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo(folder.path());
+    let out = folder.path().join("seeds");
+    let printed = run_ok(&mut train(
+        &data,
+        &out,
+        &[
+            "--epochs",
+            "1",
+            "--seeds",
+            "2",
+            "--seed",
+            "5",
+            "--held-out-prefix",
+            "demo_0007",
+        ],
+    ));
+    assert!(printed.contains("on 7 images"), "{printed}");
+    assert!(printed.contains("held-out Acc"), "{printed}");
+    for seed in [5u64, 6] {
+        let run = RunFolder::open(&out.join(format!("seed-{seed}"))).unwrap();
+        assert_eq!(run.config().unwrap().seed, seed);
+        let metrics = run.metrics().unwrap();
+        assert!(metrics.no_train_held_out.is_some());
+        assert_eq!(metrics.epochs.len(), 1);
+        assert!(metrics.epochs[0].held_out.is_some());
+    }
+    let summary: picie::run::SeedSummary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("seeds.json")).unwrap()).unwrap();
+    assert_eq!(summary.seeds, [5, 6]);
+    assert_eq!(summary.rows.len(), 2, "no training and epoch 1");
+    let trained = &summary.rows[1];
+    assert_eq!(trained.runs, 2);
+    for spread in [
+        trained.acc,
+        trained.miou,
+        trained.held_out_acc,
+        trained.held_out_miou,
+    ] {
+        let spread = spread.expect("every score is summarised");
+        assert!(spread.min <= spread.mean && spread.mean <= spread.max);
+    }
+
+    let refused = run_refused(&mut train(
+        &data,
+        &folder.path().join("wrong"),
+        &["--epochs", "1", "--held-out-prefix", "0006R0_"],
+    ));
+    assert!(refused.contains("0006R0_"), "{refused}");
+}

@@ -22,8 +22,8 @@ use picie::labelmap::LabelMap;
 use picie::model::BackboneKind;
 use picie::segment::write_index_png;
 use picie::train::{
-    ExistingRun, RunFolder, TrainControl, TrainEvent, TrainObserver, TrainPhase, Trainer,
-    TrainingData, evaluate_network,
+    ExistingRun, RunFolder, TrainControl, TrainEvent, TrainObserver, TrainOutcome, TrainPhase,
+    Trainer, TrainingData, evaluate_network,
 };
 
 /// PiCIE Explorer, headless: unsupervised semantic segmentation of a folder of images.
@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train PiCIE on a folder of images into a run folder.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score a run's network on labelled images (fresh clustering, Hungarian matching), or
     /// score exported index masks (--masks) against the labels.
     Eval {
@@ -60,6 +60,12 @@ enum Command {
         /// auto, gpu, cpu or wgpu (default: the run's; only with --run).
         #[arg(long)]
         device: Option<DeviceChoice>,
+        /// k-means runs of the fresh clustering, keeping the lowest inertia (default: the
+        /// run's; only with --run).
+        #[arg(long)]
+        kmeans_restarts: Option<usize>,
+        #[command(flatten)]
+        inference: InferenceArgs,
     },
     /// Write index PNGs (cluster per pixel, original resolution) for a folder of images.
     Segment {
@@ -75,6 +81,8 @@ enum Command {
         /// auto, gpu, cpu or wgpu (default: the run's).
         #[arg(long)]
         device: Option<DeviceChoice>,
+        #[command(flatten)]
+        inference: InferenceArgs,
     },
     /// Export segmentations with the run's label map (names, merges, ignores): index masks,
     /// colour masks, overlays, legend.json and a CVAT labelmap.txt, at original resolution.
@@ -99,6 +107,8 @@ enum Command {
         /// auto, gpu, cpu or wgpu (default: the run's).
         #[arg(long)]
         device: Option<DeviceChoice>,
+        #[command(flatten)]
+        inference: InferenceArgs,
     },
     /// Write the procedural demo dataset (images, labels, classes.txt) into OUT_DIR.
     DemoData {
@@ -329,6 +339,64 @@ struct TrainArgs {
     /// The run's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Train this many runs, seeds SEED, SEED+1, ..., into OUT/seed-N each, then print the mean
+    /// and spread of their scores per epoch (and write them to OUT/seeds.json).
+    #[arg(long, conflicts_with = "resume")]
+    seeds: Option<usize>,
+    /// Hold out the images whose path (relative to --images) starts with this: they are not
+    /// trained on, and are scored beside the training images after every epoch.
+    #[arg(long)]
+    held_out_prefix: Option<String>,
+    /// How k-means starts: random (K random points, as faiss and the reference) or plus_plus.
+    #[arg(long)]
+    kmeans_init: Option<String>,
+    /// k-means runs per clustering, keeping the lowest inertia.
+    #[arg(long)]
+    kmeans_restarts: Option<usize>,
+    /// BatchNorm while clustering: eval (running statistics), train (batch statistics) or
+    /// reference (train-mode centroids, eval-mode labels, as the authors).
+    #[arg(long)]
+    cluster_bn: Option<String>,
+    /// Adam's epsilon (default 1e-8, as PyTorch).
+    #[arg(long)]
+    adam_epsilon: Option<f64>,
+    #[command(flatten)]
+    inference: InferenceArgs,
+}
+
+/// How a trained network turns images into cluster maps (evaluation, segment, export).
+#[derive(clap::Args, Clone, Default)]
+struct InferenceArgs {
+    /// Average each image's features with its mirror image's, true or false (default: the
+    /// run's setting, off unless set).
+    #[arg(long)]
+    test_time_flip: Option<bool>,
+    /// bilinear, or bilateral (cluster borders follow the image's edges) (default: the run's).
+    #[arg(long)]
+    upsampling: Option<String>,
+}
+
+impl InferenceArgs {
+    /// Overrides the config's inference settings with the flags given.
+    fn apply(&self, config: &mut TrainConfig) -> Result<()> {
+        if let Some(flip) = self.test_time_flip {
+            config.test_time_flip = flip;
+        }
+        if let Some(value) = &self.upsampling {
+            config.upsampling = parse_choice("upsampling", value, "bilinear or bilateral")?;
+        }
+        Ok(())
+    }
+}
+
+/// A config enum from its snake_case name, or an error listing the choices.
+fn parse_choice<T: serde::de::DeserializeOwned>(
+    flag: &str,
+    value: &str,
+    choices: &str,
+) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_owned()))
+        .map_err(|_| anyhow::anyhow!("unknown --{flag} '{value}': use {choices}"))
 }
 
 fn main() {
@@ -352,7 +420,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Eval {
             run,
             masks,
@@ -360,8 +428,12 @@ fn run(cli: Cli) -> Result<()> {
             labels,
             json,
             device,
+            kmeans_restarts,
+            inference,
         } => match (run, masks) {
-            (Some(run), None) => eval(&run, &images, &labels, json, device),
+            (Some(run), None) => {
+                eval(&run, &images, &labels, json, device, kmeans_restarts, &inference)
+            }
             (None, Some(masks)) => {
                 if device.is_some() {
                     eprintln!("note: --device is not used when scoring --masks");
@@ -383,13 +455,15 @@ fn run(cli: Cli) -> Result<()> {
             out,
             format,
             device,
-        } => export(&run, &images, &out, &format, device),
+            inference,
+        } => export(&run, &images, &out, &format, device, &inference),
         Command::Segment {
             run,
             images,
             out,
             device,
-        } => segment(&run, &images, &out, device),
+            inference,
+        } => segment(&run, &images, &out, device, &inference),
         Command::DemoData {
             out_dir,
             images,
@@ -528,7 +602,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(value) = args.backbone {
         config.backbone = value;
     }
-    if let Some(value) = args.weights {
+    if let Some(value) = args.weights.clone() {
         config.weights = Some(value);
         config.random_init = false;
     }
@@ -557,7 +631,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(value) = args.base_size {
         config.base_size = value;
     }
-    if let Some(value) = args.balance {
+    if let Some(value) = &args.balance {
         config.balance =
             serde_json::from_value(serde_json::Value::String(value.clone())).map_err(|_| {
                 anyhow::anyhow!("unknown balance mode '{value}': use reference, inverse or none")
@@ -566,28 +640,66 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(value) = args.seed {
         config.seed = value;
     }
+    if let Some(value) = &args.held_out_prefix {
+        config.held_out_prefix = Some(value.clone());
+    }
+    if let Some(value) = &args.kmeans_init {
+        config.kmeans_init = parse_choice("kmeans-init", value, "random or plus_plus")?;
+    }
+    if let Some(value) = args.kmeans_restarts {
+        config.kmeans_restarts = value;
+    }
+    if let Some(value) = &args.cluster_bn {
+        config.cluster_batch_norm = parse_choice("cluster-bn", value, "eval, train or reference")?;
+    }
+    if let Some(value) = args.adam_epsilon {
+        config.adam_epsilon = value;
+    }
+    args.inference.apply(&mut config)?;
     config.validate()?;
-    // The run folder is claimed before the slow dataset decoding, so a refusal comes at once
-    // and nothing in a folder that holds another run is touched.
-    let run = if args.resume {
-        RunFolder::open_for_writing(&args.out)?
-    } else {
-        let existing = if args.overwrite {
-            ExistingRun::MoveAside
-        } else {
-            ExistingRun::Refuse
-        };
-        let (run, moved_to) = RunFolder::create(&args.out, &config, existing)?;
-        if let Some(moved_to) = moved_to {
-            eprintln!(
-                "moved the run that was in {} to {}",
-                args.out.display(),
-                moved_to.display()
-            );
+    match args.seeds {
+        None => {
+            let run = claim_run_folder(&config, &args.out, &args)?;
+            let data = load_training_data(&args, &config)?;
+            let control = stop_on_ctrl_c();
+            train_into(config, run, data, &control, &args.out, args.resume)?;
+            Ok(())
         }
-        run
-    };
+        Some(0) => bail!("--seeds must be at least 1"),
+        Some(count) => train_seeds(config, &args, count),
+    }
+}
 
+/// Claims a run folder before the slow dataset decoding, so a refusal comes at once and
+/// nothing in a folder that holds another run is touched.
+fn claim_run_folder(
+    config: &TrainConfig,
+    out: &std::path::Path,
+    args: &TrainArgs,
+) -> Result<RunFolder> {
+    if args.resume {
+        return Ok(RunFolder::open_for_writing(out)?);
+    }
+    let existing = if args.overwrite {
+        ExistingRun::MoveAside
+    } else {
+        ExistingRun::Refuse
+    };
+    let (run, moved_to) = RunFolder::create(out, config, existing)?;
+    if let Some(moved_to) = moved_to {
+        eprintln!(
+            "moved the run that was in {} to {}",
+            out.display(),
+            moved_to.display()
+        );
+    }
+    Ok(run)
+}
+
+fn load_training_data(
+    args: &TrainArgs,
+    config: &TrainConfig,
+) -> Result<std::sync::Arc<TrainingData>> {
     let bar = progress_bar(0, "decoding images");
     let data = TrainingData::load(
         &args.images,
@@ -612,16 +724,31 @@ fn train(args: TrainArgs) -> Result<()> {
             ""
         }
     );
+    Ok(std::sync::Arc::new(data))
+}
+
+/// A stop control that Ctrl-C triggers: the current batch finishes, the last checkpoint is
+/// kept and the command exits cleanly.
+fn stop_on_ctrl_c() -> TrainControl {
     let control = TrainControl::new();
-    {
-        // Ctrl-C finishes the current batch, keeps the last checkpoint and exits cleanly.
-        let control = control.clone();
-        let _ = ctrlc::set_handler(move || {
-            eprintln!("\nstopping after this batch…");
-            control.stop();
-        });
-    }
-    let mut trainer = Trainer::new(config, run, std::sync::Arc::new(data), control, args.resume)?;
+    let handler_control = control.clone();
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\nstopping after this batch…");
+        handler_control.stop();
+    });
+    control
+}
+
+/// Trains one run and says how it ended.
+fn train_into(
+    config: TrainConfig,
+    run: RunFolder,
+    data: std::sync::Arc<TrainingData>,
+    control: &TrainControl,
+    out: &std::path::Path,
+    resume: bool,
+) -> Result<TrainOutcome> {
+    let mut trainer = Trainer::new(config, run, data, control.clone(), resume)?;
     let mut observer = TerminalObserver::new();
     let outcome = trainer.run(&mut observer)?;
     observer.bar.finish_and_clear();
@@ -629,7 +756,7 @@ fn train(args: TrainArgs) -> Result<()> {
         println!(
             "stopped before epoch 1 ended, so the run has no checkpoint yet; run the same \
              command again to start it over (run folder {})",
-            args.out.display()
+            out.display()
         );
     } else {
         println!(
@@ -640,7 +767,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 "finished"
             },
             outcome.last_epoch,
-            args.out.display(),
+            out.display(),
             if outcome.stopped {
                 "; continue it with --resume"
             } else {
@@ -648,6 +775,47 @@ fn train(args: TrainArgs) -> Result<()> {
             }
         );
     }
+    Ok(outcome)
+}
+
+/// `picie train --seeds N`: N runs of the same settings with seeds SEED.., one folder each,
+/// then the mean and spread of their scores per epoch.
+fn train_seeds(config: TrainConfig, args: &TrainArgs, count: usize) -> Result<()> {
+    let seeds: Vec<u64> = (0..count as u64).map(|i| config.seed + i).collect();
+    let mut runs = Vec::with_capacity(count);
+    for &seed in &seeds {
+        let out = args.out.join(format!("seed-{seed}"));
+        let seeded = TrainConfig {
+            seed,
+            ..config.clone()
+        };
+        let run = claim_run_folder(&seeded, &out, args)?;
+        runs.push((seeded, run, out));
+    }
+    let data = load_training_data(args, &config)?;
+    let control = stop_on_ctrl_c();
+    let mut finished = Vec::with_capacity(count);
+    for (seeded, run, out) in runs {
+        eprintln!("seed {} of {:?}: {}", seeded.seed, seeds, out.display());
+        let seed = seeded.seed;
+        let outcome = train_into(seeded, run, data.clone(), &control, &out, false)?;
+        let stopped = outcome.stopped;
+        finished.push((seed, outcome.metrics));
+        if stopped {
+            break;
+        }
+    }
+    let summary = picie::run::SeedSummary::new(&finished);
+    println!("{}", summary.table());
+    let path = args.out.join("seeds.json");
+    let text = serde_json::to_string_pretty(&summary)?;
+    picie::fsutil::write_bytes_atomic(&path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "mean and spread of {} seeds written to {}",
+        finished.len(),
+        path.display()
+    );
     Ok(())
 }
 
@@ -727,6 +895,16 @@ impl TrainObserver for TerminalObserver {
                 evaluation.accuracy,
                 evaluation.mean_iou
             )),
+            TrainEvent::HeldOutEvaluated { epoch, evaluation } => self.say(format!(
+                "{} on the held-out images: Acc {:.2}  mIoU {:.2}",
+                if *epoch == 0 {
+                    "no training".to_owned()
+                } else {
+                    format!("epoch {epoch}")
+                },
+                evaluation.accuracy,
+                evaluation.mean_iou
+            )),
             TrainEvent::EpochFinished(record) => self.say(format!(
                 "epoch {} done: clustering {:.1} s (k-means {:.1} s), training {:.1} s ({:.2} images/s), evaluation and bank {:.1} s, saving {:.1} s; views {:.1} s on their own thread; loss {:.4}",
                 record.epoch,
@@ -754,12 +932,19 @@ fn eval(
     labels: &std::path::Path,
     json: bool,
     device: Option<DeviceChoice>,
+    kmeans_restarts: Option<usize>,
+    inference: &InferenceArgs,
 ) -> Result<()> {
     let run = RunFolder::open(run_dir)?;
     let mut config = run.config()?;
     if let Some(device) = device {
         config.device = device;
     }
+    if let Some(restarts) = kmeans_restarts {
+        config.kmeans_restarts = restarts;
+    }
+    inference.apply(&mut config)?;
+    config.validate()?;
     let compute = select_device(config.device)?;
     let (network, epoch, note) = run.latest_network(&compute.device)?;
     if let Some(note) = note {
@@ -852,6 +1037,17 @@ fn eval_masks(
     Ok(())
 }
 
+/// The run's segmenter with the inference flags applied over the run's settings.
+fn segmenter_with(
+    run_dir: &std::path::Path,
+    device: Option<DeviceChoice>,
+    inference: &InferenceArgs,
+) -> Result<picie::segment::Segmenter> {
+    let (segmenter, mut config) = segmenter_for_run(run_dir, device)?;
+    inference.apply(&mut config)?;
+    Ok(segmenter.with_inference(config.test_time_flip, config.upsampling))
+}
+
 /// `picie export`: the run's segmentations with its label map, Ctrl-C cancels cleanly.
 fn export(
     run_dir: &std::path::Path,
@@ -859,8 +1055,9 @@ fn export(
     out: &std::path::Path,
     formats: &[ExportFormat],
     device: Option<DeviceChoice>,
+    inference: &InferenceArgs,
 ) -> Result<()> {
-    let (segmenter, _) = segmenter_for_run(run_dir, device)?;
+    let segmenter = segmenter_with(run_dir, device, inference)?;
     let labelmap = LabelMap::load_or_new(run_dir, segmenter.clusters())?;
     let folder = ImageFolder::scan(images, None)?;
     let options = ExportOptions {
@@ -955,8 +1152,9 @@ fn segment(
     images: &std::path::Path,
     out: &std::path::Path,
     device: Option<DeviceChoice>,
+    inference: &InferenceArgs,
 ) -> Result<()> {
-    let (segmenter, _) = segmenter_for_run(run_dir, device)?;
+    let segmenter = segmenter_with(run_dir, device, inference)?;
     let folder = ImageFolder::scan(images, None)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let bar = progress_bar(folder.len() as u64, "segmenting");

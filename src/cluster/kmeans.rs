@@ -65,6 +65,18 @@ impl KMeansMode {
     }
 }
 
+/// How the first centroids are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KMeansInit {
+    /// K distinct points drawn uniformly, as faiss (the reference's k-means) does.
+    Random,
+    /// Greedy k-means++ on a sample of [`KMeansConfig::init_sample`] points: spreads the first
+    /// centroids out, so well-separated groups are rarely merged.
+    #[default]
+    PlusPlus,
+}
+
 /// Settings of one k-means run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KMeansConfig {
@@ -80,6 +92,11 @@ pub struct KMeansConfig {
     pub mode: KMeansMode,
     /// Points sampled (without replacement) for k-means++.
     pub init_sample: usize,
+    /// How the first centroids are chosen.
+    pub init: KMeansInit,
+    /// Independent runs from different initial centroids; the one with the lowest inertia
+    /// (highest mean similarity) is kept. At least 1.
+    pub restarts: usize,
 }
 
 impl KMeansConfig {
@@ -92,7 +109,21 @@ impl KMeansConfig {
             chunk_points: DEFAULT_CHUNK_POINTS,
             mode: KMeansMode::Auto,
             init_sample: DEFAULT_INIT_SAMPLE,
+            init: KMeansInit::PlusPlus,
+            restarts: 1,
         }
+    }
+
+    /// With initialisation `init`.
+    pub fn with_init(mut self, init: KMeansInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// With `restarts` runs (at least 1), keeping the lowest inertia.
+    pub fn with_restarts(mut self, restarts: usize) -> Self {
+        self.restarts = restarts.max(1);
+        self
     }
 
     /// With `iterations` Lloyd iterations.
@@ -173,7 +204,7 @@ pub struct LloydStep {
     pub stats: IterationStats,
 }
 
-/// Spherical k-means over every row of `store`, initialised by k-means++.
+/// Spherical k-means over every row of `store`, initialised as the config says.
 pub fn kmeans(
     store: &FeatureStore,
     config: &KMeansConfig,
@@ -182,9 +213,46 @@ pub fn kmeans(
     kmeans_with(store, config, None, device, &mut |_| {})
 }
 
-/// [`kmeans`] from the given initial centroids (k-means++ when `None`), calling `on_step`
-/// after every step (for progress displays).
+/// [`kmeans`] from the given initial centroids (the config's initialisation when `None`),
+/// calling `on_step` after every step (for progress displays). With given centroids there is
+/// one run whatever [`KMeansConfig::restarts`] says.
 pub fn kmeans_with(
+    store: &FeatureStore,
+    config: &KMeansConfig,
+    init: Option<Centroids>,
+    device: &Device,
+    on_step: &mut dyn FnMut(&IterationStats),
+) -> Result<KMeansResult, ClusterError> {
+    if init.is_some() || config.restarts <= 1 {
+        return kmeans_once(store, config, init, device, on_step);
+    }
+    let mut best: Option<(f64, KMeansResult)> = None;
+    for restart in 0..config.restarts as u64 {
+        // Restart 0 is the single run's seed, so one restart reproduces a plain run.
+        let seeded = KMeansConfig {
+            seed: config
+                .seed
+                .wrapping_add(restart.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            ..config.clone()
+        };
+        let result = kmeans_once(store, &seeded, None, device, on_step)?;
+        let similarity = result
+            .steps
+            .iter()
+            .rev()
+            .find(|step| step.kind == StepKind::Lloyd)
+            .map_or(f64::NEG_INFINITY, |step| step.mean_similarity);
+        if best
+            .as_ref()
+            .is_none_or(|(best_similarity, _)| similarity > *best_similarity)
+        {
+            best = Some((similarity, result));
+        }
+    }
+    Ok(best.expect("at least two restarts ran").1)
+}
+
+fn kmeans_once(
     store: &FeatureStore,
     config: &KMeansConfig,
     init: Option<Centroids>,
@@ -207,13 +275,16 @@ pub fn kmeans_with(
             check_centroids(&init, clusters, store.dim())?;
             init
         }
-        None => init_plus_plus(
-            store,
-            0..seed_end,
-            clusters,
-            config.init_sample,
-            config.seed,
-        )?,
+        None => match config.init {
+            KMeansInit::PlusPlus => init_plus_plus(
+                store,
+                0..seed_end,
+                clusters,
+                config.init_sample,
+                config.seed,
+            )?,
+            KMeansInit::Random => init_random(store, 0..seed_end, clusters, config.seed)?,
+        },
     };
     // A stream apart from the initialisation's, so changing one does not shift the other.
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5DEE_CE66_D1CE_4E5B);
@@ -286,6 +357,35 @@ pub fn lloyd_step(
         centroids: step.centroids,
         stats: step.stats,
     })
+}
+
+/// K distinct rows of `range` drawn uniformly (deterministic given `seed`), as faiss starts.
+pub fn init_random(
+    store: &FeatureStore,
+    range: Range<usize>,
+    clusters: usize,
+    seed: u64,
+) -> Result<Centroids, ClusterError> {
+    check_clusters(clusters)?;
+    if range.end > store.len() || range.start > range.end {
+        return Err(ClusterError::OutOfRange {
+            start: range.start,
+            end: range.end,
+            len: store.len(),
+        });
+    }
+    if range.len() < clusters {
+        return Err(ClusterError::TooFewPoints {
+            clusters,
+            points: range.len(),
+        });
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let rows: Vec<usize> = index::sample(&mut rng, range.len(), clusters)
+        .into_iter()
+        .map(|offset| range.start + offset)
+        .collect();
+    Centroids::new(store.gather(&rows)?, clusters, store.dim())
 }
 
 /// Greedy k-means++ initialisation on a seeded sample of up to `sample` rows of `range`

@@ -26,8 +26,8 @@ pub use edit::{ClusterEdit, EditedClusters, edit_centroids};
 pub use host::runs_on_host;
 pub use kmeans::{
     AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_INIT_SAMPLE,
-    DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansMode, KMeansResult, LloydStep,
-    StepKind, init_plus_plus, kmeans, kmeans_with, lloyd_step,
+    DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansInit, KMeansMode, KMeansResult,
+    LloydStep, StepKind, init_plus_plus, init_random, kmeans, kmeans_with, lloyd_step,
 };
 pub use store::{FeatureStore, SpillConfig};
 

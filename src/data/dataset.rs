@@ -407,6 +407,18 @@ impl ImageFolder {
         transform: &BaseTransform,
         on_progress: &(dyn Fn(usize, usize) + Sync),
     ) -> LoadedDataset {
+        self.load_with_eval(transform, None, on_progress)
+    }
+
+    /// [`ImageFolder::load`], also keeping a second copy of every image and label reduced by
+    /// `eval` straight from the decoded original ([`LoadedImage::eval_rgb`],
+    /// [`LoadedImage::eval_label`]): evaluation inputs that do not depend on the base size.
+    pub fn load_with_eval(
+        &self,
+        transform: &BaseTransform,
+        eval: Option<&BaseTransform>,
+        on_progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> LoadedDataset {
         let total = self.entries.len();
         let done = AtomicUsize::new(0);
         let class_count = self.class_names.as_ref().map(Vec::len);
@@ -415,7 +427,7 @@ impl ImageFolder {
             .par_iter()
             .map(|entry| {
                 let result =
-                    load_entry(entry, transform, class_count).map_err(|error| SkippedFile {
+                    load_entry(entry, transform, eval, class_count).map_err(|error| SkippedFile {
                         path: entry.path.clone(),
                         name: entry.name.clone(),
                         reason: error.to_string(),
@@ -466,6 +478,11 @@ pub struct LoadedImage {
     pub rgb: Vec<u8>,
     /// `size * size` class indices ([`IGNORE_LABEL`] = ignore), when the image has a label.
     pub label: Option<Vec<u8>>,
+    /// The image reduced by the evaluation transform, when one was asked for.
+    pub eval_rgb: Option<Vec<u8>>,
+    /// The label reduced by the evaluation transform, when one was asked for and the image
+    /// has a label.
+    pub eval_label: Option<Vec<u8>>,
 }
 
 /// The result of [`ImageFolder::load`].
@@ -748,13 +765,16 @@ fn describe_color(color: ColorType) -> String {
 fn load_entry(
     entry: &ImageEntry,
     transform: &BaseTransform,
+    eval: Option<&BaseTransform>,
     class_count: Option<usize>,
 ) -> Result<LoadedImage, DatasetError> {
     let image = decode_oriented(&entry.path)?;
     let original_size = (image.width(), image.height());
     // Reduce right away and drop the full-size pixels before touching the label.
     let rgb = transform.apply_rgb(&image).into_raw();
+    let eval_rgb = eval.map(|eval| eval.apply_rgb(&image).into_raw());
     drop(image);
+    let mut eval_label = None;
 
     let label = match &entry.label {
         Some(label_path) => {
@@ -779,6 +799,7 @@ fn load_entry(
                     classes,
                 });
             }
+            eval_label = eval.map(|eval| eval.apply_label(&label).into_raw());
             Some(transform.apply_label(&label).into_raw())
         }
         None => None,
@@ -790,6 +811,8 @@ fn load_entry(
         original_size,
         rgb,
         label,
+        eval_rgb,
+        eval_label,
     })
 }
 

@@ -20,9 +20,11 @@ pub struct TrainingData {
     pub bases: Vec<Vec<u8>>,
     /// Side of the evaluation inputs (the training input size).
     pub eval_size: u32,
-    /// RGB HWC evaluation inputs: the base images resized to `eval_size`.
+    /// RGB HWC evaluation inputs: each original reduced straight to `eval_size` (as `picie
+    /// eval` and the reference decode them), not resized from the base image.
     pub eval_images: Vec<Vec<u8>>,
-    /// Labels at `eval_size` (nearest), when every image has one.
+    /// Labels reduced straight to `eval_size` by [`BaseTransform::apply_label`], when every
+    /// image has one: one label path for every evaluation.
     pub eval_labels: Option<Vec<Vec<u8>>>,
     /// Class names from `classes.txt`.
     pub class_names: Option<Vec<String>>,
@@ -61,7 +63,11 @@ impl TrainingData {
             });
         }
         let loaded = folder
-            .load(&BaseTransform::new(base_size), progress)
+            .load_with_eval(
+                &BaseTransform::new(base_size),
+                Some(&BaseTransform::new(eval_size)),
+                progress,
+            )
             .into_non_empty()?;
         Ok(Self::from_loaded(
             loaded,
@@ -70,7 +76,9 @@ impl TrainingData {
         ))
     }
 
-    /// Builds the training data from decoded images.
+    /// Builds the training data from decoded images. Evaluation copies the loader kept
+    /// ([`super::ImageFolder::load_with_eval`]) are used as they are; images without one are
+    /// resized from the base image.
     pub fn from_loaded(
         loaded: LoadedDataset,
         class_names: Option<Vec<String>>,
@@ -93,16 +101,30 @@ impl TrainingData {
                 .expect("labels have base_size² pixels");
             image::imageops::resize(&image, eval_size, eval_size, FilterType::Nearest).into_raw()
         };
+        let mut loaded = loaded;
         let eval_images = loaded
             .images
-            .iter()
-            .map(|image| resize_rgb(&image.rgb))
+            .iter_mut()
+            .map(|image| {
+                image
+                    .eval_rgb
+                    .take()
+                    .unwrap_or_else(|| resize_rgb(&image.rgb))
+            })
             .collect();
         // Scores need a label for every image; a partly labelled set is trained but not scored.
         let eval_labels = loaded
             .images
-            .iter()
-            .map(|image| image.label.as_deref().map(resize_label))
+            .iter_mut()
+            .map(|image| {
+                let label = image.label.as_deref()?;
+                Some(
+                    image
+                        .eval_label
+                        .take()
+                        .unwrap_or_else(|| resize_label(label)),
+                )
+            })
             .collect::<Option<Vec<_>>>();
         Self {
             names: loaded
@@ -122,6 +144,44 @@ impl TrainingData {
             eval_labels,
             class_names,
             skipped: loaded.skipped,
+        }
+    }
+
+    /// Splits off the images whose relative path starts with `prefix`: `(the rest, those)`,
+    /// for training on one part and scoring on the other. An error says when the prefix
+    /// matches no image or every image.
+    pub fn split_held_out(&self, prefix: &str) -> Result<(Self, Self), String> {
+        let (held, kept): (Vec<usize>, Vec<usize>) =
+            (0..self.len()).partition(|&index| self.names[index].starts_with(prefix));
+        if held.is_empty() {
+            return Err(format!(
+                "no image name starts with the held-out prefix '{prefix}' (the first is '{}'): \
+                 check the prefix, or leave it out to train on every image",
+                self.names.first().map_or("", String::as_str)
+            ));
+        }
+        if kept.is_empty() {
+            return Err(format!(
+                "every image name starts with the held-out prefix '{prefix}', so none would be \
+                 left to train on: choose a prefix that names only part of the images"
+            ));
+        }
+        Ok((self.subset(&kept), self.subset(&held)))
+    }
+
+    /// The images at `indices`, in that order.
+    fn subset(&self, indices: &[usize]) -> Self {
+        let pick = |values: &[Vec<u8>]| indices.iter().map(|&i| values[i].clone()).collect();
+        Self {
+            names: indices.iter().map(|&i| self.names[i].clone()).collect(),
+            original_sizes: indices.iter().map(|&i| self.original_sizes[i]).collect(),
+            base_size: self.base_size,
+            bases: pick(&self.bases),
+            eval_size: self.eval_size,
+            eval_images: pick(&self.eval_images),
+            eval_labels: self.eval_labels.as_deref().map(pick),
+            class_names: self.class_names.clone(),
+            skipped: Vec::new(),
         }
     }
 

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{MAX_CLUSTERS, PixelLabels};
 
+mod bilateral;
 mod stored;
+pub use bilateral::{BilateralParams, bilateral_upsample_argmax};
 pub use stored::confusion_from_store;
 
 /// The label value of pixels that are not scored.

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::bilateral::{BilateralParams, bilateral_upsample_argmax};
 use super::{ConfusionMatrix, EvalError};
 use crate::cluster::{Centroids, FeatureStore, MAX_CLUSTERS};
 use crate::linalg::{MatRef, Threads, matmul};
@@ -15,7 +16,9 @@ use crate::model::resize::{AxisWindow, bilinear_taps};
 
 /// The labelled pixels of images whose features fill `store` in image order (`grid`
 /// rows x columns of features per image), predicted with `centroids` and counted against
-/// `labels` (one row-major `label_size` map per image, as [`ConfusionMatrix::add`]).
+/// `labels` (one row-major `label_size` map per image, as [`ConfusionMatrix::add`]). With
+/// `guides` (one RGB image of `label_size` per image) the logits are upsampled by
+/// [`bilateral_upsample_argmax`] instead of bilinearly.
 pub fn confusion_from_store(
     store: &FeatureStore,
     grid: [usize; 2],
@@ -23,6 +26,7 @@ pub fn confusion_from_store(
     labels: &[Vec<u8>],
     label_size: [usize; 2],
     classes: usize,
+    guides: Option<&[Vec<u8>]>,
 ) -> Result<ConfusionMatrix, EvalError> {
     let clusters = centroids.clusters;
     if centroids.dim != store.dim() {
@@ -40,6 +44,17 @@ pub fn confusion_from_store(
             clusters,
             height: grid[0],
             width: grid[1],
+        });
+    }
+    if let Some(guides) = guides
+        && (guides.len() != labels.len()
+            || guides
+                .iter()
+                .any(|guide| guide.len() != label_size[0] * label_size[1] * 3))
+    {
+        return Err(EvalError::LengthMismatch {
+            predictions: guides.len(),
+            labels: labels.len(),
         });
     }
     if store.len() != labels.len() * cells {
@@ -67,6 +82,19 @@ pub fn confusion_from_store(
                 false,
                 Threads::Current,
             );
+            if let Some(guides) = guides {
+                let predictions = bilateral_upsample_argmax(
+                    &logits,
+                    clusters,
+                    grid,
+                    &guides[image],
+                    label_size,
+                    &BilateralParams::default(),
+                );
+                let mut confusion = ConfusionMatrix::new(clusters, classes);
+                confusion.add(&predictions, image_labels)?;
+                return Ok(confusion);
+            }
             // Along x first: [h, W, K].
             let mut wide = vec![0.0f32; grid[0] * label_size[1] * clusters];
             for (row, out_row) in wide.chunks_exact_mut(label_size[1] * clusters).enumerate() {
@@ -170,6 +198,7 @@ mod tests {
             &labels,
             label_size,
             clusters,
+            None,
         )
         .expect("confusion");
         let diagonal: u64 = (0..clusters).map(|k| confusion.get(k, k)).sum();

@@ -209,6 +209,14 @@ impl PicieNet {
         self.fpn.forward(self.backbone.forward(input))
     }
 
+    /// [`PicieNet::forward`] averaged with the features of the mirrored batch (mirrored
+    /// back), renormalised to unit length: test-time flip augmentation.
+    pub fn forward_flip_averaged(&self, input: Tensor<4>) -> Tensor<4> {
+        let plain = self.forward(input.clone());
+        let mirrored = self.forward(input.flip([3])).flip([3]);
+        fpn::l2_normalize_channels(plain + mirrored)
+    }
+
     /// Which backbone this network uses.
     pub fn kind(&self) -> BackboneKind {
         self.backbone.kind()

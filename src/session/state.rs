@@ -261,6 +261,8 @@ impl SessionState {
                 });
                 false
             }
+            // The app trains on every image; held-out scores come from the CLI's runs.
+            TrainEvent::HeldOutEvaluated { .. } => false,
             TrainEvent::ClustersEdited { origin, .. } => {
                 status.clusters = origin.len();
                 self.cluster_edits.push(origin.clone());

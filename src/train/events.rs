@@ -143,6 +143,13 @@ pub enum TrainEvent {
         /// The scores.
         evaluation: Evaluation,
     },
+    /// The held-out images ([`crate::config::TrainConfig::held_out_prefix`]) were scored.
+    HeldOutEvaluated {
+        /// Epoch (0: the untrained network).
+        epoch: usize,
+        /// The scores.
+        evaluation: Evaluation,
+    },
     /// An epoch ended and its checkpoint was written.
     EpochFinished(EpochRecord),
     /// The user's merges or splits were applied to this epoch's clustering: `origin[new]` is

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -17,10 +17,8 @@ use super::events::{
 };
 use super::prefetch::ViewStream;
 use crate::bank::{BankBuilder, FeatureBank, build_bank};
-use crate::cluster::{
-    self, Centroids, ClusterEdit, FeatureStore, KMeansConfig, PixelLabels, SpillConfig,
-};
-use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig};
+use crate::cluster::{self, Centroids, ClusterEdit, FeatureStore, PixelLabels, SpillConfig};
+use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig, Upsampling};
 use crate::data::TrainingData;
 use crate::data::views::{self, ViewParams};
 use crate::device::{ComputeDevice, DeviceError, select_device};
@@ -88,6 +86,8 @@ pub struct Trainer {
     config: TrainConfig,
     run: RunFolder,
     data: Arc<TrainingData>,
+    /// The images held out of training by [`TrainConfig::held_out_prefix`], scored beside.
+    held_out: Option<Arc<TrainingData>>,
     control: TrainControl,
     resume: bool,
     /// This epoch's time in parts of its phases, for the epoch record.
@@ -232,10 +232,18 @@ impl Trainer {
         if run.is_locked() {
             config.save(&run.config_path())?;
         }
+        let (data, held_out) = match &config.held_out_prefix {
+            Some(prefix) => {
+                let (kept, held) = data.split_held_out(prefix).map_err(TrainError::Data)?;
+                (Arc::new(kept), Some(Arc::new(held)))
+            }
+            None => (data, None),
+        };
         Ok(Self {
             config,
             run,
             data,
+            held_out,
             control,
             resume,
             phase_times: Cell::new(PhaseTimes::default()),
@@ -269,7 +277,7 @@ impl Trainer {
                 )?
             };
             weights = origin.to_string();
-            let optimizer = AdamConfig::new().init();
+            let optimizer = self.config.adam().init();
             (Model { network, optimizer }, 1, Metrics::default(), None)
         };
         observer.on_event(&TrainEvent::Started {
@@ -293,6 +301,12 @@ impl Trainer {
                     miou: evaluation.mean_iou,
                 });
             }
+            metrics.no_train_held_out = self
+                .evaluate_held_out(&network, &compute.device, 0, observer)?
+                .map(|evaluation| Score {
+                    acc: evaluation.accuracy,
+                    miou: evaluation.mean_iou,
+                });
             self.run.write_metrics(&metrics)?;
             if self.config.epochs == 0 {
                 self.finish_run(&model, 0, &compute.device, observer)?;
@@ -406,11 +420,17 @@ impl Trainer {
                 self.config.feature_bank,
                 observer,
             )?;
+            let held_out =
+                self.evaluate_held_out(&model.network.valid(), &compute.device, epoch, observer)?;
             let times = self.phase_times.get();
             let mut record = EpochRecord {
                 epoch,
                 acc: evaluation.as_ref().map(|e| e.accuracy),
                 miou: evaluation.as_ref().map(|e| e.mean_iou),
+                held_out: held_out.map(|evaluation| Score {
+                    acc: evaluation.accuracy,
+                    miou: evaluation.mean_iou,
+                }),
                 seconds_clustering,
                 seconds_training,
                 seconds_evaluation: evaluation_started.elapsed().as_secs_f64(),
@@ -471,7 +491,7 @@ impl Trainer {
             // A stopped run is still usable for segmenting with its last checkpoint.
             let valid = Model {
                 network: self.run.latest_network(&compute.device)?.0,
-                optimizer: AdamConfig::new().init(),
+                optimizer: self.config.adam().init(),
             };
             self.finish_run(&valid, last_epoch, &compute.device, observer)?;
         }
@@ -502,9 +522,10 @@ impl Trainer {
                     PicieNet::load(&directory.join("network.safetensors"), &compute.device)?;
                 let optimizer_path = directory.join("optimizer.bpk");
                 let optimizer = if state.epoch == 0 {
-                    AdamConfig::new().init()
+                    self.config.adam().init()
                 } else {
-                    AdamConfig::new()
+                    self.config
+                        .adam()
                         .init()
                         .load(&optimizer_path)
                         .map_err(|error| RunError::Read {
@@ -588,17 +609,26 @@ impl Trainer {
         edits: Option<(&Centroids, &[ClusterEdit])>,
         observer: &mut dyn TrainObserver,
     ) -> Result<(EpochClusters, Option<IdOrigin>), TrainError> {
-        let network = match self.config.cluster_batch_norm {
-            // Batch statistics as in the reference; the forward graph is dropped unused.
-            ClusterBatchNorm::Train => network.clone(),
-            ClusterBatchNorm::Eval => network.valid(),
-        };
-        let device = match self.config.cluster_batch_norm {
-            ClusterBatchNorm::Train => training_device.clone(),
-            ClusterBatchNorm::Eval => training_device.clone().inner(),
+        let batch_norm = self.config.cluster_batch_norm;
+        let eval_network = network.valid();
+        // Train-mode features (batch statistics), for the modes whose centroids use them.
+        let batch_statistics = batch_norm != ClusterBatchNorm::Eval;
+        let device = if batch_statistics {
+            training_device.clone()
+        } else {
+            training_device.clone().inner()
         };
         let mut first = self.feature_store("view1")?;
         let mut second = self.feature_store("view2")?;
+        // Reference mode: the centroids come from train-mode features, the labels from these.
+        let mut centroid_stores = if batch_norm == ClusterBatchNorm::Reference {
+            Some((
+                self.feature_store("view1-train-mode")?,
+                self.feature_store("view2-train-mode")?,
+            ))
+        } else {
+            None
+        };
         let batches: Vec<&[usize]> = self.batches(order).collect();
         let mut stream = self.view_stream(&batches, params)?;
         for done in 0..batches.len() {
@@ -611,23 +641,42 @@ impl Trainer {
             let prepared = stream.next().ok_or_else(view_thread_stopped)?;
             let (view_first, view_second) = prepared.views.into_tensors(&device);
             let geometric = prepared.geometric;
-            let output_first = network.forward(view_first);
-            let output_second = network.forward(view_second);
-            let features_first = output_first.clone().detach();
-            let features_second =
-                views::geometric_on_features(output_second.clone().detach(), &geometric);
-            first
-                .push_feature_maps(features_first.inner())
-                .map_err(cluster_error)?;
-            second
-                .push_feature_maps(features_second.inner())
-                .map_err(cluster_error)?;
-            if self.config.cluster_batch_norm == ClusterBatchNorm::Train {
+            if batch_statistics {
+                let output_first = network.forward(view_first.clone());
+                let output_second = network.forward(view_second.clone());
+                let features_first = output_first.clone().detach().inner();
+                let features_second = views::geometric_on_features(
+                    output_second.clone().detach().inner(),
+                    &geometric,
+                );
+                let (store_first, store_second) = match centroid_stores.as_mut() {
+                    Some((first, second)) => (first, second),
+                    None => (&mut first, &mut second),
+                };
+                store_first
+                    .push_feature_maps(features_first)
+                    .map_err(cluster_error)?;
+                store_second
+                    .push_feature_maps(features_second)
+                    .map_err(cluster_error)?;
                 // burn's autodiff frees a graph only in a backward pass: without one, every
                 // batch's graph stays alive and memory grows with the dataset.
                 let _ = (output_first.sum() + output_second.sum())
                     .mul_scalar(0.0)
                     .backward();
+            }
+            if !batch_statistics || centroid_stores.is_some() {
+                let features_first = eval_network.forward(view_first.inner());
+                let features_second = views::geometric_on_features(
+                    eval_network.forward(view_second.inner()),
+                    &geometric,
+                );
+                first
+                    .push_feature_maps(features_first)
+                    .map_err(cluster_error)?;
+                second
+                    .push_feature_maps(features_second)
+                    .map_err(cluster_error)?;
             }
             if self.control.is_stopping() {
                 break;
@@ -645,26 +694,32 @@ impl Trainer {
         });
         let kmeans_started = Instant::now();
         let compute_device = training_device.clone().inner();
+        // Centroids from `centroid_store`, labels of `store`'s features (the same store
+        // unless the reference's BatchNorm mode asked for a second pass).
         let kmeans = |store: &FeatureStore,
+                      centroid_store: &FeatureStore,
                       view: u64,
                       clusters: usize,
                       init: Option<Centroids>|
          -> Result<_, TrainError> {
-            let config = KMeansConfig::new(clusters)
-                .with_iterations(self.config.kmeans_iterations)
-                .with_seed(
-                    self.config
-                        .seed
-                        .wrapping_mul(1000)
-                        .wrapping_add(2 * epoch as u64 + view),
-                );
+            let config = self.config.kmeans(
+                clusters,
+                self.config
+                    .seed
+                    .wrapping_mul(1000)
+                    .wrapping_add(2 * epoch as u64 + view),
+            );
             let centroids =
-                cluster::kmeans_with(store, &config, init, &compute_device, &mut |_| {})
+                cluster::kmeans_with(centroid_store, &config, init, &compute_device, &mut |_| {})
                     .map_err(cluster_error)?
                     .centroids;
             let assignment =
                 cluster::assign(store, &centroids, &compute_device).map_err(cluster_error)?;
             Ok((centroids, assignment))
+        };
+        let (centroid_first, centroid_second) = match &centroid_stores {
+            Some((first, second)) => (first, second),
+            None => (&first, &second),
         };
         // The user's merges and splits: the main head starts from the edited centroids.
         let mut edited: Option<(Centroids, Vec<Option<usize>>)> = None;
@@ -675,7 +730,7 @@ impl Trainer {
                 let step = match cluster::edit_centroids(
                     &centroids,
                     edit,
-                    &first,
+                    centroid_first,
                     self.config.seed ^ (epoch as u64 * 7919 + index as u64),
                     &compute_device,
                 ) {
@@ -715,14 +770,16 @@ impl Trainer {
             } else {
                 None
             };
-            let (centroids_first, assignment_first) = kmeans(&first, salt, k, init.clone())?;
+            let (centroids_first, assignment_first) =
+                kmeans(&first, centroid_first, salt, k, init.clone())?;
             observer.on_event(&TrainEvent::Phase {
                 epoch,
                 phase: TrainPhase::Clustering,
                 done: 2 * head + 1,
                 total,
             });
-            let (centroids_second, assignment_second) = kmeans(&second, salt + 1, k, init)?;
+            let (centroids_second, assignment_second) =
+                kmeans(&second, centroid_second, salt + 1, k, init)?;
             results.push(EpochClusters {
                 weights_first: class_weights(&assignment_first.counts, self.config.balance),
                 weights_second: class_weights(&assignment_second.counts, self.config.balance),
@@ -1046,6 +1103,29 @@ impl Trainer {
         Ok((evaluation, bank))
     }
 
+    /// Scores the network on the held-out images, when the run holds some out.
+    fn evaluate_held_out(
+        &self,
+        network: &PicieNet,
+        device: &Device,
+        epoch: usize,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<Option<Evaluation>, TrainError> {
+        let Some(held_out) = &self.held_out else {
+            return Ok(None);
+        };
+        let mut relay = HeldOutRelay { inner: observer };
+        evaluate_network(
+            network,
+            held_out,
+            &self.config,
+            device,
+            epoch,
+            None,
+            &mut relay,
+        )
+    }
+
     /// Writes the final checkpoint (for epoch 0) and the centroids of the un-augmented images
     /// that segmenting and exporting use.
     fn finish_run(
@@ -1110,6 +1190,25 @@ impl Trainer {
     }
 }
 
+/// Passes events on, but reports scores as the held-out images' and progress as evaluation.
+struct HeldOutRelay<'a> {
+    inner: &'a mut dyn TrainObserver,
+}
+
+impl TrainObserver for HeldOutRelay<'_> {
+    fn on_event(&mut self, event: &TrainEvent) {
+        match event {
+            TrainEvent::Evaluated { epoch, evaluation } => {
+                self.inner.on_event(&TrainEvent::HeldOutEvaluated {
+                    epoch: *epoch,
+                    evaluation: evaluation.clone(),
+                })
+            }
+            other => self.inner.on_event(other),
+        }
+    }
+}
+
 fn view_thread_stopped() -> TrainError {
     TrainError::Data("the thread building the views stopped early".into())
 }
@@ -1168,7 +1267,12 @@ fn eval_features(
             .iter()
             .map(|&i| data.eval_images[i].as_slice())
             .collect();
-        let features = network.forward(images_to_tensor(&images, size, device));
+        let input = images_to_tensor(&images, size, device);
+        let features = if config.test_time_flip {
+            network.forward_flip_averaged(input)
+        } else {
+            network.forward(input)
+        };
         if let Some(bank) = bank.as_deref_mut() {
             bank.push(features.clone())?;
         }
@@ -1198,9 +1302,7 @@ fn cluster_store(
     clusters: usize,
     device: &Device,
 ) -> Result<Centroids, TrainError> {
-    let kmeans = KMeansConfig::new(clusters)
-        .with_iterations(config.kmeans_iterations)
-        .with_seed(config.seed);
+    let kmeans = config.kmeans(clusters, config.seed);
     Ok(cluster::kmeans(store, &kmeans, device)
         .map_err(cluster_error)?
         .centroids)
@@ -1258,6 +1360,8 @@ fn evaluate_stored(
     }
     let size = data.eval_size as usize;
     let side = size / crate::model::FEATURE_STRIDE;
+    let guides =
+        (config.upsampling == Upsampling::Bilateral).then_some(data.eval_images.as_slice());
     let confusion = confusion_from_store(
         store,
         [side, side],
@@ -1265,6 +1369,7 @@ fn evaluate_stored(
         labels,
         [size, size],
         classes,
+        guides,
     )
     .map_err(cluster_error)?;
     let evaluation = Evaluation::from_confusion(&confusion);
