@@ -431,9 +431,15 @@ fn run(cli: Cli) -> Result<()> {
             kmeans_restarts,
             inference,
         } => match (run, masks) {
-            (Some(run), None) => {
-                eval(&run, &images, &labels, json, device, kmeans_restarts, &inference)
-            }
+            (Some(run), None) => eval(
+                &run,
+                &images,
+                &labels,
+                json,
+                device,
+                kmeans_restarts,
+                &inference,
+            ),
             (None, Some(masks)) => {
                 if device.is_some() {
                     eprintln!("note: --device is not used when scoring --masks");
