@@ -510,7 +510,9 @@ fn border_precision(mask: &[u16], label: &image::GrayImage) -> (usize, usize) {
 fn bilateral_upsampling_puts_mask_borders_on_object_edges_and_flip_makes_masks_mirror() {
     let fixture = Fixture::new(6);
     let folder = fixture.labelled();
-    let bilinear = fixture.segmenter();
+    let bilinear = fixture
+        .segmenter()
+        .with_inference(false, picie::config::Upsampling::Bilinear);
     let bilateral = fixture
         .segmenter()
         .with_inference(false, picie::config::Upsampling::Bilateral);

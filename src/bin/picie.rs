@@ -350,9 +350,10 @@ struct TrainArgs {
     /// How k-means starts: random (K random points, as faiss and the reference) or plus_plus.
     #[arg(long)]
     kmeans_init: Option<String>,
-    /// k-means runs per clustering, keeping the lowest inertia.
+    /// k-means runs when the un-augmented images are clustered (evaluation, segmentation
+    /// centroids), keeping the lowest inertia (default 5).
     #[arg(long)]
-    kmeans_restarts: Option<usize>,
+    eval_kmeans_restarts: Option<usize>,
     /// BatchNorm while clustering: eval (running statistics), train (batch statistics) or
     /// reference (train-mode centroids, eval-mode labels, as the authors).
     #[arg(long)]
@@ -652,8 +653,8 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(value) = &args.kmeans_init {
         config.kmeans_init = parse_choice("kmeans-init", value, "random or plus_plus")?;
     }
-    if let Some(value) = args.kmeans_restarts {
-        config.kmeans_restarts = value;
+    if let Some(value) = args.eval_kmeans_restarts {
+        config.eval_kmeans_restarts = value;
     }
     if let Some(value) = &args.cluster_bn {
         config.cluster_batch_norm = parse_choice("cluster-bn", value, "eval, train or reference")?;
@@ -947,7 +948,7 @@ fn eval(
         config.device = device;
     }
     if let Some(restarts) = kmeans_restarts {
-        config.kmeans_restarts = restarts;
+        config.eval_kmeans_restarts = restarts;
     }
     inference.apply(&mut config)?;
     config.validate()?;

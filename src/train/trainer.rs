@@ -1302,7 +1302,7 @@ fn cluster_store(
     clusters: usize,
     device: &Device,
 ) -> Result<Centroids, TrainError> {
-    let kmeans = config.kmeans(clusters, config.seed);
+    let kmeans = config.eval_kmeans(clusters, config.seed);
     Ok(cluster::kmeans(store, &kmeans, device)
         .map_err(cluster_error)?
         .centroids)
