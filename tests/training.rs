@@ -306,3 +306,43 @@ fn splits_and_merges_sent_to_the_trainer_change_the_next_epochs_clusters() {
     assert_eq!(run.config().unwrap().clusters, Some(8));
     assert_eq!(run.latest_checkpoint().unwrap().unwrap().1.clusters, 8);
 }
+
+/// The three BatchNorm modes of the clustering pass. `reference` (the authors') takes its
+/// centroids from train-mode features, exactly as `train` does, and its pseudo-labels from a
+/// second pass in eval mode, so its centroids equal `train`'s and its cluster sizes do not.
+#[test]
+fn batch_norm_modes_of_the_clustering_pass_take_centroids_and_labels_as_documented() {
+    use picie::config::ClusterBatchNorm;
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 8);
+    let first_epoch = |mode: ClusterBatchNorm| {
+        let config = TrainConfig {
+            cluster_batch_norm: mode,
+            ..demo_config(1)
+        };
+        let run_dir = folder.path().join(format!("{mode:?}"));
+        let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+            .unwrap()
+            .0;
+        let mut clustered = None;
+        let mut losses = Vec::new();
+        let mut observer = |event: &TrainEvent| match event {
+            TrainEvent::Clustered(statistics) => clustered = Some(statistics.clone()),
+            TrainEvent::Step(progress) => losses.push(progress.loss.total),
+            _ => {}
+        };
+        let outcome = Trainer::new(config, run, data.clone(), TrainControl::new(), false)
+            .unwrap()
+            .run(&mut observer)
+            .unwrap();
+        assert_eq!(outcome.last_epoch, 1, "{mode:?}");
+        assert!(losses.iter().all(|loss| loss.is_finite()), "{mode:?}");
+        clustered.expect("epoch 1 was clustered")
+    };
+    let train = first_epoch(ClusterBatchNorm::Train);
+    let reference = first_epoch(ClusterBatchNorm::Reference);
+    let eval = first_epoch(ClusterBatchNorm::Eval);
+    assert_eq!(reference.centroids, train.centroids);
+    assert_ne!(reference.pixel_share, train.pixel_share);
+    assert_ne!(eval.centroids, train.centroids);
+}
