@@ -359,13 +359,12 @@ pub fn lloyd_step(
     })
 }
 
-/// K distinct rows of `range` drawn uniformly (deterministic given `seed`), as faiss starts.
-pub fn init_random(
+/// Checks that `range` lies in `store` and holds at least `clusters` (a valid K) rows.
+fn check_init_range(
     store: &FeatureStore,
-    range: Range<usize>,
+    range: &Range<usize>,
     clusters: usize,
-    seed: u64,
-) -> Result<Centroids, ClusterError> {
+) -> Result<(), ClusterError> {
     check_clusters(clusters)?;
     if range.end > store.len() || range.start > range.end {
         return Err(ClusterError::OutOfRange {
@@ -380,6 +379,17 @@ pub fn init_random(
             points: range.len(),
         });
     }
+    Ok(())
+}
+
+/// K distinct rows of `range` drawn uniformly (deterministic given `seed`), as faiss starts.
+pub fn init_random(
+    store: &FeatureStore,
+    range: Range<usize>,
+    clusters: usize,
+    seed: u64,
+) -> Result<Centroids, ClusterError> {
+    check_init_range(store, &range, clusters)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let rows: Vec<usize> = index::sample(&mut rng, range.len(), clusters)
         .into_iter()
@@ -400,21 +410,8 @@ pub fn init_plus_plus(
     sample: usize,
     seed: u64,
 ) -> Result<Centroids, ClusterError> {
-    check_clusters(clusters)?;
-    if range.end > store.len() || range.start > range.end {
-        return Err(ClusterError::OutOfRange {
-            start: range.start,
-            end: range.end,
-            len: store.len(),
-        });
-    }
+    check_init_range(store, &range, clusters)?;
     let available = range.len();
-    if available < clusters {
-        return Err(ClusterError::TooFewPoints {
-            clusters,
-            points: available,
-        });
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let size = sample.max(clusters).min(available);
     let mut rows: Vec<usize> = if size == available {

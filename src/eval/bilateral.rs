@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::stored::argmax;
+
 /// Spatial reach and colour tolerance of [`bilateral_upsample_argmax`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BilateralParams {
@@ -132,16 +134,6 @@ fn cell_mean_colours(guide: &[u8], grid: [usize; 2], out: [usize; 2]) -> Vec<f32
         }
     }
     sums
-}
-
-fn argmax(values: &[f32]) -> usize {
-    let mut best = 0;
-    for (index, &value) in values.iter().enumerate().skip(1) {
-        if value > values[best] {
-            best = index;
-        }
-    }
-    best
 }
 
 #[cfg(test)]

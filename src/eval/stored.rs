@@ -143,7 +143,7 @@ fn blend(lower: &[f32], upper: &[f32], weight: f32, out: &mut [f32]) {
 }
 
 /// The index of the largest value (the first one on ties).
-fn argmax(values: &[f32]) -> usize {
+pub(super) fn argmax(values: &[f32]) -> usize {
     let mut best = 0;
     for (index, &value) in values.iter().enumerate().skip(1) {
         if value > values[best] {
