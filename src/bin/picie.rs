@@ -826,6 +826,19 @@ fn train_seeds(config: TrainConfig, args: &TrainArgs, count: usize) -> Result<()
     Ok(())
 }
 
+/// `epoch 3<place>: Acc .. mIoU ..` (`no training` for epoch 0).
+fn score_line(epoch: usize, place: &str, evaluation: &picie::eval::Evaluation) -> String {
+    let when = if epoch == 0 {
+        "no training".to_owned()
+    } else {
+        format!("epoch {epoch}")
+    };
+    format!(
+        "{when}{place}: Acc {:.2}  mIoU {:.2}",
+        evaluation.accuracy, evaluation.mean_iou
+    )
+}
+
 /// Prints the trainer's events with a progress bar.
 struct TerminalObserver {
     bar: ProgressBar,
@@ -892,26 +905,12 @@ impl TrainObserver for TerminalObserver {
                     progress.epoch, progress.loss.total, progress.images_per_second, progress.eta_seconds
                 ));
             }
-            TrainEvent::Evaluated { epoch, evaluation } => self.say(format!(
-                "{}: Acc {:.2}  mIoU {:.2}",
-                if *epoch == 0 {
-                    "no training".to_owned()
-                } else {
-                    format!("epoch {epoch}")
-                },
-                evaluation.accuracy,
-                evaluation.mean_iou
-            )),
-            TrainEvent::HeldOutEvaluated { epoch, evaluation } => self.say(format!(
-                "{} on the held-out images: Acc {:.2}  mIoU {:.2}",
-                if *epoch == 0 {
-                    "no training".to_owned()
-                } else {
-                    format!("epoch {epoch}")
-                },
-                evaluation.accuracy,
-                evaluation.mean_iou
-            )),
+            TrainEvent::Evaluated { epoch, evaluation } => {
+                self.say(score_line(*epoch, "", evaluation))
+            }
+            TrainEvent::HeldOutEvaluated { epoch, evaluation } => {
+                self.say(score_line(*epoch, " on the held-out images", evaluation))
+            }
             TrainEvent::EpochFinished(record) => self.say(format!(
                 "epoch {} done: clustering {:.1} s (k-means {:.1} s), training {:.1} s ({:.2} images/s), evaluation and bank {:.1} s, saving {:.1} s; views {:.1} s on their own thread; loss {:.4}",
                 record.epoch,
