@@ -10,6 +10,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -225,6 +226,17 @@ pub enum DownloadError {
         partial: PathBuf,
     },
 
+    /// The user cancelled the download; what arrived is kept for the next attempt to resume.
+    #[error(
+        "the download of {url} was cancelled; the part received is kept in {partial:?} for next time"
+    )]
+    Cancelled {
+        /// The URL being downloaded.
+        url: String,
+        /// The partial file kept for resuming.
+        partial: PathBuf,
+    },
+
     /// A local file operation failed.
     #[error(
         "could not {action} {path:?}: {source}; check that the folder exists and is writable \
@@ -293,8 +305,26 @@ pub fn download_known_weights(
     weights: &KnownWeights,
     progress: &mut dyn FnMut(DownloadProgress),
 ) -> Result<PathBuf, DownloadError> {
-    let destination = weights_cache_dir()?.join(weights.file_name);
-    download_file(weights.url, &destination, weights.sha256_prefix(), progress)
+    download_known_weights_in(&cache_root()?, weights, progress, &AtomicBool::new(false))
+}
+
+/// Downloads `weights` into the cache folder `root` (its `weights` subfolder, where
+/// [`cached_weights_in`] looks), verifying its SHA-256 prefix; setting `cancel` stops it at
+/// the next chunk with [`DownloadError::Cancelled`], keeping the part received.
+pub fn download_known_weights_in(
+    root: &Path,
+    weights: &KnownWeights,
+    progress: &mut dyn FnMut(DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, DownloadError> {
+    let destination = root.join("weights").join(weights.file_name);
+    download_file_cancellable(
+        weights.url,
+        &destination,
+        weights.sha256_prefix(),
+        progress,
+        cancel,
+    )
 }
 
 /// The partial file a download to `destination` is streamed into: `<name>.part` beside it.
@@ -334,6 +364,25 @@ pub fn download_file(
     expected_sha256_prefix: Option<&str>,
     progress: &mut dyn FnMut(DownloadProgress),
 ) -> Result<PathBuf, DownloadError> {
+    let never_cancelled = AtomicBool::new(false);
+    download_file_cancellable(
+        url,
+        destination,
+        expected_sha256_prefix,
+        progress,
+        &never_cancelled,
+    )
+}
+
+/// [`download_file`] that stops with [`DownloadError::Cancelled`] at the next chunk once
+/// `cancel` is set; the partial file is kept, so the next call resumes from it.
+pub fn download_file_cancellable(
+    url: &str,
+    destination: &Path,
+    expected_sha256_prefix: Option<&str>,
+    progress: &mut dyn FnMut(DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, DownloadError> {
     let expected = match expected_sha256_prefix {
         Some(prefix) if is_hex_prefix(prefix) => Some(prefix.to_ascii_lowercase()),
         Some(prefix) => {
@@ -369,7 +418,7 @@ pub fn download_file(
     }
 
     let mut file = open_locked_partial(&partial)?;
-    let transfer = fetch_into(url, &partial, &mut file, progress);
+    let transfer = fetch_into(url, &partial, &mut file, progress, cancel);
     let result = transfer.and_then(|()| {
         file.seek(SeekFrom::Start(0))
             .and_then(|_| sha256_reader(&mut file))
@@ -433,6 +482,7 @@ fn fetch_into(
     partial: &Path,
     file: &mut File,
     progress: &mut dyn FnMut(DownloadProgress),
+    cancel: &AtomicBool,
 ) -> Result<(), DownloadError> {
     let agent = agent();
     let mut resume_from = file
@@ -484,7 +534,15 @@ fn fetch_into(
                 });
                 file.seek(SeekFrom::Start(resume_from))
                     .map_err(|error| DownloadError::io("write", partial, error))?;
-                return stream_body(url, partial, file, response, resume_from, total, progress);
+                return stream_body(
+                    url,
+                    partial,
+                    file,
+                    response,
+                    (resume_from, total),
+                    progress,
+                    cancel,
+                );
             }
             200 | 203 => {
                 if resume_from > 0 {
@@ -492,7 +550,7 @@ fn fetch_into(
                     truncate(file, partial)?;
                 }
                 let total = response.body().content_length();
-                return stream_body(url, partial, file, response, 0, total, progress);
+                return stream_body(url, partial, file, response, (0, total), progress, cancel);
             }
             416 if resume_from > 0 => {
                 let total = content_range.flatten().and_then(|range| range.total);
@@ -528,15 +586,16 @@ fn fetch_into(
     })
 }
 
-/// Streams the body of `response` to `file` (positioned at `start`) in chunks.
+/// Streams the body of `response` to `file` (positioned at `start`, of `total` bytes when
+/// known) in chunks, until the end or until `cancel` is set.
 fn stream_body(
     url: &str,
     partial: &Path,
     file: &mut File,
     response: ureq::http::Response<ureq::Body>,
-    start: u64,
-    total: Option<u64>,
+    (start, total): (u64, Option<u64>),
     progress: &mut dyn FnMut(DownloadProgress),
+    cancel: &AtomicBool,
 ) -> Result<(), DownloadError> {
     let mut reader = response.into_body().into_reader();
     let mut buffer = vec![0_u8; CHUNK_SIZE];
@@ -544,6 +603,13 @@ fn stream_body(
     let mut last_reported = start;
     progress(DownloadProgress { downloaded, total });
     loop {
+        if cancel.load(Ordering::Relaxed) {
+            let _ = file.sync_data();
+            return Err(DownloadError::Cancelled {
+                url: url.to_owned(),
+                partial: partial.to_path_buf(),
+            });
+        }
         let read = match reader.read(&mut buffer) {
             Ok(0) => break,
             Ok(read) => read,

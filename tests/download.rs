@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use picie::download::{DownloadError, DownloadProgress, download_file, partial_path_for};
+use picie::download::{
+    DownloadError, DownloadProgress, download_file, download_file_cancellable, partial_path_for,
+};
 use sha2::{Digest, Sha256};
 
 const FILE_PATH: &str = "/weights.pth";
@@ -253,6 +255,47 @@ fn a_corrupted_file_is_rejected_and_removed() {
     assert!(message.contains(&prefix), "{message}");
     assert!(message.contains(&server.url(FILE_PATH)), "{message}");
     assert!(!destination.exists());
+    assert!(no_partial_left(&destination));
+}
+
+#[test]
+fn a_cancelled_download_stops_with_a_clear_error_and_the_next_attempt_completes() {
+    let payload = payload();
+    let server = TestServer::start(payload.clone(), RangeSupport::Honour);
+    let folder = tempfile::tempdir().unwrap();
+    let destination = folder.path().join("weights.pth");
+    let prefix = sha256_prefix(&payload);
+    let cancel = AtomicBool::new(false);
+
+    // The user presses Cancel as soon as the transfer starts.
+    let error = download_file_cancellable(
+        &server.url(FILE_PATH),
+        &destination,
+        Some(&prefix),
+        &mut |_| cancel.store(true, Ordering::SeqCst),
+        &cancel,
+    )
+    .expect_err("a cancelled download is an error");
+    assert!(
+        matches!(error, DownloadError::Cancelled { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("cancelled"), "{error}");
+    assert!(
+        !destination.exists(),
+        "nothing half-written at the destination"
+    );
+
+    cancel.store(false, Ordering::SeqCst);
+    download_file_cancellable(
+        &server.url(FILE_PATH),
+        &destination,
+        Some(&prefix),
+        &mut |_| {},
+        &cancel,
+    )
+    .expect("trying again downloads the file");
+    assert_eq!(fs::read(&destination).unwrap(), payload);
     assert!(no_partial_left(&destination));
 }
 

@@ -41,6 +41,20 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
     let images = harness.state().dataset.as_ref().map(|d| d.names.len());
     assert_eq!(images, Some(48), "the demo dataset is open");
     assert!(cache.path().join("demo/images").is_dir());
+    // Without ImageNet weights in the cache the demo offers to download them and says what
+    // random init will look like; this user declines.
+    harness.get_by_label("ImageNet weights for the demo");
+    harness.get_by_label("Download (14 MB)");
+    harness.get_by_label("Train from random weights").click();
+    harness.run_steps(2);
+    assert!(
+        harness
+            .query_by_label("ImageNet weights for the demo")
+            .is_none(),
+        "the offer closes"
+    );
+    assert!(harness.state().settings.config.random_init);
+    harness.get_by_label_contains("The demo trains from random weights.");
     // A new dataset opens on its thumbnails (they load in the background).
     assert!(harness.query_all_by_label_contains("48 images").count() >= 1);
     harness.get_by_label("demo_0000.png");
@@ -299,6 +313,12 @@ fn the_demo_starts_from_imagenet_weights_and_finds_the_scenes_parts() {
         "the ImageNet demo settings"
     );
     assert!(!settings.config.random_init);
+    assert!(
+        harness
+            .query_by_label("ImageNet weights for the demo")
+            .is_none(),
+        "no download offer when the weights are cached"
+    );
     harness.state_mut().settings.config.device = DeviceChoice::Cpu;
     harness.get_by_label("Start").click();
     harness.step();

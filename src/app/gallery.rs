@@ -532,6 +532,28 @@ impl ExplorerApp {
                     "exact search over {} patches in {:.1} ms; click a patch to open its image",
                     result.bank_size, result.milliseconds
                 ));
+                let relative = relative_similarities(&result.hits);
+                let first_rank = match result.query {
+                    GalleryQuery::Cluster { offset, .. } => offset + 1,
+                    GalleryQuery::Pixel { .. } => 1,
+                };
+                if let (Some(low), Some(high)) = (
+                    result
+                        .hits
+                        .iter()
+                        .map(|hit| hit.similarity)
+                        .reduce(f32::min),
+                    result
+                        .hits
+                        .iter()
+                        .map(|hit| hit.similarity)
+                        .reduce(f32::max),
+                ) {
+                    ui.weak(format!(
+                        "cosine similarity {low:.4} to {high:.4} on this page; each bar places \
+                         a patch between the two"
+                    ));
+                }
                 ui.separator();
                 let tile = 96.0;
                 let columns = ((ui.available_width() / (tile + 8.0)).floor() as usize).max(1);
@@ -555,13 +577,17 @@ impl ExplorerApp {
                                             2.0,
                                             self.colour32(hit.cluster),
                                         );
-                                        ui.small(format!("{:.3}", hit.similarity));
+                                        let rank = first_rank + index;
+                                        ui.small(format!("#{rank}"));
+                                        similarity_bar(ui, relative[index]);
                                     })
                                     .response
                                     .on_hover_text(format!(
-                                        "{}\n{}",
+                                        "{}\n{}\nrank {rank}, cosine similarity {:.4}",
                                         hit.image,
-                                        self.cluster_name(hit.cluster)
+                                        self.cluster_name(hit.cluster),
+                                        hit.similarity,
+                                        rank = first_rank + index,
                                     ));
                                 });
                                 if (index + 1) % columns == 0 {
@@ -626,5 +652,67 @@ impl ExplorerApp {
             );
         }
         response
+    }
+}
+
+/// Each hit's similarity placed between the page's lowest (0) and highest (1): similarities of
+/// close neighbours differ in the third decimal, so raw numbers would all read alike. A page
+/// whose hits are all equally similar gives 1 for each.
+fn relative_similarities(hits: &[GalleryHit]) -> Vec<f32> {
+    let low = hits
+        .iter()
+        .map(|hit| hit.similarity)
+        .fold(f32::INFINITY, f32::min);
+    let high = hits
+        .iter()
+        .map(|hit| hit.similarity)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let spread = high - low;
+    hits.iter()
+        .map(|hit| {
+            if spread > f32::EPSILON {
+                (hit.similarity - low) / spread
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// A small bar filled to `fraction` (0 to 1) of its width.
+fn similarity_bar(ui: &mut egui::Ui, fraction: f32) {
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(48.0, 6.0), egui::Sense::hover());
+    let visuals = ui.visuals();
+    ui.painter()
+        .rect_filled(rect, 2.0, visuals.widgets.inactive.bg_fill);
+    let mut filled = rect;
+    filled.set_width(rect.width() * fraction.clamp(0.04, 1.0));
+    ui.painter()
+        .rect_filled(filled, 2.0, visuals.selection.bg_fill);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(similarity: f32) -> GalleryHit {
+        GalleryHit {
+            image: "a.png".into(),
+            uv: egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(0.1, 0.1)),
+            similarity,
+            cluster: 0,
+        }
+    }
+
+    #[test]
+    fn near_equal_similarities_are_spread_over_the_whole_bar() {
+        let hits = [hit(1.0), hit(0.9990), hit(0.9985), hit(0.9980)];
+        let relative = relative_similarities(&hits);
+        assert_eq!(relative[0], 1.0);
+        assert_eq!(relative[3], 0.0);
+        assert!((relative[1] - 0.5).abs() < 1e-3, "{relative:?}");
+        assert!(relative[1] > relative[2] && relative[2] > relative[3]);
+        // A page of equal hits shows full bars, not a division by zero.
+        assert_eq!(relative_similarities(&[hit(0.5), hit(0.5)]), vec![1.0, 1.0]);
     }
 }

@@ -333,6 +333,9 @@ impl ExplorerApp {
                 self.settings.weights = WeightsChoice::ImageNet;
             } else {
                 self.settings.config = training::demo_config(&self.settings.config);
+                // Random settings are in place if the user declines the offer.
+                self.settings.weights = WeightsChoice::Random;
+                self.training.demo_offer = true;
                 self.settings.weights = WeightsChoice::Random;
                 self.notify(
                     "The demo is made for ImageNet weights: press Download in the training \
@@ -528,6 +531,7 @@ impl ExplorerApp {
         let ctx = ui.ctx().clone();
         self.ctx = Some(ctx.clone());
         self.drain_trainer();
+        self.poll_download();
         self.images(&ctx).poll(&ctx);
         self.poll_gallery();
         self.handle_dropped_files(&ctx);
@@ -563,6 +567,7 @@ impl ExplorerApp {
         self.zoom_window(&ctx);
         self.gallery_window(&ctx);
         self.export_window(&ctx);
+        self.demo_offer_window(&ctx);
         let training = self.is_training();
         self.frame_times.record(
             started.elapsed().as_secs_f32() * 1000.0,

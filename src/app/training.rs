@@ -1,19 +1,20 @@
 //! The training panel: every hyperparameter with a tooltip, the starting weights (ImageNet
-//! download with progress, a file, or random init) and Start / Pause / Resume / Stop.
+//! download with progress and cancel, a file, or random init) and Start / Pause / Resume /
+//! Stop; and the demo's offer to download the ImageNet weights it is made for.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crossbeam::channel::{Receiver, unbounded};
 use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use super::ExplorerApp;
 use crate::config::TrainConfig;
 use crate::device::DeviceChoice;
-use crate::download::{self, DownloadProgress};
+use crate::download::{self, DownloadError, DownloadProgress};
 use crate::loss::BalanceMode;
 use crate::model::BackboneKind;
-use crate::session::Command;
+use crate::session::{Command, Job, Wake};
 
 /// Where the network's starting weights come from.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -53,10 +54,13 @@ pub fn demo_config(current: &TrainConfig) -> TrainConfig {
     }
 }
 
-enum DownloadMessage {
-    Progress(DownloadProgress),
-    Done(Result<PathBuf, String>),
-}
+/// A download of ImageNet weights into the cache, as a background job.
+type DownloadJob = Job<DownloadProgress, Result<PathBuf, DownloadError>>;
+
+/// What the demo tells a user who declines the download or cannot get it.
+const RANDOM_DEMO_EXPECTATION: &str = "From random weights the demo's clusters follow colour \
+     and position (broad bands across the image) rather than the scene's parts; scores still \
+     rise, to about 50 % Acc.";
 
 /// The demo's settings when torchvision's ImageNet MobileNetV2 is in the cache: ImageNet
 /// features already separate the scene's parts, so a larger input and a small learning rate
@@ -86,8 +90,10 @@ pub fn cached_imagenet_weights(root: Option<&Path>, backbone: BackboneKind) -> O
 /// State of the panel that is not a setting.
 #[derive(Default)]
 pub struct TrainingPanel {
-    download: Option<(Receiver<DownloadMessage>, Option<DownloadProgress>)>,
+    download: Option<DownloadJob>,
     download_error: Option<String>,
+    /// The demo was opened without its ImageNet weights: the offer to download them is shown.
+    pub demo_offer: bool,
 }
 
 impl TrainingPanel {
@@ -122,7 +128,6 @@ fn backbone_name(backbone: BackboneKind) -> &'static str {
 
 impl ExplorerApp {
     pub(super) fn training_panel(&mut self, ui: &mut egui::Ui) {
-        self.poll_download(ui.ctx());
         let running = self.is_training();
         ui.heading("Training");
         egui::ScrollArea::vertical().show(ui, |ui| {
@@ -320,43 +325,15 @@ impl ExplorerApp {
                 "ImageNet (torchvision)",
             );
             if self.settings.weights == WeightsChoice::ImageNet {
-                ui.indent("imagenet", |ui| match (&cached, &self.training.download) {
-                    (Some(path), _) => {
+                ui.indent("imagenet", |ui| {
+                    if let Some(path) = &cached {
                         ui.weak(format!("cached: {}", path.display()));
-                    }
-                    (None, Some((_, progress))) => {
-                        let fraction = progress.as_ref().and_then(DownloadProgress::fraction);
-                        let text = progress.as_ref().map_or("starting".to_string(), |p| {
-                            format!("{:.1} MB", p.downloaded as f64 / 1e6)
-                        });
-                        ui.add(egui::ProgressBar::new(fraction.unwrap_or(0.0)).text(text));
-                    }
-                    (None, None) => {
-                        if ui
+                    } else if !self.download_progress_ui(ui) {
+                        let button = ui
                             .button("Download")
-                            .on_hover_text(known.map_or(String::new(), |k| k.url.to_string()))
-                            .clicked()
-                            && let Some(known) = known
-                        {
-                            self.training.download_error = None;
-                            let (sender, receiver) = unbounded();
-                            let ctx = ui.ctx().clone();
-                            let spawned = std::thread::Builder::new()
-                                .name("picie-download".into())
-                                .spawn(move || {
-                                    let result =
-                                        download::download_known_weights(known, &mut |progress| {
-                                            let _ =
-                                                sender.send(DownloadMessage::Progress(progress));
-                                            ctx.request_repaint();
-                                        })
-                                        .map_err(|error| error.to_string());
-                                    let _ = sender.send(DownloadMessage::Done(result));
-                                    ctx.request_repaint();
-                                });
-                            if spawned.is_ok() {
-                                self.training.download = Some((receiver, None));
-                            }
+                            .on_hover_text(known.map_or(String::new(), |k| k.url.to_string()));
+                        if button.clicked() {
+                            self.start_weights_download();
                         }
                     }
                 });
@@ -450,22 +427,168 @@ impl ExplorerApp {
         (state.epoch < config.epochs && self.dataset.is_some()).then(|| session.run_dir.clone())
     }
 
-    fn poll_download(&mut self, _ctx: &egui::Context) {
-        let Some((receiver, progress)) = &mut self.training.download else {
+    /// A progress bar with Cancel while weights download; `false` when none is running.
+    fn download_progress_ui(&mut self, ui: &mut egui::Ui) -> bool {
+        let Some(job) = &mut self.training.download else {
+            return false;
+        };
+        let cancelled = job.is_cancelled();
+        let progress = job.progress().copied();
+        ui.horizontal(|ui| {
+            let fraction = progress.as_ref().and_then(DownloadProgress::fraction);
+            let text = match progress {
+                _ if cancelled => "cancelling".to_string(),
+                Some(DownloadProgress {
+                    downloaded,
+                    total: Some(total),
+                }) => format!(
+                    "{:.1} of {:.1} MB",
+                    downloaded as f64 / 1e6,
+                    total as f64 / 1e6
+                ),
+                Some(progress) => format!("{:.1} MB", progress.downloaded as f64 / 1e6),
+                None => "connecting".to_string(),
+            };
+            ui.add(
+                egui::ProgressBar::new(fraction.unwrap_or(0.0))
+                    .text(text)
+                    .desired_width(160.0),
+            );
+            if ui
+                .add_enabled(!cancelled, egui::Button::new("Cancel"))
+                .clicked()
+            {
+                job.cancel();
+            }
+        });
+        true
+    }
+
+    /// Starts downloading the ImageNet weights of the chosen backbone into the cache folder.
+    pub(super) fn start_weights_download(&mut self) {
+        if self.training.download.is_some() {
+            return;
+        }
+        let Some(known) = download::known_weights(backbone_name(self.settings.config.backbone))
+        else {
             return;
         };
-        let mut done = None;
-        for message in receiver.try_iter() {
-            match message {
-                DownloadMessage::Progress(update) => *progress = Some(update),
-                DownloadMessage::Done(result) => done = Some(result),
+        let root = match self.cache_folder() {
+            Ok(root) => root,
+            Err(error) => {
+                self.training.download_error = Some(error);
+                return;
             }
+        };
+        let ctx = self.ctx.clone();
+        let wake: Wake = Arc::new(move || {
+            if let Some(ctx) = &ctx {
+                ctx.request_repaint();
+            }
+        });
+        let job = Job::spawn("download", wake, move |job| {
+            download::download_known_weights_in(
+                &root,
+                known,
+                &mut |progress| job.report(progress),
+                job.cancel_flag(),
+            )
+        });
+        match job {
+            Ok(job) => {
+                self.training.download = Some(job);
+                self.training.download_error = None;
+            }
+            Err(error) => self.training.download_error = Some(error.to_string()),
         }
-        if let Some(result) = done {
-            self.training.download = None;
-            if let Err(error) = result {
-                self.training.download_error = Some(format!("Download failed: {error}"));
+    }
+
+    /// Takes a finished download's result: on success the demo switches to its ImageNet
+    /// settings when it was waiting for them; otherwise the panel says why.
+    pub(super) fn poll_download(&mut self) {
+        let Some(job) = &mut self.training.download else {
+            return;
+        };
+        let Some(outcome) = job.try_result() else {
+            return;
+        };
+        self.training.download = None;
+        match outcome {
+            Ok(Ok(_)) => {
+                self.training.download_error = None;
+                if self.training.demo_offer {
+                    self.training.demo_offer = false;
+                    self.settings.config = demo_config_imagenet(&self.settings.config);
+                    self.settings.weights = WeightsChoice::ImageNet;
+                    self.notify(
+                        "ImageNet weights downloaded: the demo starts from them. Press Start.",
+                        false,
+                    );
+                }
             }
+            Ok(Err(DownloadError::Cancelled { .. })) => {
+                self.training.download_error =
+                    Some("Download cancelled; the next Download resumes it.".to_string());
+            }
+            Ok(Err(error)) => {
+                self.training.download_error = Some(format!("Download failed: {error}"))
+            }
+            Err(error) => self.training.download_error = Some(error.to_string()),
+        }
+    }
+
+    /// The demo's offer, shown when it opens without the ImageNet weights it is made for:
+    /// download them (progress, cancel), or train from random weights knowing what to expect.
+    pub(super) fn demo_offer_window(&mut self, ctx: &egui::Context) {
+        if !self.training.demo_offer {
+            return;
+        }
+        let downloading = self.training.download.is_some();
+        let mut decline = false;
+        let response = egui::Modal::new(egui::Id::unique("demo-weights-offer")).show(ctx, |ui| {
+            ui.set_max_width(440.0);
+            ui.heading("ImageNet weights for the demo");
+            ui.label(
+                "The demo is made for torchvision's ImageNet MobileNetV2 (14 MB, downloaded \
+                 once into the cache folder). With it, sky, buildings, road, grass, water and \
+                 trees become clusters of their own within a minute or two.",
+            );
+            ui.add_space(4.0);
+            ui.weak(RANDOM_DEMO_EXPECTATION);
+            ui.add_space(8.0);
+            if let Some(error) = &self.training.download_error {
+                ui.colored_label(ui.visuals().error_fg_color, error);
+                ui.add_space(4.0);
+            }
+            if !self.download_progress_ui(ui) {
+                ui.horizontal(|ui| {
+                    let again = self.training.download_error.is_some();
+                    let label = if again {
+                        "Try again"
+                    } else {
+                        "Download (14 MB)"
+                    };
+                    if ui.button(label).clicked() {
+                        self.start_weights_download();
+                    }
+                    if ui.button("Train from random weights").clicked() {
+                        decline = true;
+                    }
+                });
+            }
+        });
+        // Escape or a click beside the dialog declines too, but not while downloading.
+        if decline || (response.should_close() && !downloading) {
+            self.training.demo_offer = false;
+            self.training.download_error = None;
+            self.settings.weights = WeightsChoice::Random;
+            self.notify(
+                format!(
+                    "The demo trains from random weights. {RANDOM_DEMO_EXPECTATION} The \
+                     training panel's Download fetches the ImageNet weights at any time."
+                ),
+                false,
+            );
         }
     }
 }

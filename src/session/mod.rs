@@ -3,10 +3,12 @@
 //! the explorer displays, built from the trainer's events and saved in the run folder
 //! ([`state`]).
 
+pub mod jobs;
 pub mod state;
 pub mod timeline;
 pub mod worker;
 
+pub use jobs::{Job, JobContext, JobError, Wake};
 pub use state::{DatasetPaths, EpochScore, LossPoint, SessionState, SessionStatus};
 pub use timeline::{Snapshot, Timeline};
 pub use worker::{Command, TrainRequest, TrainerHandle, WorkerEvent};
