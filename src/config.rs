@@ -30,6 +30,32 @@ pub enum ClusterBatchNorm {
     Reference,
 }
 
+/// How the learning rate changes over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LearningRateSchedule {
+    /// The same rate for every step, as the reference.
+    #[default]
+    Constant,
+    /// Half a cosine from the set rate at the first step down to zero after the last epoch:
+    /// early epochs move fast and the last ones settle (the from-scratch demo's clusters rose
+    /// and fell again at a constant rate).
+    Cosine,
+}
+
+impl LearningRateSchedule {
+    /// The rate for a step `progress` of the way through the run (0 at the first step, 1
+    /// after the last), for a set rate of `base`.
+    pub fn rate(self, base: f64, progress: f64) -> f64 {
+        match self {
+            Self::Constant => base,
+            Self::Cosine => {
+                base * 0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos())
+            }
+        }
+    }
+}
+
 /// How the logits at feature resolution become a per-pixel map for evaluation, `segment` and
 /// export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -71,6 +97,8 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// Adam's epsilon (PyTorch's and the authors' 1e-8; burn's own default is 1e-5).
     pub adam_epsilon: f64,
+    /// How the learning rate changes over the run.
+    pub learning_rate_schedule: LearningRateSchedule,
     /// Epochs of (cluster both views, label, optimise).
     pub epochs: usize,
     /// Class weights of the cross-entropy.
@@ -122,6 +150,7 @@ impl Default for TrainConfig {
             batch_size: 16,
             learning_rate: 1e-4,
             adam_epsilon: 1e-8,
+            learning_rate_schedule: LearningRateSchedule::Constant,
             epochs: 10,
             balance: BalanceMode::Reference,
             kmeans_iterations: 20,
@@ -200,6 +229,7 @@ impl TrainConfig {
             batch_size,
             learning_rate,
             adam_epsilon,
+            learning_rate_schedule,
             balance,
             kmeans_iterations,
             kmeans_init,
@@ -336,5 +366,23 @@ impl TrainConfig {
     /// Side of the stride-4 feature grid of the training input.
     pub fn feature_grid(&self) -> usize {
         self.input_size as usize / crate::model::FEATURE_STRIDE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cosine_schedule_falls_from_the_set_rate_to_zero_and_constant_stays() {
+        let cosine = LearningRateSchedule::Cosine;
+        assert_eq!(cosine.rate(1e-3, 0.0), 1e-3);
+        assert!((cosine.rate(1e-3, 0.5) - 5e-4).abs() < 1e-12);
+        assert!(cosine.rate(1e-3, 1.0).abs() < 1e-12);
+        assert!(cosine.rate(1e-3, 0.25) > cosine.rate(1e-3, 0.75));
+        assert_eq!(LearningRateSchedule::Constant.rate(1e-3, 0.9), 1e-3);
+        // Old run folders have no schedule: they read as constant.
+        let old: TrainConfig = serde_json::from_str(r#"{"learning_rate": 0.001}"#).unwrap();
+        assert_eq!(old.learning_rate_schedule, LearningRateSchedule::Constant);
     }
 }

@@ -3,22 +3,25 @@
 //! and cancel; and the Acc / mIoU of exactly those masks when the dataset has labels.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use crossbeam::channel::{Receiver, unbounded};
 use eframe::egui;
 
 use super::ExplorerApp;
 use crate::data::ImageFolder;
-use crate::export::{self, ExportOptions, ExportProgress, ExportReport};
+use crate::export::{self, ExportError, ExportOptions, ExportProgress, ExportReport};
 use crate::labelmap::LabelMap;
+use crate::session::Job;
 
-enum ExportMessage {
-    Progress(ExportProgress),
-    Done(Result<ExportReport, String>),
-    Score(Result<(f64, f64), String>),
+/// What an export job did.
+enum ExportOutcome {
+    /// Masks were written (or the export was cancelled part way).
+    Written(ExportReport),
+    /// The masks an export would write were scored against the labels (Acc, mIoU).
+    Scored(f64, f64),
 }
+
+/// An export or scoring running in the background.
+type ExportJob = Job<ExportProgress, Result<ExportOutcome, ExportError>>;
 
 /// The export window's state.
 #[derive(Default)]
@@ -31,8 +34,7 @@ pub struct ExportDialog {
     pub options: ExportOptions,
     /// Only the preview images.
     pub previews_only: bool,
-    progress: Option<ExportProgress>,
-    running: Option<(Receiver<ExportMessage>, Arc<AtomicBool>)>,
+    running: Option<ExportJob>,
     /// The last export's report.
     pub report: Option<ExportReport>,
     /// Acc and mIoU of the masks, when scored.
@@ -96,8 +98,8 @@ impl ExplorerApp {
         });
         ui.add_space(6.0);
         ui.horizontal(|ui| {
-            if running {
-                if let Some(progress) = &self.export.progress {
+            if let Some(job) = &mut self.export.running {
+                if let Some(progress) = job.progress() {
                     ui.add(
                         egui::ProgressBar::new(progress.done as f32 / progress.total.max(1) as f32)
                             .text(format!(
@@ -109,10 +111,11 @@ impl ExplorerApp {
                 } else {
                     ui.spinner();
                 }
-                if ui.button("Cancel").clicked()
-                    && let Some((_, cancel)) = &self.export.running
+                if ui
+                    .add_enabled(!job.is_cancelled(), egui::Button::new("Cancel"))
+                    .clicked()
                 {
-                    cancel.store(true, Ordering::Relaxed);
+                    job.cancel();
                 }
             } else {
                 let can_export = self.export.out.is_some() && self.dataset.is_some();
@@ -208,69 +211,42 @@ impl ExplorerApp {
             only,
             ..self.export.options.clone()
         };
-        let out = self.export.out.clone();
+        let out = match (score_only, self.export.out.clone()) {
+            (true, _) => None,
+            (false, Some(out)) => Some(out),
+            (false, None) => {
+                self.export.error = Some("Choose an output folder first.".to_string());
+                return;
+            }
+        };
         let images = dataset.paths.images.clone();
         let label_dir = dataset.paths.labels.clone();
         let run_dir = run_dir.to_owned();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (sender, receiver) = unbounded();
-        let ctx = self.ctx.clone();
-        let thread_cancel = cancel.clone();
-        let spawned = std::thread::Builder::new()
-            .name("picie-export".into())
-            .spawn(move || {
-                let wake = || {
-                    if let Some(ctx) = &ctx {
-                        ctx.request_repaint();
-                    }
-                };
-                let run = || -> Result<Option<ExportReport>, String> {
-                    let (segmenter, _) =
-                        export::segmenter_for_run(&run_dir, None).map_err(|e| e.to_string())?;
-                    let folder = ImageFolder::scan(&images, label_dir.as_deref())
-                        .map_err(|e| e.to_string())?;
-                    if score_only {
-                        let evaluation = export::score_segmentation(&segmenter, &folder, &labels)
-                            .map_err(|e| e.to_string())?;
-                        let _ = sender.send(ExportMessage::Score(Ok((
-                            evaluation.accuracy,
-                            evaluation.mean_iou,
-                        ))));
-                        return Ok(None);
-                    }
-                    let out = out.ok_or("choose an output folder")?;
-                    let report = export::export_segmentations(
-                        &segmenter,
-                        &folder,
-                        &labels,
-                        &out,
-                        &options,
-                        &mut |progress| {
-                            let _ = sender.send(ExportMessage::Progress(progress.clone()));
-                            wake();
-                        },
-                        &thread_cancel,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    Ok(Some(report))
-                };
-                match run() {
-                    Ok(Some(report)) => {
-                        let _ = sender.send(ExportMessage::Done(Ok(report)));
-                    }
-                    Ok(None) => {
-                        let _ = sender.send(ExportMessage::Done(Err(String::new())));
-                    }
-                    Err(error) => {
-                        let _ = sender.send(ExportMessage::Done(Err(error)));
-                    }
-                }
-                wake();
-            });
-        match spawned {
-            Ok(_) => {
-                self.export.running = Some((receiver, cancel));
-                self.export.progress = None;
+        let wake = self.wake();
+        let job = Job::spawn("export", wake, move |job| {
+            let (segmenter, _) = export::segmenter_for_run(&run_dir, None)?;
+            let folder = ImageFolder::scan(&images, label_dir.as_deref())?;
+            let Some(out) = out else {
+                let evaluation = export::score_segmentation(&segmenter, &folder, &labels)?;
+                return Ok(ExportOutcome::Scored(
+                    evaluation.accuracy,
+                    evaluation.mean_iou,
+                ));
+            };
+            let report = export::export_segmentations(
+                &segmenter,
+                &folder,
+                &labels,
+                &out,
+                &options,
+                &mut |progress| job.report(progress.clone()),
+                job.cancel_flag(),
+            )?;
+            Ok(ExportOutcome::Written(report))
+        });
+        match job {
+            Ok(job) => {
+                self.export.running = Some(job);
                 self.export.error = None;
                 if score_only {
                     self.export.score = None;
@@ -278,29 +254,25 @@ impl ExplorerApp {
                     self.export.report = None;
                 }
             }
-            Err(error) => self.export.error = Some(format!("could not start the export: {error}")),
+            Err(error) => self.export.error = Some(error.to_string()),
         }
     }
 
     fn poll_export(&mut self) {
-        let Some((receiver, _)) = &self.export.running else {
+        let Some(job) = &mut self.export.running else {
             return;
         };
-        let messages: Vec<ExportMessage> = receiver.try_iter().collect();
-        for message in messages {
-            match message {
-                ExportMessage::Progress(progress) => self.export.progress = Some(progress),
-                ExportMessage::Score(Ok(score)) => self.export.score = Some(score),
-                ExportMessage::Score(Err(error)) => self.export.error = Some(error),
-                ExportMessage::Done(result) => {
-                    self.export.running = None;
-                    match result {
-                        Ok(report) => self.export.report = Some(report),
-                        Err(error) if error.is_empty() => {}
-                        Err(error) => self.export.error = Some(error),
-                    }
-                }
+        let Some(outcome) = job.try_result() else {
+            return;
+        };
+        self.export.running = None;
+        match outcome {
+            Ok(Ok(ExportOutcome::Written(report))) => self.export.report = Some(report),
+            Ok(Ok(ExportOutcome::Scored(accuracy, miou))) => {
+                self.export.score = Some((accuracy, miou))
             }
+            Ok(Err(error)) => self.export.error = Some(error.to_string()),
+            Err(error) => self.export.error = Some(error.to_string()),
         }
     }
 }

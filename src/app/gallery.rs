@@ -15,6 +15,7 @@ use eframe::egui;
 use super::maps::ZoomState;
 use super::{ExplorerApp, ImageRequest};
 use crate::bank::{FeatureBank, MemberOrder, Neighbour};
+use crate::session::Job;
 use crate::train::ClusterMap;
 
 /// Patches per gallery page.
@@ -99,14 +100,14 @@ pub struct GalleryState {
     pub k: usize,
     worker: Option<(Sender<Request>, Receiver<Reply>, PathBuf)>,
     bank_maps: HashMap<(String, u64), ClusterMap>,
-    building: Option<Receiver<BuildMessage>>,
-    build_progress: Option<(String, usize, usize)>,
+    building: Option<BankBuildJob>,
 }
 
-enum BuildMessage {
-    Progress(String, usize, usize),
-    Done(Result<(), String>),
-}
+/// How far a bank build has got: the stage, and items done of the stage's total.
+type BuildProgress = (String, usize, usize);
+
+/// Building the run's feature bank in the background.
+type BankBuildJob = Job<BuildProgress, Result<(), crate::bank::BankError>>;
 
 fn spawn_worker(run_dir: PathBuf, ctx: egui::Context) -> (Sender<Request>, Receiver<Reply>) {
     let (request_sender, requests) = unbounded::<Request>();
@@ -278,74 +279,48 @@ impl ExplorerApp {
     }
 
     /// Builds the run's feature bank on a background thread, then repeats the last query.
-    fn build_bank(&mut self, ctx: &egui::Context) {
+    fn build_bank(&mut self) {
         let (Some(session), Some(dataset)) = (&self.session, &self.dataset) else {
             return;
         };
         let run_dir = session.run_dir.clone();
         let images = dataset.paths.images.clone();
         let device = self.settings.config.device;
-        let (sender, receiver) = unbounded();
-        let ctx = ctx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("picie-bank".into())
-            .spawn(move || {
-                let progress_sender = sender.clone();
-                let progress_ctx = ctx.clone();
-                let result = crate::bank::build_run_bank(
-                    &run_dir,
-                    &images,
-                    None,
-                    Some(device),
-                    &mut |stage, done, total| {
-                        let _ = progress_sender.send(BuildMessage::Progress(
-                            stage.to_string(),
-                            done,
-                            total,
-                        ));
-                        progress_ctx.request_repaint();
-                    },
-                );
-                let _ = sender.send(BuildMessage::Done(
-                    result.map(|_| ()).map_err(|error| error.to_string()),
-                ));
-                ctx.request_repaint();
-            });
-        match spawned {
-            Ok(_) => {
-                self.gallery.building = Some(receiver);
-                self.gallery.build_progress = Some(("starting".into(), 0, 1));
+        let job = Job::spawn("bank", self.wake(), move |job| {
+            crate::bank::build_run_bank(
+                &run_dir,
+                &images,
+                None,
+                Some(device),
+                &mut |stage, done, total| job.report((stage.to_string(), done, total)),
+            )
+            .map(|_| ())
+        });
+        match job {
+            Ok(job) => {
+                self.gallery.building = Some(job);
                 self.gallery.error = None;
             }
-            Err(error) => self.gallery.error = Some(format!("could not start: {error}")),
+            Err(error) => self.gallery.error = Some(error.to_string()),
         }
     }
 
     pub(super) fn poll_gallery(&mut self) {
-        if let Some(receiver) = &self.gallery.building {
-            let messages: Vec<BuildMessage> = receiver.try_iter().collect();
-            for message in messages {
-                match message {
-                    BuildMessage::Progress(stage, done, total) => {
-                        self.gallery.build_progress = Some((stage, done, total));
-                    }
-                    BuildMessage::Done(result) => {
-                        self.gallery.building = None;
-                        self.gallery.build_progress = None;
-                        match result {
-                            Ok(()) => {
-                                // A fresh worker loads the new bank; ask again.
-                                self.gallery.worker = None;
-                                if let (Some(query), Some(ctx)) =
-                                    (self.gallery.query.clone(), self.ctx.clone())
-                                {
-                                    self.gallery_ask(&ctx, query);
-                                }
-                            }
-                            Err(error) => self.gallery.error = Some(error),
-                        }
+        if let Some(job) = &mut self.gallery.building
+            && let Some(outcome) = job.try_result()
+        {
+            self.gallery.building = None;
+            match outcome {
+                Ok(Ok(())) => {
+                    // A fresh worker loads the new bank; ask again.
+                    self.gallery.worker = None;
+                    if let (Some(query), Some(ctx)) = (self.gallery.query.clone(), self.ctx.clone())
+                    {
+                        self.gallery_ask(&ctx, query);
                     }
                 }
+                Ok(Err(error)) => self.gallery.error = Some(error.to_string()),
+                Err(error) => self.gallery.error = Some(error.to_string()),
             }
         }
         let Some((_, replies, _)) = &self.gallery.worker else {
@@ -494,11 +469,14 @@ impl ExplorerApp {
                     }
                     None => {}
                 }
-                if let Some((stage, done, total)) = &self.gallery.build_progress {
-                    ui.add(
-                        egui::ProgressBar::new(*done as f32 / (*total).max(1) as f32)
-                            .text(format!("{stage} {done}/{total}")),
-                    );
+                if let Some(job) = &mut self.gallery.building {
+                    match job.progress() {
+                        Some((stage, done, total)) => ui.add(
+                            egui::ProgressBar::new(*done as f32 / (*total).max(1) as f32)
+                                .text(format!("{stage} {done}/{total}")),
+                        ),
+                        None => ui.spinner(),
+                    };
                     return;
                 }
                 if let Some(error) = self.gallery.error.clone() {
@@ -515,7 +493,7 @@ impl ExplorerApp {
                             )
                             .clicked()
                     {
-                        self.build_bank(ctx);
+                        self.build_bank();
                     }
                     return;
                 }

@@ -238,6 +238,16 @@ impl ExplorerApp {
         })
     }
 
+    /// What a background job calls to have the window redrawn with its news.
+    fn wake(&self) -> crate::session::Wake {
+        let ctx = self.ctx.clone();
+        Arc::new(move || {
+            if let Some(ctx) = &ctx {
+                ctx.request_repaint();
+            }
+        })
+    }
+
     fn notify(&mut self, text: impl Into<String>, error: bool) {
         self.notice = Some(Notice {
             text: text.into(),
@@ -336,14 +346,6 @@ impl ExplorerApp {
                 // Random settings are in place if the user declines the offer.
                 self.settings.weights = WeightsChoice::Random;
                 self.training.demo_offer = true;
-                self.settings.weights = WeightsChoice::Random;
-                self.notify(
-                    "The demo is made for ImageNet weights: press Download in the training \
-                     panel (MobileNetV2, 14 MB), then open the demo again. Without them it \
-                     trains from random weights, and its clusters are coarse bands rather \
-                     than the scene's parts.",
-                    false,
-                );
             }
         }
     }

@@ -3,18 +3,17 @@
 //! Stop; and the demo's offer to download the ImageNet weights it is made for.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use super::ExplorerApp;
-use crate::config::TrainConfig;
+use crate::config::{LearningRateSchedule, TrainConfig};
 use crate::device::DeviceChoice;
 use crate::download::{self, DownloadError, DownloadProgress};
 use crate::loss::BalanceMode;
 use crate::model::BackboneKind;
-use crate::session::{Command, Job, Wake};
+use crate::session::{Command, Job};
 
 /// Where the network's starting weights come from.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -117,6 +116,35 @@ impl TrainingPanel {
             }),
         }
     }
+}
+
+/// What the window says when a download fails: in a few words, what happened and the two ways
+/// on (try again, or put the file in the cache folder by hand), then the details.
+fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> String {
+    let unreachable = |url: &str| {
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next());
+        let file = url.rsplit('/').next().unwrap_or(url);
+        let folder = weights_folder.map_or_else(
+            || "the cache folder's weights folder".to_string(),
+            |folder| folder.display().to_string(),
+        );
+        format!(
+            "Could not download the weights: {} did not answer (no network?). Press Try \
+             again later, or copy {file} into {folder} yourself.",
+            host.unwrap_or("the server")
+        )
+    };
+    let summary = match error {
+        DownloadError::Request { url, .. }
+        | DownloadError::Interrupted { url, .. }
+        | DownloadError::Incomplete { url, .. }
+        | DownloadError::HttpStatus { url, .. } => unreachable(url),
+        _ => "Download failed.".to_string(),
+    };
+    format!("{summary}\nDetails: {error}")
 }
 
 fn backbone_name(backbone: BackboneKind) -> &'static str {
@@ -249,6 +277,25 @@ impl ExplorerApp {
                         .speed(1e-5)
                         .custom_formatter(|value, _| format!("{value:.0e}")),
                 );
+                ui.end_row();
+
+                ui.label("Rate schedule").on_hover_text(
+                    "constant = the same rate throughout (the paper); cosine = falling to zero \
+                     by the last epoch, so the clusters settle instead of moving to the end.",
+                );
+                egui::ComboBox::from_id_salt("lr-schedule")
+                    .selected_text(format!("{:?}", config.learning_rate_schedule).to_lowercase())
+                    .show_ui(ui, |ui| {
+                        for schedule in
+                            [LearningRateSchedule::Constant, LearningRateSchedule::Cosine]
+                        {
+                            ui.selectable_value(
+                                &mut config.learning_rate_schedule,
+                                schedule,
+                                format!("{schedule:?}").to_lowercase(),
+                            );
+                        }
+                    });
                 ui.end_row();
 
                 ui.label("Balance").on_hover_text(
@@ -480,12 +527,7 @@ impl ExplorerApp {
                 return;
             }
         };
-        let ctx = self.ctx.clone();
-        let wake: Wake = Arc::new(move || {
-            if let Some(ctx) = &ctx {
-                ctx.request_repaint();
-            }
-        });
+        let wake = self.wake();
         let job = Job::spawn("download", wake, move |job| {
             download::download_known_weights_in(
                 &root,
@@ -531,7 +573,8 @@ impl ExplorerApp {
                     Some("Download cancelled; the next Download resumes it.".to_string());
             }
             Ok(Err(error)) => {
-                self.training.download_error = Some(format!("Download failed: {error}"))
+                let folder = self.cache_folder().ok().map(|root| root.join("weights"));
+                self.training.download_error = Some(download_failure(&error, folder.as_deref()));
             }
             Err(error) => self.training.download_error = Some(error.to_string()),
         }
@@ -590,5 +633,25 @@ impl ExplorerApp {
                 false,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_download_says_which_server_and_where_to_put_the_file_by_hand() {
+        let error = DownloadError::HttpStatus {
+            url: download::MOBILENET_V2_WEIGHTS.url.to_string(),
+            status: 503,
+        };
+        let text = download_failure(&error, Some(Path::new("/cache/weights")));
+        assert!(text.starts_with("Could not download the weights: download.pytorch.org"));
+        assert!(
+            text.contains("copy mobilenet_v2-b0353104.pth into /cache/weights"),
+            "{text}"
+        );
+        assert!(text.contains("HTTP 503"), "the details follow: {text}");
     }
 }

@@ -361,6 +361,10 @@ struct TrainArgs {
     /// Adam's epsilon (default 1e-8, as PyTorch).
     #[arg(long)]
     adam_epsilon: Option<f64>,
+    /// Learning rate over the run: constant (as the reference) or cosine (down to zero after
+    /// the last epoch, so the clusters settle)
+    #[arg(long)]
+    lr_schedule: Option<String>,
     #[command(flatten)]
     inference: InferenceArgs,
 }
@@ -661,6 +665,9 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(value) = args.adam_epsilon {
         config.adam_epsilon = value;
+    }
+    if let Some(value) = &args.lr_schedule {
+        config.learning_rate_schedule = parse_choice("lr-schedule", value, "constant or cosine")?;
     }
     args.inference.apply(&mut config)?;
     config.validate()?;

@@ -1008,11 +1008,17 @@ impl Trainer {
                 });
             }
             let gradients = GradientsParams::from_grads(loss.total.backward(), &model.network);
+            // From the epoch number, so a resumed run continues the same schedule.
+            let progress = ((epoch - 1) as f64 + step as f64 / batches.len() as f64)
+                / self.config.epochs as f64;
+            let learning_rate = self
+                .config
+                .learning_rate_schedule
+                .rate(self.config.learning_rate, progress);
             // Parameters are shared handles, so the clone is cheap; the step returns the update.
-            model.network =
-                model
-                    .optimizer
-                    .step(self.config.learning_rate, model.network.clone(), gradients);
+            model.network = model
+                .optimizer
+                .step(learning_rate, model.network.clone(), gradients);
 
             images_done += batch.len();
             sums = sums + terms;
