@@ -1,5 +1,8 @@
 //! Image folders, labels, decoding of awkward files, the base transform and the demo dataset.
 
+// Test servers and watchdogs make their own threads and channels.
+#![allow(clippy::disallowed_methods)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,5 +1,8 @@
 //! Downloads against a tiny local HTTP/1.1 server: success, corruption, resume, 404.
 
+// Test servers and watchdogs make their own threads and channels.
+#![allow(clippy::disallowed_methods)]
+
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -159,6 +159,8 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
     let mut harness = new_harness(cache.path());
     harness.get_by_label("Try the demo dataset").click();
     harness.run_steps(2);
+    harness.get_by_label("Train from random weights").click();
+    harness.run_steps(2);
     {
         let config = &mut harness.state_mut().settings.config;
         config.epochs = 1;

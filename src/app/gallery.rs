@@ -9,13 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam::channel::{Receiver, Sender, unbounded};
 use eframe::egui;
 
 use super::maps::ZoomState;
 use super::{ExplorerApp, ImageRequest};
 use crate::bank::{FeatureBank, MemberOrder, Neighbour};
-use crate::session::Job;
+use crate::session::{Job, JobError, Service, Wake};
 use crate::train::ClusterMap;
 
 /// Patches per gallery page.
@@ -98,7 +97,7 @@ pub struct GalleryState {
     pub bank: Option<Arc<FeatureBank>>,
     /// Neighbours per query.
     pub k: usize,
-    worker: Option<(Sender<Request>, Receiver<Reply>, PathBuf)>,
+    worker: Option<(Service<Request, Reply>, PathBuf)>,
     bank_maps: HashMap<(String, u64), ClusterMap>,
     building: Option<BankBuildJob>,
 }
@@ -109,37 +108,33 @@ type BuildProgress = (String, usize, usize);
 /// Building the run's feature bank in the background.
 type BankBuildJob = Job<BuildProgress, Result<(), crate::bank::BankError>>;
 
-fn spawn_worker(run_dir: PathBuf, ctx: egui::Context) -> (Sender<Request>, Receiver<Reply>) {
-    let (request_sender, requests) = unbounded::<Request>();
-    let (reply_sender, replies) = unbounded::<Reply>();
-    let spawned = std::thread::Builder::new()
-        .name("picie-gallery".into())
-        .spawn(move || {
-            let loaded = FeatureBank::load(&run_dir)
-                .map(Arc::new)
-                .map_err(|e| e.to_string());
-            let bank = loaded.as_ref().ok().cloned();
-            let load_error = loaded.as_ref().err().cloned();
-            let _ = reply_sender.send(Reply::Bank(loaded));
-            ctx.request_repaint();
-            for Request::Query(query, centroids) in requests {
-                let result = match &bank {
-                    Some(bank) => answer(bank, &query, &centroids),
-                    // Repeat why, so the message stays the informative one.
-                    None => Err(load_error
-                        .clone()
-                        .unwrap_or_else(|| "the feature bank could not be loaded".into())),
-                };
-                if reply_sender.send(Reply::Result(result)).is_err() {
-                    break;
-                }
-                ctx.request_repaint();
+/// Queries waiting for the gallery's search thread at most (one is usual).
+const QUERY_QUEUE: usize = 8;
+
+/// Loads the run's feature bank, then answers queries against it.
+fn spawn_worker(run_dir: PathBuf, wake: Wake) -> Result<Service<Request, Reply>, JobError> {
+    Service::spawn("gallery", QUERY_QUEUE, wake, move |context| {
+        let loaded = FeatureBank::load(&run_dir)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
+        let bank = loaded.as_ref().ok().cloned();
+        let load_error = loaded.as_ref().err().cloned();
+        if !context.reply(Reply::Bank(loaded)) {
+            return;
+        }
+        while let Some(Request::Query(query, centroids)) = context.next_request() {
+            let result = match &bank {
+                Some(bank) => answer(bank, &query, &centroids),
+                // Repeat why, so the message stays the informative one.
+                None => Err(load_error
+                    .clone()
+                    .unwrap_or_else(|| "the feature bank could not be loaded".into())),
+            };
+            if !context.reply(Reply::Result(result)) {
+                break;
             }
-        });
-    if let Err(error) = spawned {
-        eprintln!("could not start the gallery thread: {error}");
-    }
-    (request_sender, replies)
+        }
+    })
 }
 
 fn answer(
@@ -222,7 +217,7 @@ impl ExplorerApp {
         )
     }
 
-    fn gallery_ask(&mut self, ctx: &egui::Context, query: GalleryQuery) {
+    fn gallery_ask(&mut self, query: GalleryQuery) {
         let Some(session) = &self.session else {
             return;
         };
@@ -231,51 +226,49 @@ impl ExplorerApp {
             .gallery
             .worker
             .as_ref()
-            .is_none_or(|(_, _, dir)| *dir != run_dir);
+            .is_none_or(|(_, dir)| *dir != run_dir);
+        self.gallery.query = Some(query.clone());
+        self.gallery.open = true;
         if stale {
-            let (sender, receiver) = spawn_worker(run_dir.clone(), ctx.clone());
-            self.gallery.worker = Some((sender, receiver, run_dir));
+            self.gallery.worker = None;
             self.gallery.bank = None;
             self.gallery.bank_maps.clear();
+            match spawn_worker(run_dir.clone(), self.wake()) {
+                Ok(worker) => self.gallery.worker = Some((worker, run_dir)),
+                Err(error) => {
+                    self.gallery.error = Some(error.to_string());
+                    self.gallery.pending = false;
+                    return;
+                }
+            }
         }
         let centroids = self.gallery_centroids();
-        if let Some((sender, _, _)) = &self.gallery.worker {
-            let _ = sender.send(Request::Query(query.clone(), centroids));
-        }
-        self.gallery.query = Some(query);
-        self.gallery.pending = true;
-        self.gallery.error = None;
-        self.gallery.open = true;
+        let asked = match &self.gallery.worker {
+            Some((worker, _)) => worker
+                .ask(Request::Query(query, centroids))
+                .map_err(|busy| busy.to_string()),
+            None => Ok(()),
+        };
+        self.gallery.pending = asked.is_ok();
+        self.gallery.error = asked.err();
     }
 
     /// Shows the patches most similar to the one under `(u, v)` of an image.
     pub fn query_similar_patches(&mut self, image: &str, u: f32, v: f32) {
-        let ctx = self.ctx.clone();
-        if let Some(ctx) = ctx {
-            self.gallery_ask(
-                &ctx,
-                GalleryQuery::Pixel {
-                    image: image.to_string(),
-                    u,
-                    v,
-                },
-            );
-        }
+        self.gallery_ask(GalleryQuery::Pixel {
+            image: image.to_string(),
+            u,
+            v,
+        });
     }
 
     /// Shows a cluster's most typical patches.
     pub fn open_cluster_gallery(&mut self, cluster: usize) {
-        let ctx = self.ctx.clone();
-        if let Some(ctx) = ctx {
-            self.gallery_ask(
-                &ctx,
-                GalleryQuery::Cluster {
-                    cluster,
-                    outliers: false,
-                    offset: 0,
-                },
-            );
-        }
+        self.gallery_ask(GalleryQuery::Cluster {
+            cluster,
+            outliers: false,
+            offset: 0,
+        });
     }
 
     /// Builds the run's feature bank on a background thread, then repeats the last query.
@@ -314,19 +307,18 @@ impl ExplorerApp {
                 Ok(Ok(())) => {
                     // A fresh worker loads the new bank; ask again.
                     self.gallery.worker = None;
-                    if let (Some(query), Some(ctx)) = (self.gallery.query.clone(), self.ctx.clone())
-                    {
-                        self.gallery_ask(&ctx, query);
+                    if let Some(query) = self.gallery.query.clone() {
+                        self.gallery_ask(query);
                     }
                 }
                 Ok(Err(error)) => self.gallery.error = Some(error.to_string()),
                 Err(error) => self.gallery.error = Some(error.to_string()),
             }
         }
-        let Some((_, replies, _)) = &self.gallery.worker else {
+        let Some((worker, _)) = &self.gallery.worker else {
             return;
         };
-        let replies: Vec<Reply> = replies.try_iter().collect();
+        let replies = worker.replies(QUERY_QUEUE + 1);
         for reply in replies {
             match reply {
                 Reply::Bank(Ok(bank)) => self.gallery.bank = Some(bank),
@@ -576,7 +568,7 @@ impl ExplorerApp {
                 });
             });
         if let Some(query) = next_query {
-            self.gallery_ask(ctx, query);
+            self.gallery_ask(query);
         }
         if let Some(hit) = jump {
             self.view.zoomed = Some(ZoomState {

@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use crossbeam::channel::{Receiver, Sender, unbounded};
 use eframe::egui;
 
 use crate::data::BaseTransform;
+use crate::session::{Service, Wake};
 
 /// What to decode.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,8 +31,9 @@ type Decoded = (ImageRequest, Result<egui::ColorImage, String>);
 
 /// Textures by request, filled in the background.
 pub struct ImageCache {
-    requests: Sender<ImageRequest>,
-    results: Receiver<Decoded>,
+    /// The decoder; `None` if its thread could not start (then images show their error).
+    decoder: Option<Service<ImageRequest, Decoded>>,
+    start_error: Option<String>,
     textures: HashMap<ImageRequest, egui::TextureHandle>,
     failed: HashMap<ImageRequest, String>,
     pending: HashSet<ImageRequest>,
@@ -40,29 +41,28 @@ pub struct ImageCache {
 
 /// Uploads per frame at most, so a folder of thousands of thumbnails never stalls a frame.
 const UPLOADS_PER_FRAME: usize = 24;
+/// Images waiting to be decoded at most (and decoded images waiting for upload); a request
+/// beyond it is asked again by a later frame.
+const DECODE_QUEUE: usize = 512;
 
 impl ImageCache {
     /// Starts the decoder thread; `wake` asks the UI to repaint when an image is ready.
-    pub fn new(wake: impl Fn() + Send + 'static) -> Self {
-        let (requests, request_receiver) = unbounded::<ImageRequest>();
-        let (result_sender, results) = unbounded::<Decoded>();
-        let spawned = std::thread::Builder::new()
-            .name("picie-images".into())
-            .spawn(move || {
-                for request in request_receiver {
-                    let decoded = decode(&request);
-                    if result_sender.send((request, decoded)).is_err() {
-                        break;
-                    }
-                    wake();
+    pub fn new(wake: Wake) -> Self {
+        let decoder = Service::spawn("images", DECODE_QUEUE, wake, |context| {
+            while let Some(request) = context.next_request() {
+                let decoded = decode(&request);
+                if !context.reply((request, decoded)) {
+                    break;
                 }
-            });
-        if let Err(error) = spawned {
-            eprintln!("could not start the image loader: {error}");
-        }
+            }
+        });
+        let (decoder, start_error) = match decoder {
+            Ok(decoder) => (Some(decoder), None),
+            Err(error) => (None, Some(error.to_string())),
+        };
         Self {
-            requests,
-            results,
+            decoder,
+            start_error,
             textures: HashMap::new(),
             failed: HashMap::new(),
             pending: HashSet::new(),
@@ -71,7 +71,12 @@ impl ImageCache {
 
     /// Moves decoded images into textures (a bounded number per frame).
     pub fn poll(&mut self, ctx: &egui::Context) {
-        for (request, decoded) in self.results.try_iter().take(UPLOADS_PER_FRAME) {
+        let decoded_images = self
+            .decoder
+            .as_ref()
+            .map(|decoder| decoder.replies(UPLOADS_PER_FRAME))
+            .unwrap_or_default();
+        for (request, decoded) in decoded_images {
             self.pending.remove(&request);
             match decoded {
                 Ok(image) => {
@@ -84,7 +89,11 @@ impl ImageCache {
                 }
             }
         }
-        if !self.results.is_empty() {
+        if self
+            .decoder
+            .as_ref()
+            .is_some_and(|decoder| decoder.has_replies())
+        {
             ctx.request_repaint();
         }
     }
@@ -93,9 +102,20 @@ impl ImageCache {
     pub fn get(&mut self, request: &ImageRequest) -> Option<&egui::TextureHandle> {
         if !self.textures.contains_key(request)
             && !self.failed.contains_key(request)
-            && self.pending.insert(request.clone())
+            && !self.pending.contains(request)
         {
-            let _ = self.requests.send(request.clone());
+            match &self.decoder {
+                // A full queue: the next frame asks again.
+                Some(decoder) => {
+                    if decoder.ask(request.clone()).is_ok() {
+                        self.pending.insert(request.clone());
+                    }
+                }
+                None => {
+                    let error = self.start_error.clone().unwrap_or_default();
+                    self.failed.insert(request.clone(), error);
+                }
+            }
         }
         self.textures.get(request)
     }

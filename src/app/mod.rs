@@ -234,7 +234,7 @@ impl ExplorerApp {
     fn images(&mut self, ctx: &egui::Context) -> &mut ImageCache {
         self.images.get_or_insert_with(|| {
             let ctx = ctx.clone();
-            ImageCache::new(move || ctx.request_repaint())
+            ImageCache::new(Arc::new(move || ctx.request_repaint()))
         })
     }
 

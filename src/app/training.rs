@@ -36,7 +36,10 @@ pub fn app_default_config() -> TrainConfig {
     }
 }
 
-/// Small, quick settings for the demo dataset from random weights on a CPU.
+/// Small, quick settings for the demo dataset from random weights on a CPU. Chosen on a
+/// second demo dataset (seed 1) and checked on two others (see the README): at a constant
+/// 1e-3 the scores rose and fell; 3e-4 falling to zero over 20 epochs ends above the
+/// untrained network's.
 pub fn demo_config(current: &TrainConfig) -> TrainConfig {
     TrainConfig {
         random_init: true,
@@ -44,8 +47,9 @@ pub fn demo_config(current: &TrainConfig) -> TrainConfig {
         base_size: 128,
         input_size: 64,
         batch_size: 8,
-        learning_rate: 1e-3,
-        epochs: 10,
+        learning_rate: 3e-4,
+        learning_rate_schedule: LearningRateSchedule::Cosine,
+        epochs: 20,
         kmeans_iterations: 10,
         preview_images: 8,
         preview_every_steps: 2,
@@ -72,6 +76,7 @@ pub fn demo_config_imagenet(current: &TrainConfig) -> TrainConfig {
         input_size: 128,
         batch_size: 8,
         learning_rate: 1e-4,
+        learning_rate_schedule: LearningRateSchedule::Constant,
         epochs: 6,
         kmeans_iterations: 20,
         preview_images: 8,

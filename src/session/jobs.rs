@@ -1,7 +1,11 @@
-//! Background jobs of the window: a job is one named thread with a bounded progress channel,
-//! a typed result, a cancel flag and a wake callback, joined when it is dropped. The window
-//! starts jobs, reads their latest progress and result while it draws, and never blocks on
-//! them; nothing here knows about egui (the wake callback is how a job asks for a redraw).
+//! Background work of the window. A [`Job`] is one named thread with a bounded progress
+//! channel, a typed result, a cancel flag and a wake callback, joined when it is dropped
+//! (downloads, exports, bank builds). A [`Service`] is a long-lived thread answering requests
+//! one at a time over bounded channels (image decoding, gallery search). The window starts
+//! them, reads progress, results and replies while it draws, and never blocks on them; nothing
+//! here knows about egui (the wake callback is how they ask for a redraw). Threads and
+//! channels are made here, in the trainer's worker and in its view prefetcher only
+//! (`clippy.toml`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +96,8 @@ pub struct Job<P, R> {
 impl<P: Send + 'static, R: Send + 'static> Job<P, R> {
     /// Starts `work` on a thread named `picie-<name>`. `wake` is called after each progress
     /// report and when the job ends.
+    // This module is where the window's threads are made.
+    #[allow(clippy::disallowed_methods)]
     pub fn spawn<F>(name: &'static str, wake: Wake, work: F) -> Result<Self, JobError>
     where
         F: FnOnce(&JobContext<P>) -> R + Send + 'static,
@@ -175,7 +181,137 @@ impl<P, R> Drop for Job<P, R> {
     }
 }
 
+/// What a service's thread sees: the requests, one at a time, and where replies go.
+pub struct ServiceContext<Q, A> {
+    requests: Receiver<Q>,
+    replies: Sender<A>,
+    wake: Wake,
+}
+
+impl<Q, A> ServiceContext<Q, A> {
+    /// The next request; `None` once the window has dropped the service.
+    pub fn next_request(&self) -> Option<Q> {
+        self.requests.recv().ok()
+    }
+
+    /// Sends a reply and wakes the window; `false` once the window has dropped the service
+    /// (the service should return then).
+    pub fn reply(&self, reply: A) -> bool {
+        let sent = self.replies.send(reply).is_ok();
+        (self.wake)();
+        sent
+    }
+}
+
+/// A long-lived job that answers the window's requests one at a time (decoding images,
+/// searching the feature bank): a named thread with bounded channels both ways, the wake
+/// callback after every reply, stopped and joined on drop.
+pub struct Service<Q, A> {
+    name: &'static str,
+    requests: Option<Sender<Q>>,
+    replies: Option<Receiver<A>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Why a request was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceBusy {
+    /// The service has `capacity` requests waiting already; ask again later.
+    #[error("the {name} service is busy; try again in a moment")]
+    Full {
+        /// The service's name.
+        name: &'static str,
+    },
+    /// The service's thread has ended (it panicked or could not start).
+    #[error("the {name} service has stopped; reopen the run to start it again")]
+    Stopped {
+        /// The service's name.
+        name: &'static str,
+    },
+}
+
+impl<Q: Send + 'static, A: Send + 'static> Service<Q, A> {
+    /// Starts `serve` on a thread named `picie-<name>`, with at most `capacity` requests and
+    /// `capacity` replies waiting. `serve` reads requests with
+    /// [`ServiceContext::next_request`] until it returns `None`.
+    #[allow(clippy::disallowed_methods)]
+    pub fn spawn<F>(
+        name: &'static str,
+        capacity: usize,
+        wake: Wake,
+        serve: F,
+    ) -> Result<Self, JobError>
+    where
+        F: FnOnce(&ServiceContext<Q, A>) + Send + 'static,
+    {
+        let (request_sender, requests) = bounded(capacity);
+        let (reply_sender, replies) = bounded(capacity);
+        let context = ServiceContext {
+            requests,
+            replies: reply_sender,
+            wake: wake.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("picie-{name}"))
+            .spawn(move || {
+                let _wake_on_exit = WakeOnExit(wake);
+                serve(&context);
+            })
+            .map_err(|source| JobError::Spawn { name, source })?;
+        Ok(Self {
+            name,
+            requests: Some(request_sender),
+            replies: Some(replies),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl<Q, A> Service<Q, A> {
+    /// Queues a request without waiting.
+    pub fn ask(&self, request: Q) -> Result<(), ServiceBusy> {
+        let name = self.name;
+        match self
+            .requests
+            .as_ref()
+            .map(|sender| sender.try_send(request))
+        {
+            Some(Ok(())) => Ok(()),
+            Some(Err(TrySendError::Full(_))) => Err(ServiceBusy::Full { name }),
+            Some(Err(TrySendError::Disconnected(_))) | None => Err(ServiceBusy::Stopped { name }),
+        }
+    }
+
+    /// Replies waiting, at most `limit` of them.
+    pub fn replies(&self, limit: usize) -> Vec<A> {
+        self.replies
+            .as_ref()
+            .map(|replies| replies.try_iter().take(limit).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether replies are still waiting.
+    pub fn has_replies(&self) -> bool {
+        self.replies
+            .as_ref()
+            .is_some_and(|replies| !replies.is_empty())
+    }
+}
+
+impl<Q, A> Drop for Service<Q, A> {
+    /// Ends the request stream, lets a service blocked on a full reply channel go, and waits
+    /// for the thread.
+    fn drop(&mut self) {
+        self.requests = None;
+        self.replies = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
@@ -274,5 +410,71 @@ mod tests {
         .unwrap();
         wait_for(&mut job).unwrap();
         assert_eq!(job.progress(), Some(&(10 * PROGRESS_CAPACITY - 1)));
+    }
+
+    #[test]
+    fn a_service_answers_requests_in_order_and_stops_when_dropped() {
+        let (wake, wakes) = counting_wake();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let stopped_in_service = stopped.clone();
+        let service = Service::spawn("double", 4, wake, move |context| {
+            while let Some(number) = context.next_request() {
+                if !context.reply(2 * number) {
+                    break;
+                }
+            }
+            stopped_in_service.store(true, Ordering::Relaxed);
+        })
+        .unwrap();
+        for number in 1..=3 {
+            service.ask(number).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut answers = Vec::new();
+        while answers.len() < 3 {
+            assert!(Instant::now() < deadline, "no answers");
+            answers.extend(service.replies(10));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(answers, vec![2, 4, 6]);
+        assert!(wakes.load(Ordering::Relaxed) >= 3);
+        drop(service);
+        assert!(
+            stopped.load(Ordering::Relaxed),
+            "drop ends and joins the thread"
+        );
+    }
+
+    #[test]
+    fn a_full_service_refuses_instead_of_blocking_the_window_and_drop_never_deadlocks() {
+        let (wake, _) = counting_wake();
+        let release = Arc::new(AtomicBool::new(false));
+        let release_in_service = release.clone();
+        let service = Service::spawn("slow", 1, wake, move |context| {
+            while let Some(()) = context.next_request() {
+                while !release_in_service.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Nobody reads the replies: the second blocks until the window drops them.
+                if !context.reply(()) {
+                    break;
+                }
+            }
+        })
+        .unwrap();
+        let mut refused = false;
+        for _ in 0..10 {
+            if let Err(error) = service.ask(()) {
+                assert!(
+                    error.to_string().contains("slow service is busy"),
+                    "{error}"
+                );
+                refused = true;
+            }
+        }
+        assert!(refused, "a bounded queue refuses when full");
+        release.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(service);
     }
 }

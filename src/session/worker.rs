@@ -81,6 +81,9 @@ pub struct TrainerHandle {
 impl TrainerHandle {
     /// Starts the trainer thread (`picie-trainer`). `wake` is called after every message, from
     /// the trainer thread, so the app can repaint without polling.
+    // The trainer's threads outlive a frame and pause inside the engine, so they are made
+    // here rather than as a `Job`.
+    #[allow(clippy::disallowed_methods)]
     pub fn spawn(
         request: TrainRequest,
         wake: Arc<dyn Fn() + Send + Sync>,

@@ -28,6 +28,8 @@ pub(super) struct ViewStream {
 impl ViewStream {
     /// Starts building the views of `batches` (indices into `data`) with the epoch's
     /// per-image `params`.
+    // The engine's own producer thread (the CLI has no window and no job module).
+    #[allow(clippy::disallowed_methods)]
     pub fn start(
         data: Arc<TrainingData>,
         input_size: usize,
