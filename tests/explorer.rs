@@ -356,4 +356,39 @@ fn the_demo_starts_from_imagenet_weights_and_finds_the_scenes_parts() {
         last.accuracy
     );
     assert!(last.mean_iou >= 38.0, "mIoU {:.2}", last.mean_iou);
+
+    // The cluster list names a cluster after the class under its own pixels: for the three
+    // clusters covering most of the final maps, the named class is the commonest label there.
+    let snapshot = session.timeline.latest().expect("maps were shown");
+    let classes = session.class_names.clone().expect("the demo has classes");
+    let mut votes: std::collections::HashMap<u16, Vec<usize>> = Default::default();
+    for map in &snapshot.maps {
+        let stem = map.image_name.trim_end_matches(".png");
+        let label = image::open(cache.path().join(format!("demo/labels/{stem}.png")))
+            .unwrap()
+            .to_luma8();
+        for y in 0..map.height {
+            for x in 0..map.width {
+                let class = label.get_pixel(
+                    (x * label.width() as usize / map.width) as u32,
+                    (y * label.height() as usize / map.height) as u32,
+                )[0] as usize;
+                if class < classes.len() {
+                    votes
+                        .entry(map.labels[y * map.width + x])
+                        .or_insert_with(|| vec![0; classes.len()])[class] += 1;
+                }
+            }
+        }
+    }
+    let mut by_size: Vec<(u16, Vec<usize>)> = votes.into_iter().collect();
+    by_size.sort_by_key(|(_, counts)| std::cmp::Reverse(counts.iter().sum::<usize>()));
+    for (cluster, counts) in by_size.iter().take(3) {
+        let commonest = (0..counts.len()).max_by_key(|&c| counts[c]).unwrap();
+        assert_eq!(
+            harness.state().matched_class(*cluster as usize).as_deref(),
+            Some(classes[commonest].as_str()),
+            "cluster {cluster}: labels under it {counts:?}"
+        );
+    }
 }

@@ -1073,7 +1073,7 @@ impl Trainer {
         network: &PicieNet,
         device: &Device,
         epoch: usize,
-        cluster_ids_of: Option<&Centroids>,
+        shown_centroids: Option<&Centroids>,
         with_bank: bool,
         observer: &mut dyn TrainObserver,
     ) -> Result<(Option<Evaluation>, Option<FeatureBank>), TrainError> {
@@ -1100,7 +1100,7 @@ impl Trainer {
             &self.config,
             device,
             epoch,
-            cluster_ids_of,
+            shown_centroids,
             observer,
         )?;
         let bank = bank
@@ -1316,15 +1316,16 @@ fn cluster_store(
 
 /// Clusters the un-augmented images afresh (K = the number of classes unless the config says
 /// otherwise) and scores the clusters against the labels with Hungarian matching, as the
-/// reference does. `None` when the dataset has no labels. With `cluster_ids_of`, the fresh
-/// clusters are numbered to match those centroids.
+/// reference does. `None` when the dataset has no labels. With `shown_centroids` (those whose
+/// clusters the user sees), the evaluation's `assignment` names those clusters by the labels
+/// of their own pixels; the scores stay the fresh clustering's.
 pub fn evaluate_network(
     network: &PicieNet,
     data: &TrainingData,
     config: &TrainConfig,
     device: &Device,
     epoch: usize,
-    cluster_ids_of: Option<&Centroids>,
+    shown_centroids: Option<&Centroids>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Option<Evaluation>, TrainError> {
     if data.eval_labels.is_none() || data.classes().is_none() {
@@ -1337,7 +1338,7 @@ pub fn evaluate_network(
         config,
         device,
         epoch,
-        cluster_ids_of,
+        shown_centroids,
         observer,
     )
 }
@@ -1350,20 +1351,14 @@ fn evaluate_stored(
     config: &TrainConfig,
     device: &Device,
     epoch: usize,
-    cluster_ids_of: Option<&Centroids>,
+    shown_centroids: Option<&Centroids>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Option<Evaluation>, TrainError> {
     let (Some(labels), Some(classes)) = (&data.eval_labels, data.classes()) else {
         return Ok(None);
     };
     let k = config.eval_clusters.unwrap_or(classes);
-    let mut centroids = cluster_store(store, config, k, device)?;
-    // Numbered like the training clusters, so the cluster-to-class matching names the
-    // clusters the user sees; the scores do not depend on the numbering.
-    if let Some(reference) = cluster_ids_of {
-        let new_ids = cluster::match_to_previous(reference, &centroids);
-        centroids = cluster::permute_centroids(&centroids, &new_ids);
-    }
+    let centroids = cluster_store(store, config, k, device)?;
     let size = data.eval_size as usize;
     let side = size / crate::model::FEATURE_STRIDE;
     let guides =
@@ -1378,7 +1373,24 @@ fn evaluate_stored(
         guides,
     )
     .map_err(cluster_error)?;
-    let evaluation = Evaluation::from_confusion(&confusion);
+    let mut evaluation = Evaluation::from_confusion(&confusion);
+    // The scores come from the fresh clustering, as the reference's; the class each cluster
+    // the user sees is named after comes from those clusters' own pixels. (Renumbering the
+    // fresh clusters by centroid similarity named grass "ball" when the two partitions
+    // differed.)
+    if let Some(shown) = shown_centroids {
+        let shown_confusion = confusion_from_store(
+            store,
+            [side, side],
+            shown,
+            labels,
+            [size, size],
+            classes,
+            None,
+        )
+        .map_err(cluster_error)?;
+        evaluation.assignment = Evaluation::from_confusion(&shown_confusion).assignment;
+    }
     observer.on_event(&TrainEvent::Evaluated {
         epoch,
         evaluation: evaluation.clone(),
