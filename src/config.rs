@@ -107,6 +107,10 @@ pub struct TrainConfig {
     pub kmeans_iterations: usize,
     /// How k-means picks its first centroids (random points, as faiss in the reference).
     pub kmeans_init: KMeansInit,
+    /// Start each epoch's k-means of the training views from the previous epoch's centroids
+    /// instead of afresh (the reference starts afresh), so clusters keep their meaning from
+    /// epoch to epoch.
+    pub kmeans_warm_start: bool,
     /// k-means runs when the un-augmented images are clustered (evaluation, and the centroids
     /// `segment` and export use), keeping the lowest inertia. The clustering of the training
     /// views runs once, as the reference.
@@ -155,6 +159,7 @@ impl Default for TrainConfig {
             balance: BalanceMode::Reference,
             kmeans_iterations: 20,
             kmeans_init: KMeansInit::Random,
+            kmeans_warm_start: false,
             eval_kmeans_restarts: 5,
             cluster_batch_norm: ClusterBatchNorm::Eval,
             eval_clusters: None,
@@ -233,6 +238,7 @@ impl TrainConfig {
             balance,
             kmeans_iterations,
             kmeans_init,
+            kmeans_warm_start,
             cluster_batch_norm,
             eval_clusters,
             held_out_prefix,

@@ -346,3 +346,46 @@ fn batch_norm_modes_of_the_clustering_pass_take_centroids_and_labels_as_document
     assert_ne!(reference.pixel_share, train.pixel_share);
     assert_ne!(eval.centroids, train.centroids);
 }
+
+/// "Pixels that changed cluster since the last epoch" is over the same pixels of the same
+/// images: with a network that does not move and k-means started from the last epoch's
+/// centroids, few of them change (comparing the training views' own cells, which are new
+/// random crops every epoch, said ~80 %).
+#[test]
+fn label_change_is_small_when_the_network_does_not_move() {
+    let folder = tempfile::tempdir().unwrap();
+    let data = demo_data(&folder.path().join("demo"), 16);
+    let config = TrainConfig {
+        weights: Some("../shared/weights/mobilenet_v2-imagenet.pth".into()),
+        // Too small to change the network: only the clustering is new each epoch.
+        learning_rate: 1e-12,
+        kmeans_warm_start: true,
+        preview_images: 4,
+        feature_bank: false,
+        ..demo_config(3)
+    };
+    let run_dir = folder.path().join("run");
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
+    let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
+    let mut changes = Vec::new();
+    let mut observer = |event: &TrainEvent| {
+        if let TrainEvent::Clustered(statistics) = event
+            && statistics.epoch >= 1
+        {
+            changes.push(statistics.label_change);
+        }
+    };
+    trainer.run(&mut observer).unwrap();
+    println!("label change per epoch: {changes:?}");
+    assert_eq!(changes.len(), 3);
+    assert_eq!(
+        changes[0], None,
+        "nothing to compare with in the first epoch"
+    );
+    for change in &changes[1..] {
+        let change = change.expect("a label change from the second epoch on");
+        assert!(change < 0.25, "{:.1} % changed", change * 100.0);
+    }
+}

@@ -91,11 +91,34 @@ pub fn cached_imagenet_weights(root: Option<&Path>, backbone: BackboneKind) -> O
     download::cached_weights_in(root?, known)
 }
 
+/// Why the last download did not finish: a sentence for the window, the details on demand.
+struct DownloadFailure {
+    summary: String,
+    details: Option<String>,
+}
+
+impl DownloadFailure {
+    fn plain(summary: impl Into<String>) -> Self {
+        Self {
+            summary: summary.into(),
+            details: None,
+        }
+    }
+
+    /// The summary in the error colour, the details (if any) as hover text.
+    fn show(&self, ui: &mut egui::Ui) {
+        let label = ui.colored_label(ui.visuals().error_fg_color, &self.summary);
+        if let Some(details) = &self.details {
+            label.on_hover_text(details);
+        }
+    }
+}
+
 /// State of the panel that is not a setting.
 #[derive(Default)]
 pub struct TrainingPanel {
     download: Option<DownloadJob>,
-    download_error: Option<String>,
+    download_error: Option<DownloadFailure>,
     /// The demo was opened without its ImageNet weights: the offer to download them is shown.
     pub demo_offer: bool,
 }
@@ -124,8 +147,8 @@ impl TrainingPanel {
 }
 
 /// What the window says when a download fails: in a few words, what happened and the two ways
-/// on (try again, or put the file in the cache folder by hand), then the details.
-fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> String {
+/// on (try again, or put the file in the cache folder by hand); the error itself as details.
+fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> DownloadFailure {
     let unreachable = |url: &str| {
         let host = url
             .split("://")
@@ -149,7 +172,10 @@ fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> Str
         | DownloadError::HttpStatus { url, .. } => unreachable(url),
         _ => "Download failed.".to_string(),
     };
-    format!("{summary}\nDetails: {error}")
+    DownloadFailure {
+        summary,
+        details: Some(error.to_string()),
+    }
 }
 
 fn backbone_name(backbone: BackboneKind) -> &'static str {
@@ -412,8 +438,8 @@ impl ExplorerApp {
                 "Random init",
             );
         });
-        if let Some(error) = &self.training.download_error {
-            ui.colored_label(ui.visuals().error_fg_color, error);
+        if let Some(failure) = &self.training.download_error {
+            failure.show(ui);
         }
     }
 
@@ -528,7 +554,7 @@ impl ExplorerApp {
         let root = match self.cache_folder() {
             Ok(root) => root,
             Err(error) => {
-                self.training.download_error = Some(error);
+                self.training.download_error = Some(DownloadFailure::plain(error));
                 return;
             }
         };
@@ -546,7 +572,9 @@ impl ExplorerApp {
                 self.training.download = Some(job);
                 self.training.download_error = None;
             }
-            Err(error) => self.training.download_error = Some(error.to_string()),
+            Err(error) => {
+                self.training.download_error = Some(DownloadFailure::plain(error.to_string()))
+            }
         }
     }
 
@@ -574,14 +602,17 @@ impl ExplorerApp {
                 }
             }
             Ok(Err(DownloadError::Cancelled { .. })) => {
-                self.training.download_error =
-                    Some("Download cancelled; the next Download resumes it.".to_string());
+                self.training.download_error = Some(DownloadFailure::plain(
+                    "Download cancelled; the next Download resumes it.",
+                ));
             }
             Ok(Err(error)) => {
                 let folder = self.cache_folder().ok().map(|root| root.join("weights"));
                 self.training.download_error = Some(download_failure(&error, folder.as_deref()));
             }
-            Err(error) => self.training.download_error = Some(error.to_string()),
+            Err(error) => {
+                self.training.download_error = Some(DownloadFailure::plain(error.to_string()))
+            }
         }
     }
 
@@ -604,8 +635,11 @@ impl ExplorerApp {
             ui.add_space(4.0);
             ui.weak(RANDOM_DEMO_EXPECTATION);
             ui.add_space(8.0);
-            if let Some(error) = &self.training.download_error {
-                ui.colored_label(ui.visuals().error_fg_color, error);
+            if let Some(failure) = &self.training.download_error {
+                ui.colored_label(ui.visuals().error_fg_color, &failure.summary);
+                if let Some(details) = &failure.details {
+                    ui.collapsing("Details", |ui| ui.weak(details));
+                }
                 ui.add_space(4.0);
             }
             if !self.download_progress_ui(ui) {
@@ -651,12 +685,14 @@ mod tests {
             url: download::MOBILENET_V2_WEIGHTS.url.to_string(),
             status: 503,
         };
-        let text = download_failure(&error, Some(Path::new("/cache/weights")));
+        let failure = download_failure(&error, Some(Path::new("/cache/weights")));
+        let text = &failure.summary;
         assert!(text.starts_with("Could not download the weights: download.pytorch.org"));
         assert!(
             text.contains("copy mobilenet_v2-b0353104.pth into /cache/weights"),
             "{text}"
         );
-        assert!(text.contains("HTTP 503"), "the details follow: {text}");
+        let details = failure.details.unwrap();
+        assert!(details.contains("HTTP 503"), "the details: {details}");
     }
 }

@@ -361,6 +361,10 @@ struct TrainArgs {
     /// Adam's epsilon (default 1e-8, as PyTorch).
     #[arg(long)]
     adam_epsilon: Option<f64>,
+    /// Start each epoch's k-means from the previous epoch's centroids (the reference starts
+    /// afresh), so clusters keep their meaning from epoch to epoch
+    #[arg(long)]
+    kmeans_warm_start: bool,
     /// Learning rate over the run: constant (as the reference) or cosine (down to zero after
     /// the last epoch, so the clusters settle)
     #[arg(long)]
@@ -665,6 +669,9 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     if let Some(value) = args.adam_epsilon {
         config.adam_epsilon = value;
+    }
+    if args.kmeans_warm_start {
+        config.kmeans_warm_start = true;
     }
     if let Some(value) = &args.lr_schedule {
         config.learning_rate_schedule = parse_choice("lr-schedule", value, "constant or cosine")?;

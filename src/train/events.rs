@@ -66,7 +66,8 @@ pub struct ClusterStatistics {
     pub compactness: Vec<f64>,
     /// Number of images each cluster appears in.
     pub images_with_cluster: Vec<usize>,
-    /// Fraction of pixels whose label changed since the previous epoch (view 1).
+    /// Fraction of the preview images' pixels whose cluster changed since the previous
+    /// epoch's clustering (`None` for the first epoch, after an edit, or without previews).
     pub label_change: Option<f64>,
     /// The view-1 centroids, `K * dim` row-major unit vectors.
     pub centroids: Vec<f32>,

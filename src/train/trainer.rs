@@ -187,8 +187,31 @@ type IdOrigin = Vec<Option<usize>>;
 
 /// What the next epoch's clustering is compared with.
 struct PreviousEpoch {
-    labels: PixelLabels,
     centroids: Centroids,
+    /// The cluster of every pixel of the preview images' maps at the epoch's start.
+    preview_labels: Vec<Vec<u16>>,
+}
+
+/// The fraction of the preview maps' pixels whose cluster differs from `previous` (the same
+/// images' maps an epoch earlier); `None` without previews or when the maps do not line up.
+fn preview_label_change(previous: &[Vec<u16>], maps: &[ClusterMap]) -> Option<f64> {
+    if previous.is_empty() || previous.len() != maps.len() {
+        return None;
+    }
+    let mut changed = 0usize;
+    let mut total = 0usize;
+    for (before, map) in previous.iter().zip(maps) {
+        if before.len() != map.labels.len() {
+            return None;
+        }
+        changed += before
+            .iter()
+            .zip(&map.labels)
+            .filter(|(a, b)| a != b)
+            .count();
+        total += before.len();
+    }
+    (total > 0).then(|| changed as f64 / total as f64)
 }
 
 impl Trainer {
@@ -354,9 +377,13 @@ impl Trainer {
                 &params,
                 clusters,
                 edit_request,
+                previous
+                    .as_ref()
+                    .filter(|_| self.config.kmeans_warm_start)
+                    .map(|previous| &previous.centroids),
                 observer,
             )?;
-            let mut label_change = None;
+            let edited = edited_origin.is_some();
             match edited_origin {
                 Some(origin) => {
                     // The user's edit defines the ids of this epoch; K may have changed.
@@ -368,24 +395,27 @@ impl Trainer {
                 None => {
                     if let Some(previous) = &previous {
                         epoch_clusters.keep_ids_of(&previous.centroids);
-                        label_change = cluster::label_change_fraction(
-                            &previous.labels,
-                            &epoch_clusters.labels_first,
-                        )
-                        .ok();
                     }
                 }
             }
             let seconds_clustering = clustering_started.elapsed().as_secs_f64();
+            let maps = self.preview_maps(
+                &model.network.valid(),
+                &epoch_clusters.centroids_first,
+                &compute.device,
+            );
+            // Over the same pixels of the same (un-augmented) images: the training views are
+            // new random crops every epoch, so their labels cannot be compared cell by cell.
+            let label_change = previous
+                .as_ref()
+                .filter(|_| !edited)
+                .and_then(|previous| preview_label_change(&previous.preview_labels, &maps));
+            let preview_labels: Vec<Vec<u16>> = maps.iter().map(|map| map.labels.clone()).collect();
             self.report_clusters(epoch, &epoch_clusters, label_change, observer);
             observer.on_event(&TrainEvent::Preview {
                 epoch,
                 step: 0,
-                maps: self.preview_maps(
-                    &model.network.valid(),
-                    &epoch_clusters.centroids_first,
-                    &compute.device,
-                ),
+                maps,
             });
             if self.control.is_stopping() {
                 stopped = true;
@@ -476,8 +506,8 @@ impl Trainer {
             self.run.write_metrics(&metrics)?;
             observer.on_event(&TrainEvent::EpochFinished(record));
             previous = Some(PreviousEpoch {
-                labels: epoch_clusters.labels_first,
                 centroids: epoch_clusters.centroids_first,
+                preview_labels,
             });
             last_epoch = epoch;
             if self.control.is_stopping() {
@@ -516,7 +546,7 @@ impl Trainer {
         ),
         TrainError,
     > {
-        let ((network, optimizer, metrics), directory, state, note) =
+        let ((network, optimizer, metrics), _directory, state, note) =
             self.run.load_newest(|directory, state| {
                 let (network, _) =
                     PicieNet::load(&directory.join("network.safetensors"), &compute.device)?;
@@ -535,15 +565,13 @@ impl Trainer {
                 };
                 Ok((network, optimizer, self.run.checkpoint_metrics(directory)?))
             })?;
-        let labels = RunFolder::checkpoint_labels(&directory)
+        let previous = Centroids::new(state.centroids_first.clone(), state.clusters, state.dim)
             .ok()
-            .filter(|bytes| !bytes.is_empty())
-            .map(|bytes| labels_from_bytes(&bytes, state.clusters));
-        let centroids = Centroids::new(state.centroids_first.clone(), state.clusters, state.dim);
-        let previous = match (labels, centroids) {
-            (Some(labels), Ok(centroids)) => Some(PreviousEpoch { labels, centroids }),
-            _ => None,
-        };
+            .map(|centroids| PreviousEpoch {
+                centroids,
+                // Not kept in checkpoints: the first resumed epoch reports no label change.
+                preview_labels: Vec::new(),
+            });
         Ok((
             (
                 Model { network, optimizer },
@@ -607,6 +635,7 @@ impl Trainer {
         params: &Arc<Vec<ViewParams>>,
         clusters: usize,
         edits: Option<(&Centroids, &[ClusterEdit])>,
+        warm_start: Option<&Centroids>,
         observer: &mut dyn TrainObserver,
     ) -> Result<(EpochClusters, Option<IdOrigin>), TrainError> {
         let batch_norm = self.config.cluster_batch_norm;
@@ -766,7 +795,10 @@ impl Trainer {
                 total,
             });
             let init = if head == 0 {
-                edited.as_ref().map(|(centroids, _)| centroids.clone())
+                edited
+                    .as_ref()
+                    .map(|(centroids, _)| centroids.clone())
+                    .or_else(|| warm_start.filter(|c| c.clusters == k).cloned())
             } else {
                 None
             };
@@ -1231,19 +1263,6 @@ fn labels_to_bytes(labels: &PixelLabels) -> Vec<u8> {
             .iter()
             .flat_map(|label| label.to_le_bytes())
             .collect(),
-    }
-}
-
-fn labels_from_bytes(bytes: &[u8], clusters: usize) -> PixelLabels {
-    if clusters <= cluster::MAX_U8_CLUSTERS {
-        PixelLabels::U8(bytes.to_vec())
-    } else {
-        PixelLabels::U16(
-            bytes
-                .chunks_exact(2)
-                .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
-                .collect(),
-        )
     }
 }
 
