@@ -54,7 +54,7 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
         "the offer closes"
     );
     assert!(harness.state().settings.config.random_init);
-    harness.get_by_label_contains("The demo trains from random weights.");
+    harness.get_by_label_contains("The demo trains from random weights:");
     // A new dataset opens on its thumbnails (they load in the background).
     assert!(harness.query_all_by_label_contains("48 images").count() >= 1);
     harness.get_by_label("demo_0000.png");
