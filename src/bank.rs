@@ -690,12 +690,12 @@ impl FeatureBank {
     pub fn save(&self, run_dir: &Path) -> Result<(), BankError> {
         fs::create_dir_all(run_dir).map_err(write_error(run_dir))?;
         let final_dir = bank_dir(run_dir);
-        let partial = run_dir.join(format!(".{BANK_DIR}.partial-{}", std::process::id()));
+        let partial = crate::run::paths::bank_partial(run_dir);
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(write_error(&partial))?;
         }
         let result = self.write_files(&partial).and_then(|()| {
-            let old = run_dir.join(format!(".{BANK_DIR}.old-{}", std::process::id()));
+            let old = crate::run::paths::bank_old(run_dir);
             if old.exists() {
                 fs::remove_dir_all(&old).map_err(write_error(&old))?;
             }

@@ -459,6 +459,16 @@ pub mod paths {
         root.join(BANK_DIR)
     }
 
+    /// `.bank.partial-PID/`: where a new bank is written before it is renamed into place.
+    pub fn bank_partial(root: &Path) -> PathBuf {
+        root.join(format!(".{BANK_DIR}.partial-{}", std::process::id()))
+    }
+
+    /// `.bank.old-PID/`: where the previous bank waits while the new one is renamed in.
+    pub fn bank_old(root: &Path) -> PathBuf {
+        root.join(format!(".{BANK_DIR}.old-{}", std::process::id()))
+    }
+
     /// `features/NAME/`: where a view's pixel features spill past the memory budget.
     pub fn feature_spill(root: &Path, name: &str) -> PathBuf {
         root.join("features").join(name)
