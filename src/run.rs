@@ -5,7 +5,7 @@
 //! RUN_DIR/config.json            the TrainConfig of the run
 //! RUN_DIR/metrics.json           {"no_train": {...}, "epochs": [...]}
 //! RUN_DIR/latest.json            {"epoch": N, "directory": "checkpoints/epoch-000N"}
-//! RUN_DIR/checkpoints/epoch-000N/ network.safetensors, optimizer.bpk, state.json, labels.bin,
+//! RUN_DIR/checkpoints/epoch-000N/ network.safetensors, optimizer.bpk, state.json,
 //!                                metrics.json (the run's metrics up to this epoch)
 //! RUN_DIR/segmentation.json      centroids of the un-augmented images, for segment/export
 //! RUN_DIR/.lock                  held by the one process writing the run (pid and command)
@@ -137,7 +137,7 @@ pub struct EpochRecord {
     pub images_per_second: f64,
     /// Mean loss terms over the epoch.
     pub loss: LossTerms,
-    /// Fraction of pixels whose view-1 label changed since the previous epoch.
+    /// Share of the preview images' pixels whose cluster changed since the previous epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label_change: Option<f64>,
 }
@@ -703,7 +703,6 @@ impl RunFolder {
         state: &CheckpointState,
         network: &PicieNet,
         optimizer: &burn::optim::ModuleOptimizer,
-        labels_first: &[u8],
         metrics: &Metrics,
     ) -> Result<(), RunError> {
         let checkpoints = self.root.join("checkpoints");
@@ -724,9 +723,6 @@ impl RunFolder {
             })?;
         write_json(&partial.join("state.json"), state)?;
         write_json(&partial.join("metrics.json"), metrics)?;
-        let labels_path = partial.join("labels.bin");
-        fsutil::write_bytes_atomic(&labels_path, labels_first)
-            .map_err(write_error(&labels_path))?;
         let previous = self
             .latest_checkpoint()
             .ok()
@@ -810,15 +806,6 @@ impl RunFolder {
             .into_iter()
             .next()
             .unwrap_or_else(|| RunError::NoCheckpoint(self.root.clone())))
-    }
-
-    /// The view-1 labels saved with a checkpoint.
-    pub fn checkpoint_labels(directory: &Path) -> Result<Vec<u8>, RunError> {
-        let path = directory.join("labels.bin");
-        fs::read(&path).map_err(|error| RunError::Read {
-            path,
-            reason: error.to_string(),
-        })
     }
 
     /// The network of the newest checkpoint that loads, its epoch, and a note when the

@@ -188,30 +188,19 @@ type IdOrigin = Vec<Option<usize>>;
 /// What the next epoch's clustering is compared with.
 struct PreviousEpoch {
     centroids: Centroids,
-    /// The cluster of every pixel of the preview images' maps at the epoch's start.
-    preview_labels: Vec<Vec<u16>>,
+    /// The cluster of every pixel of the preview images' maps at the epoch's start (empty
+    /// without previews).
+    preview_labels: PixelLabels,
 }
 
-/// The fraction of the preview maps' pixels whose cluster differs from `previous` (the same
-/// images' maps an epoch earlier); `None` without previews or when the maps do not line up.
-fn preview_label_change(previous: &[Vec<u16>], maps: &[ClusterMap]) -> Option<f64> {
-    if previous.is_empty() || previous.len() != maps.len() {
-        return None;
-    }
-    let mut changed = 0usize;
-    let mut total = 0usize;
-    for (before, map) in previous.iter().zip(maps) {
-        if before.len() != map.labels.len() {
-            return None;
-        }
-        changed += before
-            .iter()
-            .zip(&map.labels)
-            .filter(|(a, b)| a != b)
-            .count();
-        total += before.len();
-    }
-    (total > 0).then(|| changed as f64 / total as f64)
+/// The preview maps' clusters, every map's pixels one after the other, to compare with the
+/// same images' maps of another epoch.
+fn preview_labels(maps: &[ClusterMap]) -> PixelLabels {
+    PixelLabels::U16(
+        maps.iter()
+            .flat_map(|map| map.labels.iter().copied())
+            .collect(),
+    )
 }
 
 impl Trainer {
@@ -406,11 +395,13 @@ impl Trainer {
             );
             // Over the same pixels of the same (un-augmented) images: the training views are
             // new random crops every epoch, so their labels cannot be compared cell by cell.
+            let preview_labels = preview_labels(&maps);
             let label_change = previous
                 .as_ref()
-                .filter(|_| !edited)
-                .and_then(|previous| preview_label_change(&previous.preview_labels, &maps));
-            let preview_labels: Vec<Vec<u16>> = maps.iter().map(|map| map.labels.clone()).collect();
+                .filter(|previous| !edited && !previous.preview_labels.is_empty())
+                .and_then(|previous| {
+                    cluster::label_change_fraction(&previous.preview_labels, &preview_labels).ok()
+                });
             self.report_clusters(epoch, &epoch_clusters, label_change, observer);
             observer.on_event(&TrainEvent::Preview {
                 epoch,
@@ -478,7 +469,6 @@ impl Trainer {
                 done: 0,
                 total: 1,
             });
-            let labels_bytes = labels_to_bytes(&epoch_clusters.labels_first);
             // The metrics are committed with the checkpoint, so the two never disagree.
             metrics.epochs.retain(|existing| existing.epoch < epoch);
             metrics.epochs.push(record.clone());
@@ -493,7 +483,6 @@ impl Trainer {
                 },
                 &model.network.valid(),
                 &model.optimizer,
-                &labels_bytes,
                 &metrics,
             )?;
             if let Some(bank) = bank {
@@ -570,7 +559,7 @@ impl Trainer {
             .map(|centroids| PreviousEpoch {
                 centroids,
                 // Not kept in checkpoints: the first resumed epoch reports no label change.
-                preview_labels: Vec::new(),
+                preview_labels: PixelLabels::U16(Vec::new()),
             });
         Ok((
             (
@@ -1187,7 +1176,6 @@ impl Trainer {
                 },
                 &network,
                 &model.optimizer,
-                &[],
                 &self.run.metrics()?,
             )?;
             if self.config.feature_bank {
@@ -1253,17 +1241,6 @@ fn view_thread_stopped() -> TrainError {
 
 fn cluster_error(error: impl std::fmt::Display) -> TrainError {
     TrainError::Cluster(error.to_string())
-}
-
-/// Labels as stored in a checkpoint: one byte per pixel, or two (little-endian) for K > 255.
-fn labels_to_bytes(labels: &PixelLabels) -> Vec<u8> {
-    match labels {
-        PixelLabels::U8(values) => values.clone(),
-        PixelLabels::U16(values) => values
-            .iter()
-            .flat_map(|label| label.to_le_bytes())
-            .collect(),
-    }
 }
 
 /// Features of the un-augmented images (network in eval mode), in dataset order; with `bank`,
