@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let choice: DeviceChoice = std::env::var("PICIE_BENCH_DEVICE")
         .unwrap_or_else(|_| "cpu".into())
         .parse()?;
-    let device = select_device(choice)?;
+    let device = select_device(&choice)?;
     println!("device: {}", device.description);
     let (size, batch, runs) = (
         setting("PICIE_BENCH_SIZE", 320),

@@ -1143,8 +1143,7 @@ impl BankBuilder {
                 .mean_dim(3)
                 .reshape([count, channels, grid, grid])
         };
-        let rows = pooled
-            .permute([0, 2, 3, 1])
+        let rows = crate::model::permute_axes(pooled, [0, 2, 3, 1])
             .reshape([count * grid * grid, channels])
             .try_into_vec_as::<f32>()
             .map_err(|error| BankError::Device(format!("{error:?}")))?;
@@ -1179,27 +1178,22 @@ impl BankBuilder {
 
 /// Builds and saves the feature bank of a finished run from its latest checkpoint, over the
 /// images in `images` (what `picie bank` and the app's "Build the feature bank" do). `patch`
-/// overrides the run's `bank_patch`. `progress(stage, done, total)` reports decoding and
-/// feature extraction.
+/// overrides the run's `bank_patch`; the network runs on `compute`. `progress(stage, done,
+/// total)` reports decoding and feature extraction.
 pub fn build_run_bank(
     run_dir: &Path,
     images: &Path,
     patch: Option<usize>,
-    device: Option<crate::device::DeviceChoice>,
+    compute: &crate::device::ComputeDevice,
     progress: &mut (dyn FnMut(&str, usize, usize) + Send),
 ) -> Result<BuiltBank, BankError> {
     let run =
         crate::run::RunFolder::open(run_dir).map_err(|e| BankError::Invalid(e.to_string()))?;
-    let mut config = run
+    let config = run
         .config()
         .map_err(|e| BankError::Invalid(e.to_string()))?;
-    if let Some(device) = device {
-        config.device = device;
-    }
     let patch = patch.unwrap_or(config.bank_patch);
     check_patch(patch, config.input_size)?;
-    let compute = crate::device::select_device(config.device)
-        .map_err(|e| BankError::Device(e.to_string()))?;
     let (network, epoch, _) = run
         .latest_network(&compute.device)
         .map_err(|e| BankError::Invalid(e.to_string()))?;
@@ -1230,7 +1224,7 @@ pub fn build_run_bank(
     bank.save(run.root())?;
     Ok(BuiltBank {
         bank,
-        device: compute.description,
+        device: compute.description.clone(),
         skipped: data
             .skipped
             .iter()

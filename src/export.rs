@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::config::TrainConfig;
 use crate::data::{DatasetError, ImageEntry, ImageFolder, load_label, load_one};
-use crate::device::{DeviceChoice, DeviceError, select_device};
+use crate::device::{ComputeDevice, DeviceError};
 use crate::eval::{ConfusionMatrix, Evaluation};
 use crate::labelmap::{IGNORE_INDEX, LabelMap, LegendEntry};
 use crate::model::FEATURE_DIM;
@@ -201,17 +201,13 @@ pub enum ExportError {
 }
 
 /// Loads the network of a run's latest checkpoint and the centroids of its un-augmented images
-/// (`segmentation.json`), on the run's device or `device`. Returns the run's configuration
-/// too (with `device` applied).
+/// (`segmentation.json`) onto `compute`. Returns the run's configuration too.
 pub fn segmenter_for_run(
     run_dir: &Path,
-    device: Option<DeviceChoice>,
+    compute: &ComputeDevice,
 ) -> Result<(Segmenter, TrainConfig), ExportError> {
     let run = RunFolder::open(run_dir)?;
-    let mut config = run.config()?;
-    if let Some(device) = device {
-        config.device = device;
-    }
+    let config = run.config()?;
     let path = run.segmentation_path();
     if !path.is_file() {
         return Err(ExportError::NoSegmentation(run_dir.to_owned()));
@@ -232,7 +228,6 @@ pub fn segmenter_for_run(
             ),
         });
     }
-    let compute = select_device(config.device)?;
     // A damaged latest checkpoint falls back to the previous one; the centroid check below
     // then says the centroids belong to another epoch.
     let (network, epoch, _) = run.latest_network(&compute.device)?;
@@ -251,7 +246,7 @@ pub fn segmenter_for_run(
         network,
         centroids.centroids,
         config.input_size,
-        compute.device,
+        compute.device.clone(),
     )
     .with_inference(config.test_time_flip, config.upsampling);
     Ok((segmenter, config))

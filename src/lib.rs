@@ -25,5 +25,7 @@ pub mod model;
 pub mod palette;
 pub mod run;
 pub mod segment;
+#[cfg(feature = "remote")]
+pub mod serve;
 pub mod session;
 pub mod train;

@@ -130,7 +130,7 @@ pub fn cluster_cross_entropy(
     let [batch, dim, height, width] = features.dims();
     let pixels = batch * height * width;
     // [B, D, h, w] -> [B, h, w, D] -> [B*h*w, D]
-    let pixel_features = features.permute([0, 2, 3, 1]).reshape([pixels, dim]);
+    let pixel_features = crate::model::permute_axes(features, [0, 2, 3, 1]).reshape([pixels, dim]);
     // The 1x1 convolution with centroid weights: [B*h*w, D] x [D, K] -> [B*h*w, K].
     let logits = pixel_features.matmul(centroids.detach().transpose());
     let log_probabilities = log_softmax(logits, 1);

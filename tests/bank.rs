@@ -10,7 +10,7 @@ use picie::bank::{
 };
 use picie::config::TrainConfig;
 use picie::data::{DemoOptions, write_demo_dataset};
-use picie::device::DeviceChoice;
+use picie::device::{ComputeDevice, DeviceChoice};
 use picie::model::BackboneKind;
 use picie::train::{ExistingRun, NullObserver, RunFolder, TrainControl, Trainer, TrainingData};
 use rand::{Rng, SeedableRng};
@@ -319,7 +319,7 @@ fn a_trained_run_has_a_bank_that_saves_reloads_and_finds_itself() {
 
     Trainer::new(config, run, Arc::clone(&data), TrainControl::new(), false)
         .unwrap()
-        .run(&mut NullObserver)
+        .run(&ComputeDevice::cpu(), &mut NullObserver)
         .unwrap();
     let bank = FeatureBank::load(&run_dir).unwrap();
     assert_eq!(bank.info.grid, 64 / 8);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use picie::config::TrainConfig;
 use picie::data::{DemoOptions, ImageFolder, write_demo_dataset};
-use picie::device::DeviceChoice;
+use picie::device::{ComputeDevice, DeviceChoice};
 use picie::export::{
     ExportOptions, ExportReport, export_segmentations, mask_paths, score_mask_folder,
     score_segmentation, segmenter_for_run,
@@ -78,7 +78,7 @@ impl Fixture {
             false,
         )
         .unwrap()
-        .run(&mut NullObserver)
+        .run(&ComputeDevice::cpu(), &mut NullObserver)
         .unwrap();
         // One image (and its label) in a sub-folder, so names keep their folders.
         let first = summary.images_dir.join("demo_0000.png");
@@ -100,7 +100,7 @@ impl Fixture {
     }
 
     fn segmenter(&self) -> Segmenter {
-        segmenter_for_run(&self.run, Some(DeviceChoice::Cpu))
+        segmenter_for_run(&self.run, &ComputeDevice::cpu())
             .unwrap()
             .0
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use picie::config::TrainConfig;
 use picie::data::{DemoOptions, write_demo_dataset};
-use picie::device::DeviceChoice;
+use picie::device::{ComputeDevice, DeviceChoice};
 use picie::model::BackboneKind;
 use picie::train::{
     ExistingRun, NullObserver, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData,
@@ -97,7 +97,7 @@ fn training_beats_the_untrained_network_and_writes_a_complete_run() {
         }
         _ => {}
     };
-    let outcome = trainer.run(&mut observer).unwrap();
+    let outcome = trainer.run(&ComputeDevice::cpu(), &mut observer).unwrap();
     assert_eq!(outcome.last_epoch, 4);
     assert_eq!(steps, 4 * 4);
     assert!(previews >= 4 * 2);
@@ -155,7 +155,7 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
         false,
     )
     .unwrap()
-    .run(&mut NullObserver)
+    .run(&ComputeDevice::cpu(), &mut NullObserver)
     .unwrap();
 
     // The same run, stopped after its first epoch and resumed.
@@ -171,12 +171,12 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
         false,
     )
     .unwrap()
-    .run(&mut NullObserver)
+    .run(&ComputeDevice::cpu(), &mut NullObserver)
     .unwrap();
     let run = RunFolder::open(&split_dir).unwrap();
     let resumed = Trainer::new(config, run, data, TrainControl::new(), true)
         .unwrap()
-        .run(&mut NullObserver)
+        .run(&ComputeDevice::cpu(), &mut NullObserver)
         .unwrap();
 
     assert_eq!(resumed.last_epoch, 2);
@@ -201,7 +201,7 @@ fn zero_epochs_makes_a_valid_run_of_the_untrained_network() {
         .0;
     let outcome = Trainer::new(config, run, data, TrainControl::new(), false)
         .unwrap()
-        .run(&mut NullObserver)
+        .run(&ComputeDevice::cpu(), &mut NullObserver)
         .unwrap();
     assert_eq!(outcome.last_epoch, 0);
     assert!(outcome.metrics.no_train.is_some());
@@ -236,7 +236,7 @@ fn overclustering_head_trains_alongside_the_main_one() {
     };
     let outcome = Trainer::new(config, run, data, TrainControl::new(), false)
         .unwrap()
-        .run(&mut observer)
+        .run(&ComputeDevice::cpu(), &mut observer)
         .unwrap();
     assert_eq!(outcome.last_epoch, 1);
     // Both views clustered with K and with K2.
@@ -283,7 +283,7 @@ fn splits_and_merges_sent_to_the_trainer_change_the_next_epochs_clusters() {
         TrainEvent::EditRefused(reason) => panic!("edit refused: {reason}"),
         _ => {}
     };
-    let outcome = trainer.run(&mut observer).unwrap();
+    let outcome = trainer.run(&ComputeDevice::cpu(), &mut observer).unwrap();
     assert_eq!(outcome.last_epoch, 3);
     assert_eq!(clusters_per_epoch, vec![(1, 8), (2, 9), (3, 8)]);
     assert_eq!(edited.len(), 2);
@@ -333,7 +333,7 @@ fn batch_norm_modes_of_the_clustering_pass_take_centroids_and_labels_as_document
         };
         let outcome = Trainer::new(config, run, data.clone(), TrainControl::new(), false)
             .unwrap()
-            .run(&mut observer)
+            .run(&ComputeDevice::cpu(), &mut observer)
             .unwrap();
         assert_eq!(outcome.last_epoch, 1, "{mode:?}");
         assert!(losses.iter().all(|loss| loss.is_finite()), "{mode:?}");
@@ -377,7 +377,7 @@ fn label_change_is_small_when_the_network_does_not_move() {
             changes.push(statistics.label_change);
         }
     };
-    trainer.run(&mut observer).unwrap();
+    trainer.run(&ComputeDevice::cpu(), &mut observer).unwrap();
     println!("label change per epoch: {changes:?}");
     assert_eq!(changes.len(), 3);
     assert_eq!(

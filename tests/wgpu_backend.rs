@@ -119,6 +119,7 @@ fn wgpu_trains_an_epoch_and_writes_a_checkpoint() {
     let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
         .unwrap()
         .0;
+    let compute = picie::device::select_device(&config.device).unwrap();
     let mut trainer = Trainer::new(config, run, data, TrainControl::new(), false).unwrap();
     let mut losses = Vec::new();
     let mut observer = |event: &TrainEvent| {
@@ -126,7 +127,7 @@ fn wgpu_trains_an_epoch_and_writes_a_checkpoint() {
             losses.push(progress.loss.total);
         }
     };
-    let outcome = trainer.run(&mut observer).unwrap();
+    let outcome = trainer.run(&compute, &mut observer).unwrap();
     assert_eq!(outcome.last_epoch, 1);
     assert_eq!(losses.len(), 2, "two batches of two images");
     assert!(

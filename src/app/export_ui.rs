@@ -222,9 +222,11 @@ impl ExplorerApp {
         let images = dataset.paths.images.clone();
         let label_dir = dataset.paths.labels.clone();
         let run_dir = run_dir.to_owned();
+        let device = self.settings.config.device.clone();
         let wake = self.wake();
         let job = Job::spawn("export", wake, move |job| {
-            let (segmenter, _) = export::segmenter_for_run(&run_dir, None)?;
+            let compute = crate::device::select_device(&device)?;
+            let (segmenter, _) = export::segmenter_for_run(&run_dir, &compute)?;
             let folder = ImageFolder::scan(&images, label_dir.as_deref())?;
             let Some(out) = out else {
                 let evaluation = export::score_segmentation(&segmenter, &folder, &labels)?;

@@ -278,13 +278,16 @@ impl ExplorerApp {
         };
         let run_dir = session.run_dir.clone();
         let images = dataset.paths.images.clone();
-        let device = self.settings.config.device;
+        let device = self.settings.config.device.clone();
         let job = Job::spawn("bank", self.wake(), move |job| {
+            job.report(("connecting to the device".to_string(), 0, 0));
+            let compute = crate::device::select_device(&device)
+                .map_err(|error| crate::bank::BankError::Device(error.to_string()))?;
             crate::bank::build_run_bank(
                 &run_dir,
                 &images,
                 None,
-                Some(device),
+                &compute,
                 &mut |stage, done, total| job.report((stage.to_string(), done, total)),
             )
             .map(|_| ())

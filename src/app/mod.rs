@@ -8,6 +8,7 @@ mod gpu;
 mod images;
 mod maps;
 mod relabel;
+mod remote_ui;
 mod stats;
 mod training;
 

@@ -121,6 +121,8 @@ pub struct TrainingPanel {
     download_error: Option<DownloadFailure>,
     /// The demo was opened without its ImageNet weights: the offer to download them is shown.
     pub demo_offer: bool,
+    /// The remote server's address and token, when the device is "Remote server…".
+    pub remote: super::remote_ui::RemotePanel,
 }
 
 impl TrainingPanel {
@@ -178,6 +180,14 @@ fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> Dow
     }
 }
 
+/// The address a fresh "Remote server…" choice starts from.
+fn default_server() -> crate::device::RemoteServer {
+    crate::device::RemoteServer {
+        url: "ws://127.0.0.1:3000".to_owned(),
+        token: None,
+    }
+}
+
 fn backbone_name(backbone: BackboneKind) -> &'static str {
     match backbone {
         BackboneKind::Resnet18 => "resnet18",
@@ -209,6 +219,8 @@ impl ExplorerApp {
     }
 
     fn settings_grid(&mut self, ui: &mut egui::Ui) {
+        let wake = self.wake();
+        let remote = &mut self.training.remote;
         let config = &mut self.settings.config;
         egui::Grid::new("training-settings")
             .num_columns(2)
@@ -348,21 +360,36 @@ impl ExplorerApp {
 
                 ui.label("Device").on_hover_text(
                     "auto: a real GPU through wgpu if there is one, else the CPU. wgpu forces \
-                     the GPU backend even on a software adapter (slow).",
+                     the GPU backend even on a software adapter (slow). Remote server: the GPU \
+                     of another machine running `picie serve`.",
                 );
+                let remote_selected = config.device.is_remote();
                 egui::ComboBox::from_id_salt("device")
-                    .selected_text(format!("{:?}", config.device).to_lowercase())
+                    .selected_text(if remote_selected {
+                        "remote server".to_owned()
+                    } else {
+                        config.device.to_string()
+                    })
                     .show_ui(ui, |ui| {
-                        for (choice, name) in [
-                            (DeviceChoice::Auto, "auto"),
-                            (DeviceChoice::Gpu, "gpu"),
-                            (DeviceChoice::Cpu, "cpu"),
-                            (DeviceChoice::Wgpu, "wgpu"),
-                        ] {
+                        for choice in DeviceChoice::LOCAL {
+                            let name = choice.to_string();
                             ui.selectable_value(&mut config.device, choice, name);
+                        }
+                        if ui
+                            .selectable_label(remote_selected, "Remote server…")
+                            .clicked()
+                            && !remote_selected
+                        {
+                            // An address typed before is kept; a fresh one needs editing.
+                            config.device = remote
+                                .choice()
+                                .unwrap_or_else(|_| DeviceChoice::Remote(default_server()));
                         }
                     });
                 ui.end_row();
+                if config.device.is_remote() {
+                    remote.show(ui, &mut config.device, wake.clone());
+                }
 
                 ui.label("Seed").on_hover_text(
                     "Fixes the views, the batch order, k-means and random init: the same seed \

@@ -32,6 +32,10 @@ use picie::train::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// File whose first line is the token of a `picie serve` server (for --device
+    /// remote:ws://HOST:PORT, and for `picie serve` itself); default: $PICIE_REMOTE_TOKEN.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -57,7 +61,7 @@ enum Command {
         /// Print {"acc", "miou", "per_class_iou"} as JSON on stdout.
         #[arg(long)]
         json: bool,
-        /// auto, gpu, cpu or wgpu (default: the run's; only with --run).
+        /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT (default: the run's; only with --run).
         #[arg(long)]
         device: Option<DeviceChoice>,
         /// k-means runs of the fresh clustering, keeping the lowest inertia (default: the
@@ -78,7 +82,7 @@ enum Command {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
-        /// auto, gpu, cpu or wgpu (default: the run's).
+        /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT (default: the run's).
         #[arg(long)]
         device: Option<DeviceChoice>,
         #[command(flatten)]
@@ -104,7 +108,7 @@ enum Command {
             default_value = "index,colour,overlay,cvat"
         )]
         format: Vec<ExportFormat>,
-        /// auto, gpu, cpu or wgpu (default: the run's).
+        /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT (default: the run's).
         #[arg(long)]
         device: Option<DeviceChoice>,
         #[command(flatten)]
@@ -156,7 +160,7 @@ enum Command {
         /// run's bank_patch).
         #[arg(long)]
         patch: Option<usize>,
-        /// auto, gpu, cpu or wgpu (default: the run's).
+        /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT (default: the run's).
         #[arg(long)]
         device: Option<DeviceChoice>,
     },
@@ -187,6 +191,17 @@ enum Command {
         /// cpu (default) searches on the CPU; gpu, wgpu or auto search on that device.
         #[arg(long)]
         device: Option<DeviceChoice>,
+    },
+    /// Serve this machine's device (its GPU if it has one) to `--device remote:ws://HOST:PORT`
+    /// clients on other machines, until Ctrl-C. Clients must present the token read from
+    /// --token-file or $PICIE_REMOTE_TOKEN.
+    Serve {
+        /// Address to listen on, HOST:PORT (0.0.0.0 listens on every interface).
+        #[arg(long, default_value = "0.0.0.0:3000")]
+        address: String,
+        /// auto, gpu, cpu or wgpu.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Benchmarks that print figures.
     Bench {
@@ -231,7 +246,7 @@ enum BenchCommand {
         /// resnet18, mobilenet_v2, or all.
         #[arg(long, default_value = "all")]
         backbone: String,
-        /// auto, gpu, cpu or wgpu.
+        /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
         /// Input side in pixels.
@@ -312,7 +327,8 @@ struct TrainArgs {
     /// Start from random weights even when ImageNet weights were downloaded.
     #[arg(long, conflicts_with = "weights")]
     random_init: bool,
-    /// auto, gpu, cpu or wgpu.
+    /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT (a `picie serve` server; its token from
+    /// --token-file or $PICIE_REMOTE_TOKEN).
     #[arg(long)]
     device: Option<DeviceChoice>,
     /// Epochs (0: only cluster and save the untrained network).
@@ -428,6 +444,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(path) = &cli.token_file {
+        picie::device::set_default_remote_token(picie::device::read_token_file(path)?);
+    }
     match cli.command {
         Command::Train(args) => train(*args),
         Command::Eval {
@@ -519,7 +538,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!(
                 "--device auto uses: {}",
-                select_device(DeviceChoice::Auto)?.description
+                select_device(&DeviceChoice::Auto)?.description
             );
             Ok(())
         }
@@ -549,6 +568,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => bench_neighbours(&sizes, device, k, queries),
         Command::DownloadWeights { backbone } => download(backbone),
+        Command::Serve { address, device } => serve(&address, &device),
         Command::Bench {
             which:
                 BenchCommand::Train {
@@ -559,7 +579,7 @@ fn run(cli: Cli) -> Result<()> {
                     steps,
                 },
         } => {
-            let compute = select_device(device)?;
+            let compute = select_device(&device)?;
             println!("device: {}", compute.description);
             for kind in parse_backbones(&backbone)? {
                 println!("{}", time_training_step(kind, &compute, batch, size, steps));
@@ -578,7 +598,7 @@ fn run(cli: Cli) -> Result<()> {
                     device,
                 },
         } => {
-            let compute = select_device(device)?;
+            let compute = select_device(&device)?;
             println!("device: {}", compute.description);
             for k in clusters {
                 let (seconds, throughput) = time_kmeans(points, 128, k, iterations, &compute)?;
@@ -625,7 +645,7 @@ fn train(args: TrainArgs) -> Result<()> {
         config.random_init = true;
         config.weights = None;
     }
-    if let Some(value) = args.device {
+    if let Some(value) = args.device.clone() {
         config.device = value;
     }
     if let Some(value) = args.epochs {
@@ -769,9 +789,13 @@ fn train_into(
     out: &std::path::Path,
     resume: bool,
 ) -> Result<TrainOutcome> {
+    if config.device.is_remote() {
+        eprintln!("connecting to {} ...", config.device);
+    }
+    let compute = select_device(&config.device)?;
     let mut trainer = Trainer::new(config, run, data, control.clone(), resume)?;
     let mut observer = TerminalObserver::new();
-    let outcome = trainer.run(&mut observer)?;
+    let outcome = trainer.run(&compute, &mut observer)?;
     observer.bar.finish_and_clear();
     if outcome.stopped && outcome.last_epoch == 0 {
         println!(
@@ -965,7 +989,7 @@ fn eval(
     }
     inference.apply(&mut config)?;
     config.validate()?;
-    let compute = select_device(config.device)?;
+    let compute = select_device(&config.device)?;
     let (network, epoch, note) = run.latest_network(&compute.device)?;
     if let Some(note) = note {
         eprintln!("warning: {note}");
@@ -1057,13 +1081,49 @@ fn eval_masks(
     Ok(())
 }
 
+/// `device` if given, else the device the run was trained with.
+fn device_for_run(run_dir: &std::path::Path, device: Option<DeviceChoice>) -> Result<DeviceChoice> {
+    Ok(match device {
+        Some(device) => device,
+        None => RunFolder::open(run_dir)?.config()?.device,
+    })
+}
+
+/// `picie serve` in a build without the remote backend.
+#[cfg(not(feature = "remote"))]
+fn serve(_address: &str, _device: &DeviceChoice) -> Result<()> {
+    Err(picie::device::DeviceError::RemoteNotBuilt.into())
+}
+
+/// `picie serve`: burn's remote server on this machine's device, until Ctrl-C.
+#[cfg(feature = "remote")]
+fn serve(address: &str, device: &DeviceChoice) -> Result<()> {
+    let Some(token) = picie::device::default_remote_token() else {
+        bail!(
+            "a server needs a token that clients must present: put one in a file and pass \
+             --token-file FILE, or set {}",
+            picie::device::REMOTE_TOKEN_VARIABLE
+        );
+    };
+    let served = picie::serve::RemoteService::bind(address, device, &token)?;
+    println!(
+        "serving {} on ws://{} to clients with the token; Ctrl-C stops",
+        served.device_description(),
+        served.local_address()
+    );
+    served.serve_until_interrupted()?;
+    println!("server stopped");
+    Ok(())
+}
+
 /// The run's segmenter with the inference flags applied over the run's settings.
 fn segmenter_with(
     run_dir: &std::path::Path,
     device: Option<DeviceChoice>,
     inference: &InferenceArgs,
 ) -> Result<picie::segment::Segmenter> {
-    let (segmenter, mut config) = segmenter_for_run(run_dir, device)?;
+    let compute = select_device(&device_for_run(run_dir, device)?)?;
+    let (segmenter, mut config) = segmenter_for_run(run_dir, &compute)?;
     inference.apply(&mut config)?;
     Ok(segmenter.with_inference(config.test_time_flip, config.upsampling))
 }
@@ -1263,7 +1323,7 @@ fn bench_forward(
     weights: Option<PathBuf>,
 ) -> Result<()> {
     let kinds = parse_backbones(backbone)?;
-    let compute = select_device(device)?;
+    let compute = select_device(&device)?;
     println!("device: {}", compute.description);
     for kind in kinds {
         let timing = time_forward(kind, weights.as_deref(), &compute, batch, size, runs)
@@ -1300,14 +1360,20 @@ fn build_bank_command(
     patch: Option<usize>,
     device: Option<DeviceChoice>,
 ) -> Result<()> {
+    let compute = select_device(&device_for_run(run_dir, device)?)?;
     let bar = progress_bar(0, "decoding images");
     let started = Instant::now();
-    let built =
-        picie::bank::build_run_bank(run_dir, images, patch, device, &mut |stage, done, total| {
+    let built = picie::bank::build_run_bank(
+        run_dir,
+        images,
+        patch,
+        &compute,
+        &mut |stage, done, total| {
             bar.set_message(stage.to_string());
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-        })?;
+        },
+    )?;
     bar.finish_and_clear();
     eprintln!("device: {}", built.device);
     for skipped in &built.skipped {
@@ -1349,7 +1415,7 @@ fn neighbours_command(
     let device = match device {
         None | Some(DeviceChoice::Cpu) => None,
         Some(choice) => {
-            let compute = select_device(choice)?;
+            let compute = select_device(&choice)?;
             eprintln!("device: {}", compute.description);
             Some(compute.device)
         }
@@ -1400,7 +1466,7 @@ fn neighbours_command(
 
 fn bench_neighbours(sizes: &[usize], device: DeviceChoice, k: usize, queries: usize) -> Result<()> {
     let compute = (device != DeviceChoice::Cpu)
-        .then(|| select_device(device))
+        .then(|| select_device(&device))
         .transpose()?;
     println!(
         "CPU path: {} rayon threads{}",

@@ -22,13 +22,18 @@ const BLOCK_ROWS: usize = 4096;
 /// Blocks handled per parallel wave, bounding the per-block results held at once.
 const WAVE_BLOCKS: usize = 64;
 
-/// Whether `device` computes on the host (burn's Flex CPU backend), so that k-means should run
-/// its passes here rather than as tensor operations.
+/// Whether k-means and the assignment of labels should run their passes here rather than as
+/// tensor operations on `device`: on burn's Flex CPU backend, where the host is the device, and
+/// on a remote server's device, because the features are already in this process (read back
+/// once per batch) and sending them back every epoch costs about what clustering them here
+/// does (and burn 0.22's remote backend mixes up an integer handle in the device passes).
 pub fn runs_on_host(device: &Device) -> bool {
-    matches!(
-        device.clone().inner().as_dispatch(),
-        DispatchDevice::Flex(_)
-    )
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "remote")]
+        DispatchDevice::Remote(_) => true,
+        _ => false,
+    }
 }
 
 /// The nearest centroid of every row of one block, and its similarity.

@@ -165,9 +165,8 @@ impl FeatureStore {
             });
         }
         // [B, D, h, w] -> [B, h, w, D] -> [B*h*w, D]
-        let rows = maps
-            .permute([0, 2, 3, 1])
-            .reshape([batch * height * width, dim]);
+        let rows =
+            crate::model::permute_axes(maps, [0, 2, 3, 1]).reshape([batch * height * width, dim]);
         self.push(rows)
     }
 

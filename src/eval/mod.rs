@@ -378,14 +378,14 @@ pub fn upsample_logits_argmax(
         });
     }
     // [B, D, h, w] -> [B, h, w, D] -> [B*h*w, D]
-    let flat = features
-        .permute([0, 2, 3, 1])
-        .reshape([batch * height * width, dim]);
+    let flat =
+        crate::model::permute_axes(features, [0, 2, 3, 1]).reshape([batch * height * width, dim]);
     // [B*h*w, D] x [D, K] -> [B*h*w, K] -> [B, h, w, K] -> [B, K, h, w]
-    let logits = flat
-        .matmul(centroids.transpose())
-        .reshape([batch, height, width, clusters])
-        .permute([0, 3, 1, 2]);
+    let logits = crate::model::permute_axes(
+        flat.matmul(centroids.transpose())
+            .reshape([batch, height, width, clusters]),
+        [0, 3, 1, 2],
+    );
     // [B, K, h, w] -> [B, K, H, W]
     let logits = if [height, width] == out_size {
         logits

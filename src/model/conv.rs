@@ -28,7 +28,8 @@ use super::elementwise;
 use super::norm_host::{self, NormShape};
 
 /// Convolution with gradients a backend may provide itself.
-#[backend_extension(Flex, Cube, Autodiff)]
+#[cfg_attr(feature = "remote", backend_extension(Flex, Cube, Remote, Autodiff))]
+#[cfg_attr(not(feature = "remote"), backend_extension(Flex, Cube, Autodiff))]
 pub trait ConvGradOps: Backend {
     /// A bias-free `conv2d`; under autodiff its backward calls the methods below.
     fn conv2d_with_grads(
@@ -139,6 +140,10 @@ pub trait ConvGradOps: Backend {
 
 /// The cubecl backends keep burn's kernels.
 impl ConvGradOps for Cube {}
+
+/// A remote device runs burn's kernels on the server (the server's own backend picks them).
+#[cfg(feature = "remote")]
+impl ConvGradOps for burn::backend::Remote {}
 
 /// The shape of a Flex convolution with output `output_size` if the host kernels handle it
 /// (f32, dense or depthwise); `None` sends it to burn's own kernels.

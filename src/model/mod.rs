@@ -385,3 +385,55 @@ pub fn build_network(
     net.backbone.visit_weights(&mut loader)?;
     Ok((net, origin))
 }
+
+/// `tensor.permute(axes)` (output axis `i` is input axis `axes[i]`) written as swaps of two
+/// axes. burn 0.22.1's remote backend runs a float `permute` as an integer one on the server,
+/// whose session then stops ("Expected int handle, got float"); `swap_dims` goes through, and
+/// on the local backends both are views, so this costs nothing there.
+pub fn permute_axes<const D: usize>(tensor: Tensor<D>, axes: [usize; D]) -> Tensor<D> {
+    // order[position] = the input axis now at that position.
+    let mut order: [usize; D] = std::array::from_fn(|axis| axis);
+    let mut tensor = tensor;
+    for (position, &wanted) in axes.iter().enumerate() {
+        let at = order
+            .iter()
+            .position(|&axis| axis == wanted)
+            .expect("permute_axes: axes must be a permutation");
+        if at != position {
+            tensor = tensor.swap_dims(position, at);
+            order.swap(position, at);
+        }
+    }
+    tensor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_axes_matches_burns_permute_for_every_order_of_four_axes() {
+        let device = Device::flex();
+        let values: Vec<f32> = (0..2 * 3 * 4 * 5).map(|value| value as f32).collect();
+        let tensor = Tensor::<4>::from_data(TensorData::new(values, [2, 3, 4, 5]), &device);
+        let mut orders = Vec::new();
+        for a in 0..4 {
+            for b in (0..4).filter(|&b| b != a) {
+                for c in (0..4).filter(|&c| c != a && c != b) {
+                    orders.push([a, b, c, 6 - a - b - c]);
+                }
+            }
+        }
+        assert_eq!(orders.len(), 24);
+        for axes in orders {
+            let expected = tensor.clone().permute(axes).into_data();
+            let got = permute_axes(tensor.clone(), axes).into_data();
+            assert_eq!(got.shape(), expected.shape(), "{axes:?}");
+            assert_eq!(
+                got.try_to_vec::<f32>().unwrap(),
+                expected.try_to_vec::<f32>().unwrap(),
+                "{axes:?}"
+            );
+        }
+    }
+}

@@ -157,6 +157,12 @@ impl SessionState {
     /// training ended, the moments worth saving the session.
     pub fn apply(&mut self, event: &WorkerEvent) -> bool {
         match event {
+            WorkerEvent::Connecting(address) => {
+                self.status.running = true;
+                self.status.activity = format!("Connecting to {address}");
+                self.status.activity_fraction = None;
+                false
+            }
             WorkerEvent::Loading { done, total } => {
                 self.status.running = true;
                 self.status.activity = format!("Loading images {done}/{total}");

@@ -11,6 +11,7 @@ use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
 use super::state::{DatasetPaths, SessionState};
 use super::timeline::Snapshot;
 use crate::config::TrainConfig;
+use crate::device::select_device;
 use crate::train::{ExistingRun, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
 /// Commands from the app to the trainer; they take effect at the next batch boundary (edits:
@@ -30,6 +31,9 @@ pub enum Command {
 /// Messages from the trainer thread to the app.
 #[derive(Debug, Clone)]
 pub enum WorkerEvent {
+    /// Opening a session on a remote server (its address); may take up to 15 s when it does
+    /// not answer.
+    Connecting(String),
     /// Decoding the dataset: `done` of `total` images.
     Loading {
         /// Images decoded.
@@ -176,6 +180,11 @@ fn run_training(
     send: &(dyn Fn(WorkerEvent) -> bool + Sync),
 ) -> Result<(), String> {
     let config = request.config;
+    // The device first: a server that cannot be reached fails before minutes of decoding.
+    if config.device.is_remote() {
+        send(WorkerEvent::Connecting(config.device.to_string()));
+    }
+    let compute = select_device(&config.device).map_err(|error| error.to_string())?;
     let data = TrainingData::load(
         &request.images,
         request.labels.as_deref(),
@@ -247,7 +256,7 @@ fn run_training(
             control.stop();
         }
     };
-    let outcome = trainer.run(&mut observer);
+    let outcome = trainer.run(&compute, &mut observer);
     if let Err(error) = &outcome {
         record.apply(&WorkerEvent::Failed(error.to_string()));
         let _ = record.save();

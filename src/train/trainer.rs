@@ -21,7 +21,7 @@ use crate::cluster::{self, Centroids, ClusterEdit, FeatureStore, PixelLabels, Sp
 use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig, Upsampling};
 use crate::data::TrainingData;
 use crate::data::views::{self, ViewParams};
-use crate::device::{ComputeDevice, DeviceError, select_device};
+use crate::device::{BackendKind, ComputeDevice, DeviceError};
 use crate::eval::{Evaluation, confusion_from_store};
 use crate::loss::{class_weights, picie_loss};
 use crate::model::{
@@ -53,6 +53,22 @@ pub enum TrainError {
     /// The feature bank could not be built or saved.
     #[error(transparent)]
     Bank(#[from] crate::bank::BankError),
+    /// The connection to the remote server broke off (burn's remote client cannot recover a
+    /// session, it panics): training stopped; the last epoch's checkpoint is on disk.
+    #[error(
+        "the connection to the server at {device} broke off during epoch {epoch}; training \
+         stopped, and the run keeps its last checkpoint (epoch {last_checkpoint}). When the \
+         server is back (`picie serve`), continue the run (Continue in the app, `picie train \
+         --resume` on the command line)"
+    )]
+    RemoteLost {
+        /// The server, as the user named it.
+        device: String,
+        /// The epoch that was running.
+        epoch: usize,
+        /// The epoch of the checkpoint on disk (0: the untrained network's).
+        last_checkpoint: usize,
+    },
     /// The loss stopped being a finite number.
     #[error(
         "training diverged at epoch {epoch}, step {step}: the loss is {loss}. Lower the learning \
@@ -262,17 +278,62 @@ impl Trainer {
         })
     }
 
-    /// Runs the remaining epochs. Returns after the last epoch or, on a stop request, after
-    /// the current batch with a checkpoint of the last completed epoch.
-    pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
-        let compute = select_device(self.config.device)?;
+    /// Runs the remaining epochs on `compute` (chosen by the caller, usually with
+    /// [`crate::device::select_device`] from the config's `device`). Returns after the last
+    /// epoch or, on a stop request, after the current batch with a checkpoint of the last
+    /// completed epoch.
+    pub fn run(
+        &mut self,
+        compute: &ComputeDevice,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<TrainOutcome, TrainError> {
+        if compute.backend != BackendKind::Remote {
+            return self.run_on(compute, observer);
+        }
+        // burn's remote client panics when its connection breaks; everything it could have
+        // been writing goes to a temporary file first, so the run folder stays whole.
+        let epoch = Cell::new(0);
+        let mut watched = |event: &TrainEvent| {
+            if let TrainEvent::Step(progress) = event {
+                epoch.set(progress.epoch);
+            }
+            observer.on_event(event);
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_on(compute, &mut watched)
+        })) {
+            Ok(outcome) => outcome,
+            Err(_) => Err({
+                crate::device::forget_remote_sessions();
+                TrainError::RemoteLost {
+                    device: match &self.config.device {
+                        crate::device::DeviceChoice::Remote(server) => server.url.clone(),
+                        other => other.to_string(),
+                    },
+                    epoch: epoch.get(),
+                    last_checkpoint: self
+                        .run
+                        .latest_checkpoint()
+                        .ok()
+                        .flatten()
+                        .map_or(0, |(_, state)| state.epoch),
+                }
+            }),
+        }
+    }
+
+    fn run_on(
+        &mut self,
+        compute: &ComputeDevice,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<TrainOutcome, TrainError> {
         compute.device.seed(self.config.seed);
         let mut clusters = self.config.clusters_for(self.data.classes());
         let batches_per_epoch = self.data.len().div_ceil(self.config.batch_size);
 
         let mut weights = String::from("the run's latest checkpoint");
         let (mut model, first_epoch, mut metrics, mut previous) = if self.resume {
-            let (restored, note) = self.restore(&compute)?;
+            let (restored, note) = self.restore(compute)?;
             if let Some(note) = note {
                 observer.on_event(&TrainEvent::Warning(note));
             }
@@ -891,9 +952,10 @@ impl Trainer {
         // As the evaluation does: the similarities are upsampled to the input's pixels before
         // the argmax, so a cluster's boundary follows the image instead of the feature grid.
         let clusters = centroids.clusters;
-        let similarities = similarities
-            .reshape([batch, grid_height, grid_width, clusters])
-            .permute([0, 3, 1, 2]);
+        let similarities = crate::model::permute_axes(
+            similarities.reshape([batch, grid_height, grid_width, clusters]),
+            [0, 3, 1, 2],
+        );
         let similarities = if [grid_height, grid_width] == [size, size] {
             similarities
         } else {
