@@ -105,10 +105,15 @@ impl RemotePanel {
         };
         if let Some(message) = message {
             ui.label("");
-            match message {
-                Ok(text) => ui.colored_label(egui::Color32::from_rgb(80, 170, 90), text),
-                Err(text) => ui.colored_label(ui.visuals().error_fg_color, text),
+            let (text, colour) = match message {
+                Ok(text) => (text, egui::Color32::from_rgb(80, 170, 90)),
+                Err(text) => (text, ui.visuals().error_fg_color),
             };
+            // Wrapped to the settings column: a refusal explains what to do in a sentence.
+            ui.vertical(|ui| {
+                ui.set_max_width(180.0);
+                ui.add(egui::Label::new(egui::RichText::new(text).color(colour)).wrap());
+            });
             ui.end_row();
         }
     }
