@@ -1,0 +1,191 @@
+//! `picie bench`: figures for training steps, k-means, the forward pass and neighbour search.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use picie::bench::{peak_memory_mib, time_forward, time_kmeans, time_training_step};
+use picie::device::{DeviceChoice, select_device};
+
+use crate::common::parse_backbones;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Exact k-nearest-neighbour queries in feature banks of random unit vectors (latency).
+    Neighbours {
+        /// Bank sizes in patches (comma-separated).
+        #[arg(long, default_value = "10000,100000,1000000", value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// cpu: the CPU path only; gpu, wgpu or auto: also the device path.
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Neighbours per query.
+        #[arg(short = 'k', long, default_value_t = 20)]
+        k: usize,
+        /// Timed queries per path and size.
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+    },
+    /// PiCIE training steps on random data (images/s).
+    Train {
+        /// resnet18, mobilenet_v2, or all.
+        #[arg(long, default_value = "all")]
+        backbone: String,
+        /// auto, gpu, cpu, wgpu or remote:ws://HOST:PORT.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+        /// Input side in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Images per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Timed steps after one warm-up step.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+    /// k-means on random unit vectors (point-iterations/s).
+    Kmeans {
+        /// Number of points.
+        #[arg(long, default_value_t = 1_000_000)]
+        points: usize,
+        /// Clusters (comma-separated for several runs).
+        #[arg(long, default_value = "27,100", value_delimiter = ',')]
+        clusters: Vec<usize>,
+        /// Lloyd iterations.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// auto, gpu, cpu or wgpu.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Forward time of backbone + FPN on a random batch.
+    Forward {
+        /// resnet18, mobilenet_v2, or all.
+        #[arg(long, default_value = "all")]
+        backbone: String,
+        /// auto, gpu, cpu or wgpu.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+        /// Input side in pixels.
+        #[arg(long, default_value_t = 320)]
+        size: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed runs after one warm-up run.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Weights file (default: the downloaded ImageNet file, else random init).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+}
+
+fn bench_forward(
+    backbone: &str,
+    device: DeviceChoice,
+    size: usize,
+    batch: usize,
+    runs: usize,
+    weights: Option<PathBuf>,
+) -> Result<()> {
+    let kinds = parse_backbones(backbone)?;
+    let compute = select_device(&device)?;
+    println!("device: {}", compute.description);
+    for kind in kinds {
+        let timing = time_forward(kind, weights.as_deref(), &compute, batch, size, runs)
+            .with_context(|| format!("benchmarking {}", kind.display_name()))?;
+        println!("{timing}");
+    }
+    if let Some(peak) = peak_memory_mib() {
+        println!("peak resident memory: {peak:.0} MiB");
+    }
+    Ok(())
+}
+
+fn bench_neighbours(sizes: &[usize], device: DeviceChoice, k: usize, queries: usize) -> Result<()> {
+    let compute = (device != DeviceChoice::Cpu)
+        .then(|| select_device(&device))
+        .transpose()?;
+    println!(
+        "CPU path: {} rayon threads{}",
+        rayon::current_num_threads(),
+        compute
+            .as_ref()
+            .map(|compute| format!("; device path: {}", compute.description))
+            .unwrap_or_default()
+    );
+    for &size in sizes {
+        let timing = picie::bench::time_neighbours(
+            size,
+            picie::model::FEATURE_DIM,
+            k,
+            queries,
+            compute.as_ref().map(|compute| &compute.device),
+        )?;
+        println!("{timing}");
+        if let Some(peak) = peak_memory_mib() {
+            println!("  peak resident memory so far: {peak:.0} MiB");
+        }
+    }
+    Ok(())
+}
+
+/// `picie bench ...`.
+pub(crate) fn run(which: BenchCommand) -> Result<()> {
+    match which {
+        BenchCommand::Neighbours {
+            sizes,
+            device,
+            k,
+            queries,
+        } => bench_neighbours(&sizes, device, k, queries),
+        BenchCommand::Train {
+            backbone,
+            device,
+            size,
+            batch,
+            steps,
+        } => {
+            let compute = select_device(&device)?;
+            println!("device: {}", compute.description);
+            for kind in parse_backbones(&backbone)? {
+                println!("{}", time_training_step(kind, &compute, batch, size, steps));
+            }
+            if let Some(peak) = peak_memory_mib() {
+                println!("peak resident memory: {peak:.0} MiB");
+            }
+            Ok(())
+        }
+        BenchCommand::Kmeans {
+            points,
+            clusters,
+            iterations,
+            device,
+        } => {
+            let compute = select_device(&device)?;
+            println!("device: {}", compute.description);
+            for k in clusters {
+                let (seconds, throughput) = time_kmeans(points, 128, k, iterations, &compute)?;
+                println!(
+                    "k-means {points} x 128, K = {k}, {iterations} iterations: {seconds:.2} s ({:.2e} point-iterations/s)",
+                    throughput
+                );
+            }
+            if let Some(peak) = peak_memory_mib() {
+                println!("peak resident memory: {peak:.0} MiB");
+            }
+            Ok(())
+        }
+        BenchCommand::Forward {
+            backbone,
+            device,
+            size,
+            batch,
+            runs,
+            weights,
+        } => bench_forward(&backbone, device, size, batch, runs, weights),
+    }
+}
