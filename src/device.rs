@@ -203,6 +203,15 @@ pub enum DeviceError {
         /// Why, in words, with what to do.
         reason: String,
     },
+    /// The remote server's authorizer turned the token down.
+    #[error(
+        "the server at {url} refused the token; set {REMOTE_TOKEN_VARIABLE} (or --token-file) to \
+         the token it was started with"
+    )]
+    RemoteRefused {
+        /// The server's address.
+        url: String,
+    },
     /// This build has no remote backend.
     #[error("this build of picie has no remote backend (built without the `remote` feature)")]
     RemoteNotBuilt,
@@ -450,26 +459,28 @@ fn connect_remote(server: &RemoteServer) -> Result<ComputeDevice, DeviceError> {
         "{}{CREDENTIAL_SEPARATOR}{generation}",
         token.trim()
     ));
-    let device = Device::remote_options(&host)
-        .init()
-        .map_err(|error| DeviceError::Remote {
-            url: server.url.clone(),
-            reason: match error {
-                ConnectError::Unauthorized => format!(
-                    "the server refused the token; set {REMOTE_TOKEN_VARIABLE} (or --token-file) \
-                     to the token it was started with"
-                ),
-                ConnectError::Unreachable { reason } => format!(
-                    "nothing answered ({reason}); is `picie serve` running there, and can this \
+    let device = Device::remote_options(&host).init().map_err(|error| {
+        let reason = match error {
+            ConnectError::Unauthorized => {
+                return DeviceError::RemoteRefused {
+                    url: server.url.clone(),
+                };
+            }
+            ConnectError::Unreachable { reason } => format!(
+                "nothing answered ({reason}); is `picie serve` running there, and can this \
                      machine reach the port?"
-                ),
-                ConnectError::IncompatibleProtocol { .. } => format!(
-                    "{error}: the server runs another release of picie; use the same on both \
+            ),
+            ConnectError::IncompatibleProtocol { .. } => format!(
+                "{error}: the server runs another release of picie; use the same on both \
                      machines"
-                ),
-                other => other.to_string(),
-            },
-        })?;
+            ),
+            other => other.to_string(),
+        };
+        DeviceError::Remote {
+            url: server.url.clone(),
+            reason,
+        }
+    })?;
     Ok(ComputeDevice {
         device,
         backend: BackendKind::Remote,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use picie::config::TrainConfig;
 use picie::data::{DemoOptions, write_demo_dataset};
-use picie::device::{ComputeDevice, DeviceChoice, RemoteServer, select_device};
+use picie::device::{ComputeDevice, DeviceChoice, DeviceError, RemoteServer, select_device};
 use picie::model::BackboneKind;
 use picie::train::{
     ExistingRun, RunFolder, TrainControl, TrainError, TrainEvent, Trainer, TrainingData,
@@ -213,6 +213,10 @@ fn a_wrong_token_is_refused_with_a_clear_message() {
     let folder = tempfile::tempdir().unwrap();
     let server = Server::start(folder.path(), "server");
     let error = select_device(&server.choice("not-the-token")).unwrap_err();
+    assert!(
+        matches!(&error, DeviceError::RemoteRefused { url } if *url == server.url),
+        "{error:?}"
+    );
     let message = error.to_string();
     assert!(
         message.contains(&server.url) && message.contains("refused the token"),

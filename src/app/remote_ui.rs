@@ -128,6 +128,11 @@ impl RemotePanel {
                     "Connected in {:.0} ms; a small product there and back took {:.0} ms.",
                     probe.connect_ms, probe.round_trip_ms
                 )),
+                // In the window the token is typed, not set in the environment.
+                Ok(Err(DeviceError::RemoteRefused { url })) => Err(format!(
+                    "The server at {url} refused the token: type the token it was started with \
+                     (its --token-file or PICIE_REMOTE_TOKEN)."
+                )),
                 Ok(Err(error)) => Err(error.to_string()),
                 Err(error) => Err(error.to_string()),
             });
