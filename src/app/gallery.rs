@@ -280,7 +280,9 @@ impl ExplorerApp {
         let images = dataset.paths.images.clone();
         let device = self.settings.config.device.clone();
         let job = Job::spawn("bank", self.wake(), move |job| {
-            job.report(("connecting to the device".to_string(), 0, 0));
+            if device.is_remote() {
+                job.report(("connecting to the server".to_string(), 0, 0));
+            }
             let compute = crate::device::select_device(&device)
                 .map_err(|error| crate::bank::BankError::Device(error.to_string()))?;
             crate::bank::build_run_bank(

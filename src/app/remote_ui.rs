@@ -8,6 +8,9 @@ use crate::session::{Job, Wake};
 
 type ProbeJob = Job<(), Result<RemoteProbe, DeviceError>>;
 
+/// The address a fresh "Remote server…" choice starts from (`picie serve`'s default port).
+pub const DEFAULT_ADDRESS: &str = "ws://127.0.0.1:3000";
+
 /// What the remote section holds between frames. The token lives only in memory: it is never
 /// written to the app's settings or a run's config.
 pub struct RemotePanel {
@@ -24,7 +27,7 @@ pub struct RemotePanel {
 impl Default for RemotePanel {
     fn default() -> Self {
         Self {
-            address: "ws://127.0.0.1:3000".to_owned(),
+            address: DEFAULT_ADDRESS.to_owned(),
             token: crate::device::default_remote_token().unwrap_or_default(),
             test: None,
             outcome: None,

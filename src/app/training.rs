@@ -180,14 +180,6 @@ fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> Dow
     }
 }
 
-/// The address a fresh "Remote server…" choice starts from.
-fn default_server() -> crate::device::RemoteServer {
-    crate::device::RemoteServer {
-        url: "ws://127.0.0.1:3000".to_owned(),
-        token: None,
-    }
-}
-
 fn backbone_name(backbone: BackboneKind) -> &'static str {
     match backbone {
         BackboneKind::Resnet18 => "resnet18",
@@ -381,9 +373,12 @@ impl ExplorerApp {
                             && !remote_selected
                         {
                             // An address typed before is kept; a fresh one needs editing.
-                            config.device = remote
-                                .choice()
-                                .unwrap_or_else(|_| DeviceChoice::Remote(default_server()));
+                            config.device = remote.choice().unwrap_or_else(|_| {
+                                DeviceChoice::Remote(crate::device::RemoteServer {
+                                    url: super::remote_ui::DEFAULT_ADDRESS.to_owned(),
+                                    token: None,
+                                })
+                            });
                         }
                     });
                 ui.end_row();
