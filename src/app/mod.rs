@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::data::{DemoOptions, ImageFolder, write_demo_dataset};
-use crate::session::{Command, DatasetPaths, SessionState, TrainRequest, TrainerHandle};
+use crate::session::{Activity, Command, DatasetPaths, SessionState, TrainRequest, TrainerHandle};
 
 pub use images::{ImageCache, ImageRequest};
 pub use maps::MapView;
@@ -447,7 +447,7 @@ impl ExplorerApp {
                 session.class_names = dataset.class_names.clone();
                 session.status.running = true;
                 session.status.error = None;
-                session.status.activity = "Starting".into();
+                session.status.activity = Activity::Starting;
                 let new_run = resume_run.is_none();
                 self.session = Some(session);
                 if new_run || self.labels.is_none() {
@@ -467,8 +467,8 @@ impl ExplorerApp {
     /// Sends a command to the running trainer.
     pub fn command(&mut self, command: Command) {
         let note = match &command {
-            Command::Pause => Some("Pausing after this batch"),
-            Command::Stop => Some("Stopping after this batch"),
+            Command::Pause => Some(Activity::Pausing),
+            Command::Stop => Some(Activity::Stopping),
             Command::Resume => None,
             Command::Edit(_) => None,
         };
@@ -485,7 +485,7 @@ impl ExplorerApp {
         if let Some(session) = &mut self.session
             && let Some(note) = note
         {
-            session.status.activity = note.into();
+            session.status.activity = note;
         }
     }
 
@@ -795,7 +795,7 @@ impl ExplorerApp {
                 ui.label(&status.device).on_hover_text(&status.weights);
                 ui.separator();
             }
-            ui.label(&status.activity);
+            ui.label(status.activity.to_string());
             if let Some(fraction) = status.activity_fraction.filter(|_| status.running) {
                 ui.add(egui::ProgressBar::new(fraction).desired_width(120.0));
             }

@@ -9,6 +9,6 @@ pub mod timeline;
 pub mod worker;
 
 pub use jobs::{Job, JobContext, JobError, Service, ServiceBusy, ServiceContext, Wake};
-pub use state::{DatasetPaths, EpochScore, LossPoint, SessionState, SessionStatus};
+pub use state::{Activity, DatasetPaths, EpochScore, LossPoint, SessionState, SessionStatus};
 pub use timeline::{Snapshot, Timeline};
 pub use worker::{Command, TrainRequest, TrainerHandle, WorkerEvent};

@@ -11,7 +11,106 @@ use serde::{Deserialize, Serialize};
 
 use super::timeline::{Snapshot, Timeline};
 use super::worker::WorkerEvent;
-use crate::train::{ClusterStatistics, LossTerms, TrainEvent};
+use crate::train::{ClusterStatistics, LossTerms, TrainEvent, TrainPhase};
+
+/// What the trainer is doing, as the status bar shows it. Stored in `session.json` as its
+/// words ([`Activity::to_string`]), so records written when it was a plain string still
+/// read.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Activity {
+    /// Nothing has happened yet.
+    #[default]
+    Idle,
+    /// The trainer thread was started.
+    Starting,
+    /// Opening a session on a remote server (its address).
+    Connecting(String),
+    /// Decoding the dataset.
+    LoadingImages {
+        /// Images decoded.
+        done: usize,
+        /// Images in all.
+        total: usize,
+    },
+    /// A phase of an epoch (training steps included).
+    Phase(TrainPhase),
+    /// A pause was asked for; it takes effect after this batch.
+    Pausing,
+    /// A stop was asked for; it takes effect after this batch.
+    Stopping,
+    /// Paused at a batch boundary.
+    Paused,
+    /// Stopped before the last epoch.
+    Stopped,
+    /// Every epoch done.
+    Finished,
+    /// Training could not start or failed ([`SessionStatus::error`] says why).
+    Failed,
+    /// Words this version does not know (from another version's record).
+    Other(String),
+}
+
+impl std::fmt::Display for Activity {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Idle => Ok(()),
+            Self::Starting => out.write_str("Starting"),
+            Self::Connecting(address) => write!(out, "Connecting to {address}"),
+            Self::LoadingImages { done, total } => write!(out, "Loading images {done}/{total}"),
+            Self::Phase(phase) => out.write_str(phase.describe()),
+            Self::Pausing => out.write_str("Pausing after this batch"),
+            Self::Stopping => out.write_str("Stopping after this batch"),
+            Self::Paused => out.write_str("Paused"),
+            Self::Stopped => out.write_str("Stopped"),
+            Self::Finished => out.write_str("Finished"),
+            Self::Failed => out.write_str("Failed"),
+            Self::Other(words) => out.write_str(words),
+        }
+    }
+}
+
+impl From<Activity> for String {
+    fn from(activity: Activity) -> Self {
+        activity.to_string()
+    }
+}
+
+impl From<String> for Activity {
+    /// Reads the words back; progress counts are not kept (only the last status of a closed
+    /// session is ever read).
+    fn from(words: String) -> Self {
+        const PHASES: [TrainPhase; 6] = [
+            TrainPhase::Loading,
+            TrainPhase::Features,
+            TrainPhase::Clustering,
+            TrainPhase::Training,
+            TrainPhase::Evaluating,
+            TrainPhase::Checkpointing,
+        ];
+        let fixed = [
+            Activity::Idle,
+            Activity::Starting,
+            Activity::Pausing,
+            Activity::Stopping,
+            Activity::Paused,
+            Activity::Stopped,
+            Activity::Finished,
+            Activity::Failed,
+        ];
+        if let Some(activity) = fixed
+            .into_iter()
+            .chain(PHASES.map(Activity::Phase))
+            .find(|activity| activity.to_string() == words)
+        {
+            return activity;
+        }
+        if let Some(address) = words.strip_prefix("Connecting to ") {
+            return Activity::Connecting(address.to_owned());
+        }
+        Activity::Other(words)
+    }
+}
 
 pub use crate::run::paths::{SESSION_FILE, SNAPSHOTS_FILE};
 
@@ -80,8 +179,8 @@ pub struct SessionStatus {
     pub images_per_second: f64,
     /// Estimated seconds left.
     pub eta_seconds: f64,
-    /// What the trainer is doing, in words.
-    pub activity: String,
+    /// What the trainer is doing.
+    pub activity: Activity,
     /// Progress of that activity, 0..1, when known.
     pub activity_fraction: Option<f32>,
     /// Paused at a batch boundary.
@@ -159,13 +258,16 @@ impl SessionState {
         match event {
             WorkerEvent::Connecting(address) => {
                 self.status.running = true;
-                self.status.activity = format!("Connecting to {address}");
+                self.status.activity = Activity::Connecting(address.clone());
                 self.status.activity_fraction = None;
                 false
             }
             WorkerEvent::Loading { done, total } => {
                 self.status.running = true;
-                self.status.activity = format!("Loading images {done}/{total}");
+                self.status.activity = Activity::LoadingImages {
+                    done: *done,
+                    total: *total,
+                };
                 self.status.activity_fraction = Some(*done as f32 / (*total).max(1) as f32);
                 false
             }
@@ -180,7 +282,7 @@ impl SessionState {
             WorkerEvent::Train(event) => self.apply_train(event),
             WorkerEvent::Failed(message) => {
                 self.status.error = Some(message.clone());
-                self.status.activity = "Failed".into();
+                self.status.activity = Activity::Failed;
                 self.status.running = false;
                 true
             }
@@ -223,7 +325,7 @@ impl SessionState {
                 total,
             } => {
                 status.epoch = *epoch;
-                status.activity = phase.describe().to_string();
+                status.activity = Activity::Phase(*phase);
                 status.activity_fraction = (*total > 0).then(|| *done as f32 / *total as f32);
                 false
             }
@@ -233,7 +335,7 @@ impl SessionState {
                 status.steps_per_epoch = progress.steps;
                 status.images_per_second = progress.images_per_second;
                 status.eta_seconds = progress.eta_seconds;
-                status.activity = "Training".into();
+                status.activity = Activity::Phase(TrainPhase::Training);
                 status.activity_fraction =
                     Some(progress.step as f32 / progress.steps.max(1) as f32);
                 self.losses.push(LossPoint {
@@ -286,13 +388,21 @@ impl SessionState {
             TrainEvent::EpochFinished(_) => true,
             TrainEvent::Paused(paused) => {
                 status.paused = *paused;
-                status.activity = if *paused { "Paused" } else { "Training" }.into();
+                status.activity = if *paused {
+                    Activity::Paused
+                } else {
+                    Activity::Phase(TrainPhase::Training)
+                };
                 false
             }
             TrainEvent::Finished { stopped } => {
                 status.finished = true;
                 status.paused = false;
-                status.activity = if *stopped { "Stopped" } else { "Finished" }.into();
+                status.activity = if *stopped {
+                    Activity::Stopped
+                } else {
+                    Activity::Finished
+                };
                 status.activity_fraction = None;
                 true
             }
@@ -419,6 +529,28 @@ impl SessionState {
 mod tests {
     use super::*;
     use crate::session::timeline::tests::snapshot;
+
+    #[test]
+    fn activities_are_stored_as_words_and_old_records_still_read() {
+        for activity in [
+            Activity::Paused,
+            Activity::Phase(TrainPhase::Clustering),
+            Activity::Connecting("ws://gpu-box:3000".into()),
+            Activity::Failed,
+        ] {
+            let text = serde_json::to_string(&activity).unwrap();
+            assert_eq!(text, format!("\"{activity}\""));
+            assert_eq!(serde_json::from_str::<Activity>(&text).unwrap(), activity);
+        }
+        // As session.json held it when the activity was a string.
+        let old: SessionStatus =
+            serde_json::from_str(r#"{"device":"CPU","weights":"","images":3,"clusters":2,"epoch":1,"epochs":2,"step":0,"steps_per_epoch":1,"images_per_second":0.0,"eta_seconds":0.0,"activity":"Writing checkpoint","activity_fraction":null,"paused":false,"running":false,"finished":false,"error":null}"#)
+                .unwrap();
+        assert_eq!(old.activity, Activity::Phase(TrainPhase::Checkpointing));
+        let progress = Activity::from("Loading images 3/10".to_owned());
+        assert_eq!(progress, Activity::Other("Loading images 3/10".into()));
+        assert_eq!(progress.to_string(), "Loading images 3/10");
+    }
 
     #[test]
     fn a_saved_session_reopens_with_its_snapshots_even_after_a_torn_write() {
