@@ -9,6 +9,8 @@
 //!                                metrics.json (the run's metrics up to this epoch)
 //! RUN_DIR/segmentation.json      centroids of the un-augmented images, for segment/export
 //! RUN_DIR/.lock                  held by the one process writing the run (pid and command)
+//! RUN_DIR/decoded/               decoded images of a dataset too large for memory, while
+//!                                a training runs
 //! ```
 //! A checkpoint is written into a temporary folder that is renamed into place, and
 //! `latest.json` is replaced only after that, so a crash never leaves a half checkpoint
@@ -467,6 +469,18 @@ pub mod paths {
     /// `.bank.old-PID/`: where the previous bank waits while the new one is renamed in.
     pub fn bank_old(root: &Path) -> PathBuf {
         root.join(format!(".{BANK_DIR}.old-{}", std::process::id()))
+    }
+
+    /// `decoded/`: the cache files of a dataset too large to keep decoded in memory, while a
+    /// training runs (removed when it ends).
+    pub fn decoded(root: &Path) -> PathBuf {
+        root.join("decoded")
+    }
+
+    /// `decoded-bank/`: [`decoded`] for a bank built after training (by `picie bank` or the
+    /// app), which may run beside a training of the same folder.
+    pub fn decoded_for_bank(root: &Path) -> PathBuf {
+        root.join("decoded-bank")
     }
 
     /// `features/NAME/`: where a view's pixel features spill past the memory budget.

@@ -11,8 +11,8 @@ use std::time::Instant;
 use image::codecs::jpeg::JpegEncoder;
 use image::{DynamicImage, GrayImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, RgbImage, Rgba};
 use picie::data::{
-    BaseTransform, DEMO_CLASSES, DatasetError, DemoOptions, IGNORE_LABEL, ImageFolder,
-    LoadedDataset, generate_demo_scene, load_one, write_demo_dataset,
+    BaseTransform, DEMO_CLASSES, DatasetError, DecodedStorage, DemoOptions, IGNORE_LABEL,
+    ImageFolder, LoadedDataset, TrainingData, generate_demo_scene, load_one, write_demo_dataset,
 };
 
 fn no_progress(_: usize, _: usize) {}
@@ -612,8 +612,15 @@ fn training_and_picie_eval_score_the_same_evaluation_images_and_labels() {
     // As `picie train` (base 96) and `picie eval` (decoded at the input size) load them.
     let training = load(96);
     let evaluation = load(64);
-    assert_eq!(training.eval_images, evaluation.eval_images);
-    assert_eq!(training.eval_labels, evaluation.eval_labels);
+    let records = |stack: &picie::data::ImageStack| stack.to_records().unwrap();
+    assert_eq!(
+        records(&training.eval_images),
+        records(&evaluation.eval_images)
+    );
+    assert_eq!(
+        training.eval_labels.as_ref().map(records),
+        evaluation.eval_labels.as_ref().map(records)
+    );
     let first_label = picie::data::load_label(
         &summary
             .labels_dir
@@ -621,7 +628,13 @@ fn training_and_picie_eval_score_the_same_evaluation_images_and_labels() {
     )
     .unwrap();
     assert_eq!(
-        training.eval_labels.as_ref().unwrap()[0],
+        training
+            .eval_labels
+            .as_ref()
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .as_ref(),
         BaseTransform::new(64).apply_label(&first_label).into_raw(),
         "labels come straight from the file at the evaluation size"
     );
@@ -651,10 +664,13 @@ fn a_held_out_prefix_splits_the_images_and_a_wrong_one_is_explained() {
     assert_eq!(held.names, ["demo_0004.png"]);
     assert_eq!(kept.len(), 5);
     assert!(!kept.names.iter().any(|name| name.starts_with("demo_0004")));
-    assert_eq!(held.eval_images[0], data.eval_images[4]);
     assert_eq!(
-        held.eval_labels.as_ref().unwrap()[0],
-        data.eval_labels.as_ref().unwrap()[4]
+        held.eval_images.get(0).unwrap(),
+        data.eval_images.get(4).unwrap()
+    );
+    assert_eq!(
+        held.eval_labels.as_ref().unwrap().get(0).unwrap(),
+        data.eval_labels.as_ref().unwrap().get(4).unwrap()
     );
     assert_eq!(held.classes(), data.classes());
 
@@ -665,4 +681,76 @@ fn a_held_out_prefix_splits_the_images_and_a_wrong_one_is_explained() {
     );
     let all = data.split_held_out("demo_").unwrap_err();
     assert!(all.contains("none would be left to train on"), "{all}");
+}
+
+#[test]
+fn a_dataset_decoded_to_cache_files_holds_what_memory_holds_and_says_which_file_broke() {
+    let folder = tempfile::tempdir().unwrap();
+    let summary = write_demo_dataset(
+        folder.path(),
+        &DemoOptions {
+            images: 6,
+            size: 80,
+            seed: 3,
+        },
+    )
+    .unwrap();
+    // A file that cannot be decoded: skipped in both, the others keep their order.
+    std::fs::write(summary.images_dir.join("demo_0002.png"), b"not a png").unwrap();
+    let cache = folder.path().join("run").join("decoded");
+    let load = |storage: &DecodedStorage| {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let data = TrainingData::load_into(
+            &summary.images_dir,
+            Some(&summary.labels_dir),
+            64,
+            32,
+            storage,
+            &|_, total| {
+                assert_eq!(total, 6);
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+        )
+        .unwrap();
+        assert_eq!(calls.into_inner(), 6, "progress for every file");
+        data
+    };
+    let in_memory = load(&DecodedStorage::Memory);
+    let on_disk = load(&DecodedStorage::Disk(cache.clone()));
+    // Under the budget, Auto keeps them in memory, and removes a killed run's cache files.
+    let stale = folder.path().join("unused");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("bases.bin"), [0; 64]).unwrap();
+    let auto = load(&DecodedStorage::auto(&stale));
+    assert!(in_memory.cache_file().is_none() && auto.cache_file().is_none());
+    assert!(!folder.path().join("unused").exists());
+    assert_eq!(
+        on_disk.cache_file(),
+        Some(cache.join("bases.bin").as_path())
+    );
+    assert_eq!(on_disk.names, in_memory.names);
+    assert_eq!(on_disk.len(), 5);
+    assert_eq!(on_disk.skipped.len(), 1);
+    assert_eq!(on_disk.classes(), in_memory.classes());
+    let records = |stack: &picie::data::ImageStack| stack.to_records().unwrap();
+    assert_eq!(records(&on_disk.bases), records(&in_memory.bases));
+    assert_eq!(
+        records(&on_disk.eval_images),
+        records(&in_memory.eval_images)
+    );
+    assert_eq!(
+        on_disk.eval_labels.as_ref().map(records),
+        in_memory.eval_labels.as_ref().map(records)
+    );
+    let (kept, held) = on_disk.split_held_out("demo_0004").unwrap();
+    assert_eq!(held.bases.get(0).unwrap(), in_memory.bases.get(3).unwrap());
+    assert_eq!(kept.len(), 4);
+
+    // The cache deleted under a running training: an error naming the file, not a panic.
+    std::fs::File::create(cache.join("bases.bin")).unwrap();
+    let error = on_disk.bases.get(4).unwrap_err().to_string();
+    assert!(
+        error.contains("bases.bin") && error.contains("start the run again"),
+        "{error}"
+    );
 }

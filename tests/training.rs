@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use picie::config::TrainConfig;
-use picie::data::{DemoOptions, write_demo_dataset};
+use picie::data::{DecodedStorage, DemoOptions, write_demo_dataset};
 use picie::device::{ComputeDevice, DeviceChoice};
 use picie::model::BackboneKind;
 use picie::train::{
@@ -28,6 +28,14 @@ fn demo_config(epochs: usize) -> TrainConfig {
 }
 
 fn demo_data(folder: &std::path::Path, images: usize) -> Arc<TrainingData> {
+    demo_data_in(folder, images, &DecodedStorage::Memory)
+}
+
+fn demo_data_in(
+    folder: &std::path::Path,
+    images: usize,
+    storage: &DecodedStorage,
+) -> Arc<TrainingData> {
     let summary = write_demo_dataset(
         folder,
         &DemoOptions {
@@ -38,11 +46,12 @@ fn demo_data(folder: &std::path::Path, images: usize) -> Arc<TrainingData> {
     )
     .unwrap();
     Arc::new(
-        TrainingData::load(
+        TrainingData::load_into(
             &summary.images_dir,
             Some(&summary.labels_dir),
             128,
             64,
+            storage,
             &|_, _| {},
         )
         .unwrap(),
@@ -158,8 +167,16 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
     .run(&ComputeDevice::cpu(), &mut NullObserver)
     .unwrap();
 
-    // The same run, stopped after its first epoch and resumed.
+    // The same run, stopped after its first epoch and resumed, with the images decoded to
+    // cache files (as a dataset too large for memory is) instead of memory.
     let split_dir = folder.path().join("split");
+    let cache = folder.path().join("decoded");
+    let data = demo_data_in(
+        &folder.path().join("demo"),
+        16,
+        &DecodedStorage::Disk(cache.clone()),
+    );
+    assert!(data.cache_file().is_some_and(|file| file.starts_with(&cache)));
     let run = RunFolder::create(&split_dir, &demo_config(1), ExistingRun::Refuse)
         .unwrap()
         .0;
@@ -174,11 +191,14 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
     .run(&ComputeDevice::cpu(), &mut NullObserver)
     .unwrap();
     let run = RunFolder::open(&split_dir).unwrap();
+    let data_kept = data.clone();
     let resumed = Trainer::new(config, run, data, TrainControl::new(), true)
         .unwrap()
         .run(&ComputeDevice::cpu(), &mut NullObserver)
         .unwrap();
 
+    drop(data_kept);
+    assert!(!cache.exists(), "the cache files go with the data");
     assert_eq!(resumed.last_epoch, 2);
     let a = &straight.metrics.epochs;
     let b = &resumed.metrics.epochs;

@@ -8,7 +8,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::{BankError, BankInfo, FeatureBank, unit_vector};
-use crate::data::TrainingData;
+use crate::data::{DecodedStorage, TrainingData};
 use crate::model::{FEATURE_STRIDE, PicieNet, images_to_tensor};
 
 /// Checks a bank patch side against the input side.
@@ -40,10 +40,8 @@ pub fn build_bank(
     let mut done = 0;
     progress(0, data.len());
     for indices in (0..data.len()).collect::<Vec<_>>().chunks(batch) {
-        let images: Vec<&[u8]> = indices
-            .iter()
-            .map(|&index| data.eval_images[index].as_slice())
-            .collect();
+        let images = data.eval_images.gather(indices)?;
+        let images: Vec<&[u8]> = images.iter().map(AsRef::as_ref).collect();
         builder.push(network.forward(images_to_tensor(&images, size, device)))?;
         done += indices.len();
         progress(done, data.len());
@@ -160,11 +158,12 @@ pub fn build_run_bank(
         .latest_network(&compute.device)
         .map_err(|e| BankError::Invalid(e.to_string()))?;
     let progress = std::sync::Mutex::new(progress);
-    let data = TrainingData::load(
+    let data = TrainingData::load_into(
         images,
         None,
         config.base_size,
         config.input_size,
+        &DecodedStorage::auto(crate::run::paths::decoded_for_bank(run_dir)),
         &|done, total| {
             if let Ok(mut progress) = progress.lock() {
                 progress("decoding images", done, total);

@@ -122,6 +122,9 @@ pub enum BankError {
     /// The device failed to run or read back a computation.
     #[error("device error in the feature bank: {0}")]
     Device(String),
+    /// A decoded image could not be read back from its cache file.
+    #[error(transparent)]
+    DecodedImage(#[from] crate::data::StackReadError),
     /// An image name the bank does not hold.
     #[error(
         "the feature bank has no image named '{name}' (it holds {count} images, e.g. '{example}')"

@@ -401,6 +401,12 @@ mod tests {
         let values: Vec<f32> = (0..40).map(|i| i as f32 * 0.25).collect();
         for rows in values.chunks(8) {
             store.push_slice(rows).unwrap();
+            // Never more than the budget in memory, even for a moment.
+            assert!(
+                store.memory_bytes() <= 3 * 4 * 2,
+                "{}",
+                store.memory_bytes()
+            );
         }
         assert_eq!(store.len(), 10);
         assert!(store.spilled_rows() > 0 && store.spilled_rows() < 10);

@@ -59,6 +59,10 @@ impl Drop for SpillFile {
     fn drop(&mut self) {
         // Best effort: a leftover temporary file is not worth a panic.
         let _ = fs::remove_file(&self.path);
+        // Its folder too once empty (this fails while another store's file is in it).
+        if let Some(folder) = self.path.parent() {
+            let _ = fs::remove_dir(folder);
+        }
     }
 }
 
@@ -134,11 +138,33 @@ impl FeatureStore {
                 values: values.len(),
             });
         }
+        if let Some(budget_values) = self.budget_values() {
+            // Spilled before the rows would outgrow the budget, into room reserved once: a
+            // growing vector would copy itself into one twice the size, holding up to three
+            // budgets at once.
+            if self.memory.len() + values.len() > budget_values {
+                self.spill()?;
+            }
+            if self.memory.capacity() < budget_values {
+                self.memory.reserve_exact(
+                    budget_values
+                        .max(values.len())
+                        .saturating_sub(self.memory.len()),
+                );
+            }
+        }
         let start = self.memory.len();
         self.memory.resize(start + values.len(), f16::ZERO);
         self.memory[start..].convert_from_f32_slice(values);
         self.len += values.len() / self.dim;
         self.spill_if_over_budget()
+    }
+
+    /// The most values kept in memory, with a spill configuration.
+    fn budget_values(&self) -> Option<usize> {
+        self.spill
+            .as_ref()
+            .map(|config| config.memory_budget_bytes / VALUE_BYTES)
     }
 
     /// Appends the rows of a `[n, dim]` tensor (read back from its device).
@@ -286,7 +312,18 @@ impl FeatureStore {
         let Some(config) = &self.spill else {
             return Ok(());
         };
-        if self.memory_bytes() <= config.memory_budget_bytes || self.memory.is_empty() {
+        if self.memory_bytes() <= config.memory_budget_bytes {
+            return Ok(());
+        }
+        self.spill()
+    }
+
+    /// Moves the rows held in memory to the spill file (created on first use).
+    fn spill(&mut self) -> Result<(), ClusterError> {
+        let Some(config) = &self.spill else {
+            return Ok(());
+        };
+        if self.memory.is_empty() {
             return Ok(());
         }
         if self.file.is_none() {

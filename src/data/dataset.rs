@@ -762,7 +762,7 @@ fn describe_color(color: ColorType) -> String {
     name.to_owned()
 }
 
-fn load_entry(
+pub(super) fn load_entry(
     entry: &ImageEntry,
     transform: &BaseTransform,
     eval: Option<&BaseTransform>,

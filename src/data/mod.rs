@@ -6,6 +6,7 @@
 
 mod dataset;
 mod demo;
+mod stack;
 mod training;
 pub mod views;
 
@@ -15,4 +16,5 @@ pub use dataset::{
     load_one, read_class_names,
 };
 pub use demo::{DEMO_CLASSES, DemoOptions, DemoSummary, generate_demo_scene, write_demo_dataset};
-pub use training::TrainingData;
+pub use stack::{ImageStack, StackReadError, StackTarget, StackWriter};
+pub use training::{DEFAULT_DECODED_MEMORY_BUDGET, DecodedStorage, TrainingData};

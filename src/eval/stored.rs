@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::bilateral::{BilateralParams, bilateral_upsample_argmax};
 use super::{ConfusionMatrix, EvalError};
 use crate::cluster::{Centroids, FeatureStore, MAX_CLUSTERS};
+use crate::data::ImageStack;
 use crate::linalg::{MatRef, Threads, matmul};
 use crate::model::resize::{AxisWindow, bilinear_taps};
 
@@ -23,10 +24,10 @@ pub fn confusion_from_store(
     store: &FeatureStore,
     grid: [usize; 2],
     centroids: &Centroids,
-    labels: &[Vec<u8>],
+    labels: &ImageStack,
     label_size: [usize; 2],
     classes: usize,
-    guides: Option<&[Vec<u8>]>,
+    guides: Option<&ImageStack>,
 ) -> Result<ConfusionMatrix, EvalError> {
     let clusters = centroids.clusters;
     if centroids.dim != store.dim() {
@@ -48,9 +49,7 @@ pub fn confusion_from_store(
     }
     if let Some(guides) = guides
         && (guides.len() != labels.len()
-            || guides
-                .iter()
-                .any(|guide| guide.len() != label_size[0] * label_size[1] * 3))
+            || guides.record_bytes() != label_size[0] * label_size[1] * 3)
     {
         return Err(EvalError::LengthMismatch {
             predictions: guides.len(),
@@ -65,10 +64,13 @@ pub fn confusion_from_store(
     }
     let row_taps = bilinear_taps(grid[0], AxisWindow::whole(grid[0]), label_size[0]);
     let col_taps = bilinear_taps(grid[1], AxisWindow::whole(grid[1]), label_size[1]);
-    let per_image = labels
-        .par_iter()
-        .enumerate()
-        .map(|(image, image_labels)| {
+    let read_error = |error: crate::data::StackReadError| EvalError::Device(error.to_string());
+    // Folded per thread, so memory does not grow with the number of images.
+    let empty = || ConfusionMatrix::new(clusters, classes);
+    let total = (0..labels.len())
+        .into_par_iter()
+        .try_fold(empty, |mut total, image| {
+            let image_labels = labels.get(image).map_err(read_error)?;
             let mut features = Vec::new();
             store
                 .read_into(image * cells..(image + 1) * cells, &mut features)
@@ -87,13 +89,12 @@ pub fn confusion_from_store(
                     &logits,
                     clusters,
                     grid,
-                    &guides[image],
+                    &guides.get(image).map_err(read_error)?,
                     label_size,
                     &BilateralParams::default(),
                 );
-                let mut confusion = ConfusionMatrix::new(clusters, classes);
-                confusion.add(&predictions, image_labels)?;
-                return Ok(confusion);
+                total.add(&predictions, &image_labels)?;
+                return Ok(total);
             }
             // Along x first: [h, W, K].
             let mut wide = vec![0.0f32; grid[0] * label_size[1] * clusters];
@@ -123,15 +124,13 @@ pub fn confusion_from_store(
                     predictions.push(argmax(&pixel));
                 }
             }
-            let mut confusion = ConfusionMatrix::new(clusters, classes);
-            confusion.add(&predictions, image_labels)?;
-            Ok(confusion)
+            total.add(&predictions, &image_labels)?;
+            Ok(total)
         })
-        .collect::<Result<Vec<_>, EvalError>>()?;
-    let mut total = ConfusionMatrix::new(clusters, classes);
-    for confusion in &per_image {
-        total.merge(confusion)?;
-    }
+        .try_reduce(empty, |mut total, other| {
+            total.merge(&other)?;
+            Ok(total)
+        })?;
     Ok(total)
 }
 
@@ -195,7 +194,7 @@ mod tests {
             &store,
             [height, width],
             &centroids,
-            &labels,
+            &ImageStack::from_records(label_size[0] * label_size[1], labels),
             label_size,
             clusters,
             None,

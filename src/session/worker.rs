@@ -11,7 +11,9 @@ use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
 use super::state::{DatasetPaths, SessionState};
 use super::timeline::Snapshot;
 use crate::config::TrainConfig;
+use crate::data::DecodedStorage;
 use crate::device::select_device;
+use crate::run::paths as run_paths;
 use crate::train::{ExistingRun, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
 
 /// Commands from the app to the trainer; they take effect at the next batch boundary (edits:
@@ -185,11 +187,19 @@ fn run_training(
         send(WorkerEvent::Connecting(config.device.to_string()));
     }
     let compute = select_device(&config.device).map_err(|error| error.to_string())?;
-    let data = TrainingData::load(
+    let run = if request.resume {
+        RunFolder::open_for_writing(&request.run_dir)
+    } else {
+        RunFolder::create(&request.run_dir, &config, ExistingRun::Refuse).map(|(run, _)| run)
+    }
+    .map_err(|error| error.to_string())?;
+    // Large datasets are decoded into the run folder, so the folder is claimed first.
+    let data = TrainingData::load_into(
         &request.images,
         request.labels.as_deref(),
         config.base_size,
         config.input_size,
+        &DecodedStorage::auto(run_paths::decoded(&request.run_dir)),
         &|done, total| {
             send(WorkerEvent::Loading { done, total });
         },
@@ -203,12 +213,6 @@ fn run_training(
                 .collect(),
         ));
     }
-    let run = if request.resume {
-        RunFolder::open_for_writing(&request.run_dir)
-    } else {
-        RunFolder::create(&request.run_dir, &config, ExistingRun::Refuse).map(|(run, _)| run)
-    }
-    .map_err(|error| error.to_string())?;
     // The session record on disk is kept by this thread, so it survives the window: the
     // snapshot log grows as maps arrive, the rest is rewritten at each epoch end.
     let mut record = if request.resume {

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use crossbeam::channel::{Receiver, bounded};
 
-use crate::data::TrainingData;
 use crate::data::views::{self, GeometricParams, ViewBatch, ViewParams};
+use crate::data::{StackReadError, TrainingData};
 
 /// One batch's views and the geometric change G of each image.
 pub(super) struct PreparedViews {
@@ -21,7 +21,7 @@ pub(super) struct PreparedViews {
 
 /// Views of a sequence of batches, produced in order by a thread named `picie-views`.
 pub(super) struct ViewStream {
-    receiver: Option<Receiver<PreparedViews>>,
+    receiver: Option<Receiver<Result<PreparedViews, StackReadError>>>,
     worker: Option<JoinHandle<f64>>,
 }
 
@@ -44,10 +44,14 @@ impl ViewStream {
                 let mut seconds = 0.0;
                 for batch in batches {
                     let started = Instant::now();
-                    let bases: Vec<&[u8]> = batch
-                        .iter()
-                        .map(|&index| data.bases[index].as_slice())
-                        .collect();
+                    let bases = match data.bases.gather(&batch) {
+                        Ok(bases) => bases,
+                        Err(error) => {
+                            let _ = sender.send(Err(error));
+                            break;
+                        }
+                    };
+                    let bases: Vec<&[u8]> = bases.iter().map(AsRef::as_ref).collect();
                     let batch_params: Vec<ViewParams> =
                         batch.iter().map(|&index| params[index]).collect();
                     let views = views::build_view_batch(
@@ -59,7 +63,7 @@ impl ViewStream {
                     let geometric = batch_params.iter().map(|p| p.geometric).collect();
                     seconds += started.elapsed().as_secs_f64();
                     // The consumer hung up (a stop, or an error): nothing more to build.
-                    if sender.send(PreparedViews { views, geometric }).is_err() {
+                    if sender.send(Ok(PreparedViews { views, geometric })).is_err() {
                         break;
                     }
                 }
@@ -71,8 +75,9 @@ impl ViewStream {
         })
     }
 
-    /// The next batch's views, `None` after the last batch (or if the thread died).
-    pub fn next(&mut self) -> Option<PreparedViews> {
+    /// The next batch's views, `None` after the last batch (or if the thread died); an
+    /// error when a base image could not be read back from its cache file.
+    pub fn next(&mut self) -> Option<Result<PreparedViews, StackReadError>> {
         self.receiver.as_ref()?.recv().ok()
     }
 

@@ -1,6 +1,7 @@
 //! The training loop.
 
 use std::cell::Cell;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,6 +51,9 @@ pub enum TrainError {
     /// The dataset does not fit the configuration.
     #[error("{0}")]
     Data(String),
+    /// A decoded image could not be read back from its cache file.
+    #[error(transparent)]
+    DecodedImage(#[from] crate::data::StackReadError),
     /// The feature bank could not be built or saved.
     #[error(transparent)]
     Bank(#[from] crate::bank::BankError),
@@ -453,7 +457,7 @@ impl Trainer {
                 &model.network.valid(),
                 &epoch_clusters.centroids_first,
                 &compute.device,
-            );
+            )?;
             // Over the same pixels of the same (un-augmented) images: the training views are
             // new random crops every epoch, so their labels cannot be compared cell by cell.
             let preview_labels = preview_labels(&maps);
@@ -636,13 +640,15 @@ impl Trainer {
     /// A feature store for one view that spills to the run folder past a memory budget, so
     /// datasets of 10^7..10^8 pixels fit.
     fn feature_store(&self, name: &str) -> Result<FeatureStore, TrainError> {
-        const MEMORY_BUDGET_BYTES: usize = 2 << 30;
-        let folder = crate::run::paths::feature_spill(self.run.root(), name);
-        FeatureStore::new(
-            FEATURE_DIM,
-            Some(SpillConfig::new(folder, MEMORY_BUDGET_BYTES)),
-        )
-        .map_err(cluster_error)
+        spilling_store(Some(&crate::run::paths::feature_spill(
+            self.run.root(),
+            name,
+        )))
+    }
+
+    /// Where the un-augmented images' features spill.
+    fn eval_spill(&self) -> PathBuf {
+        crate::run::paths::feature_spill(self.run.root(), "eval")
     }
 
     /// The seeded order of images in this epoch's batches.
@@ -717,7 +723,7 @@ impl Trainer {
                 done,
                 total: batches.len(),
             });
-            let prepared = stream.next().ok_or_else(view_thread_stopped)?;
+            let prepared = stream.next().ok_or_else(view_thread_stopped)??;
             let (view_first, view_second) = prepared.views.into_tensors(&device);
             let geometric = prepared.geometric;
             if batch_statistics {
@@ -932,15 +938,15 @@ impl Trainer {
         network: &PicieNet,
         centroids: &Centroids,
         device: &Device,
-    ) -> Vec<ClusterMap> {
+    ) -> Result<Vec<ClusterMap>, TrainError> {
         let count = self.config.preview_images.min(self.data.len());
         if count == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let size = self.data.eval_size as usize;
-        let images: Vec<&[u8]> = (0..count)
-            .map(|index| self.data.eval_images[index].as_slice())
-            .collect();
+        let indices: Vec<usize> = (0..count).collect();
+        let images = self.data.eval_images.gather(&indices)?;
+        let images: Vec<&[u8]> = images.iter().map(AsRef::as_ref).collect();
         let features = network.forward(images_to_tensor(&images, size, device));
         let [batch, dim, grid_height, grid_width] = features.dims();
         // [B, D, h, w] -> [B, h*w, D] -> [B*h*w, D] x [D, K] -> [B*h*w, K]
@@ -974,7 +980,7 @@ impl Trainer {
             .try_into_vec::<i64>()
             .unwrap_or_default();
         let cells = height * width;
-        (0..batch)
+        Ok((0..batch)
             .filter(|image| index.len() >= (image + 1) * cells && best.len() >= (image + 1) * cells)
             .map(|image| ClusterMap {
                 image_index: image,
@@ -987,7 +993,7 @@ impl Trainer {
                     .collect(),
                 similarity: best[image * cells..(image + 1) * cells].to_vec(),
             })
-            .collect()
+            .collect())
     }
 
     /// One pass of optimisation over the epoch's batches. Returns the mean loss terms and
@@ -1037,7 +1043,7 @@ impl Trainer {
                 });
                 return Ok((sums.divided_by(step), false));
             }
-            let prepared = stream.next().ok_or_else(view_thread_stopped)?;
+            let prepared = stream.next().ok_or_else(view_thread_stopped)??;
             let (view_first, view_second) = prepared.views.into_tensors(device);
             let geometric = prepared.geometric;
             let range = offset * cells..(offset + batch.len()) * cells;
@@ -1121,7 +1127,7 @@ impl Trainer {
                         &model.network.valid(),
                         &clusters.centroids_first,
                         &device.clone().inner(),
-                    ),
+                    )?,
                 });
             }
             observer.on_event(&TrainEvent::Step(StepProgress {
@@ -1174,6 +1180,7 @@ impl Trainer {
             &self.config,
             device,
             epoch,
+            Some(&self.eval_spill()),
             bank.as_mut(),
             observer,
         )?;
@@ -1211,6 +1218,7 @@ impl Trainer {
             device,
             epoch,
             None,
+            Some(&self.eval_spill()),
             &mut relay,
         )
     }
@@ -1266,6 +1274,7 @@ impl Trainer {
             clusters,
             device,
             epoch,
+            Some(&self.eval_spill()),
             observer,
         )?;
         self.run.write_segmentation(&SegmentationCentroids {
@@ -1301,23 +1310,42 @@ fn view_thread_stopped() -> TrainError {
     TrainError::Data("the thread building the views stopped early".into())
 }
 
+/// Rows a feature store keeps in memory before it moves them to its spill file. Two stores
+/// (the two views) live at once while an epoch is clustered: with the decoded images'
+/// budget ([`crate::data::DEFAULT_DECODED_MEMORY_BUDGET`]) this bounds the data's memory at
+/// about 3 GiB whatever the number of images.
+pub const FEATURE_MEMORY_BUDGET_BYTES: usize = 1 << 30;
+
+/// A feature store that spills to `folder` past [`FEATURE_MEMORY_BUDGET_BYTES`] (in memory
+/// only without one).
+fn spilling_store(folder: Option<&Path>) -> Result<FeatureStore, TrainError> {
+    FeatureStore::new(
+        FEATURE_DIM,
+        folder.map(|folder| SpillConfig::new(folder, FEATURE_MEMORY_BUDGET_BYTES)),
+    )
+    .map_err(cluster_error)
+}
+
 fn cluster_error(error: impl std::fmt::Display) -> TrainError {
     TrainError::Cluster(error.to_string())
 }
 
-/// Features of the un-augmented images (network in eval mode), in dataset order; with `bank`,
-/// the same features also go into a feature bank.
+/// Features of the un-augmented images (network in eval mode), in dataset order, spilling to
+/// `spill_folder` past the memory budget; with `bank`, the same features also go into a
+/// feature bank.
+#[allow(clippy::too_many_arguments)]
 fn eval_features(
     network: &PicieNet,
     data: &TrainingData,
     config: &TrainConfig,
     device: &Device,
     epoch: usize,
+    spill_folder: Option<&Path>,
     mut bank: Option<&mut BankBuilder>,
     observer: &mut dyn TrainObserver,
 ) -> Result<FeatureStore, TrainError> {
     let size = data.eval_size as usize;
-    let mut store = FeatureStore::in_memory(FEATURE_DIM).map_err(cluster_error)?;
+    let mut store = spilling_store(spill_folder)?;
     let indices: Vec<usize> = (0..data.len()).collect();
     let batches: Vec<&[usize]> = indices.chunks(config.batch_size).collect();
     for (done, batch) in batches.iter().enumerate() {
@@ -1327,10 +1355,8 @@ fn eval_features(
             done,
             total: batches.len(),
         });
-        let images: Vec<&[u8]> = batch
-            .iter()
-            .map(|&i| data.eval_images[i].as_slice())
-            .collect();
+        let images = data.eval_images.gather(batch)?;
+        let images: Vec<&[u8]> = images.iter().map(AsRef::as_ref).collect();
         let input = images_to_tensor(&images, size, device);
         let features = if config.test_time_flip {
             network.forward_flip_averaged(input)
@@ -1345,7 +1371,9 @@ fn eval_features(
     Ok(store)
 }
 
-/// Clusters the un-augmented images afresh into `clusters` centroids.
+/// Clusters the un-augmented images afresh into `clusters` centroids; their features spill
+/// to `spill_folder` past the memory budget.
+#[allow(clippy::too_many_arguments)]
 pub fn cluster_unaugmented(
     network: &PicieNet,
     data: &TrainingData,
@@ -1353,9 +1381,19 @@ pub fn cluster_unaugmented(
     clusters: usize,
     device: &Device,
     epoch: usize,
+    spill_folder: Option<&Path>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Centroids, TrainError> {
-    let store = eval_features(network, data, config, device, epoch, None, observer)?;
+    let store = eval_features(
+        network,
+        data,
+        config,
+        device,
+        epoch,
+        spill_folder,
+        None,
+        observer,
+    )?;
     cluster_store(&store, config, clusters, device)
 }
 
@@ -1376,7 +1414,9 @@ fn cluster_store(
 /// otherwise) and scores the clusters against the labels with Hungarian matching, as the
 /// reference does. `None` when the dataset has no labels. With `shown_centroids` (those whose
 /// clusters the user sees), the evaluation's `assignment` names those clusters by the labels
-/// of their own pixels; the scores stay the fresh clustering's.
+/// of their own pixels; the scores stay the fresh clustering's. The features spill to
+/// `spill_folder` past the memory budget.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_network(
     network: &PicieNet,
     data: &TrainingData,
@@ -1384,12 +1424,22 @@ pub fn evaluate_network(
     device: &Device,
     epoch: usize,
     shown_centroids: Option<&Centroids>,
+    spill_folder: Option<&Path>,
     observer: &mut dyn TrainObserver,
 ) -> Result<Option<Evaluation>, TrainError> {
     if data.eval_labels.is_none() || data.classes().is_none() {
         return Ok(None);
     }
-    let store = eval_features(network, data, config, device, epoch, None, observer)?;
+    let store = eval_features(
+        network,
+        data,
+        config,
+        device,
+        epoch,
+        spill_folder,
+        None,
+        observer,
+    )?;
     evaluate_stored(
         &store,
         data,
@@ -1419,8 +1469,7 @@ fn evaluate_stored(
     let centroids = cluster_store(store, config, k, device)?;
     let size = data.eval_size as usize;
     let side = size / crate::model::FEATURE_STRIDE;
-    let guides =
-        (config.upsampling == Upsampling::Bilateral).then_some(data.eval_images.as_slice());
+    let guides = (config.upsampling == Upsampling::Bilateral).then_some(&data.eval_images);
     let confusion = confusion_from_store(
         store,
         [side, side],

@@ -114,6 +114,7 @@ fn eval(
         &compute.device,
         epoch,
         None,
+        Some(&picie::run::paths::feature_spill(run_dir, "eval")),
         &mut observer,
     )?
     .ok_or_else(|| {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
 
 use picie::config::TrainConfig;
+use picie::data::DecodedStorage;
 use picie::device::{DeviceChoice, select_device};
 use picie::model::BackboneKind;
 use picie::train::{
@@ -104,8 +105,35 @@ pub(crate) struct TrainArgs {
     /// the last epoch, so the clusters settle)
     #[arg(long)]
     lr_schedule: Option<String>,
+    /// Where the decoded images are kept while training: auto (in memory up to 1 GiB, else
+    /// in cache files in OUT/decoded/, removed when training ends), memory or disk.
+    #[arg(long, value_enum, default_value_t = KeepDecoded::Auto)]
+    keep_decoded: KeepDecoded,
     #[command(flatten)]
     inference: InferenceArgs,
+}
+
+/// Values of `picie train --keep-decoded`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum KeepDecoded {
+    /// In memory when they fit in 1 GiB, else on disk.
+    Auto,
+    /// In memory, whatever their size.
+    Memory,
+    /// In cache files in the run folder.
+    Disk,
+}
+
+impl KeepDecoded {
+    /// The storage for a run in `run_dir`.
+    fn storage(self, run_dir: &std::path::Path) -> DecodedStorage {
+        let folder = picie::run::paths::decoded(run_dir);
+        match self {
+            Self::Auto => DecodedStorage::auto(folder),
+            Self::Memory => DecodedStorage::Memory,
+            Self::Disk => DecodedStorage::Disk(folder),
+        }
+    }
 }
 
 /// `picie train`.
@@ -184,7 +212,7 @@ pub(crate) fn run(args: TrainArgs) -> Result<()> {
     match args.seeds {
         None => {
             let run = claim_run_folder(&config, &args.out, &args)?;
-            let data = load_training_data(&args, &config)?;
+            let data = load_training_data(&args, &config, &args.out)?;
             let control = stop_on_ctrl_c();
             train_into(config, run, data, &control, &args.out, args.resume)?;
             Ok(())
@@ -223,13 +251,15 @@ pub(crate) fn claim_run_folder(
 pub(crate) fn load_training_data(
     args: &TrainArgs,
     config: &TrainConfig,
+    run_dir: &std::path::Path,
 ) -> Result<std::sync::Arc<TrainingData>> {
     let bar = progress_bar(0, "decoding images");
-    let data = TrainingData::load(
+    let data = TrainingData::load_into(
         &args.images,
         args.labels.as_deref(),
         config.base_size,
         config.input_size,
+        &args.keep_decoded.storage(run_dir),
         &|done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -240,12 +270,19 @@ pub(crate) fn load_training_data(
         eprintln!("skipped {}: {}", skipped.path.display(), skipped.reason);
     }
     eprintln!(
-        "{} images{}",
+        "{} images{}{}",
         data.len(),
         if data.eval_labels.is_some() {
             " with labels"
         } else {
             ""
+        },
+        match data.cache_file().and_then(std::path::Path::parent) {
+            Some(folder) => format!(
+                ", decoded into {} (too large to keep in memory; removed when training ends)",
+                folder.display()
+            ),
+            None => String::new(),
         }
     );
     Ok(std::sync::Arc::new(data))
@@ -320,7 +357,8 @@ pub(crate) fn train_seeds(config: TrainConfig, args: &TrainArgs, count: usize) -
         let run = claim_run_folder(&seeded, &out, args)?;
         runs.push((seeded, run, out));
     }
-    let data = load_training_data(args, &config)?;
+    // One decoding serves every seed, cached (when large) in the first seed's folder.
+    let data = load_training_data(args, &config, &runs[0].2)?;
     let control = stop_on_ctrl_c();
     let mut finished = Vec::with_capacity(count);
     for (seeded, run, out) in runs {
