@@ -466,6 +466,12 @@ pub mod paths {
         root.join(format!(".{BANK_DIR}.partial-{}", std::process::id()))
     }
 
+    /// `.bank.streaming-PID/`: where the trainer writes an epoch's bank as its features are
+    /// computed, before it is renamed into place with the epoch's checkpoint.
+    pub fn bank_streaming(root: &Path) -> PathBuf {
+        root.join(format!(".{BANK_DIR}.streaming-{}", std::process::id()))
+    }
+
     /// `.bank.old-PID/`: where the previous bank waits while the new one is renamed in.
     pub fn bank_old(root: &Path) -> PathBuf {
         root.join(format!(".{BANK_DIR}.old-{}", std::process::id()))

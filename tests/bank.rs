@@ -467,6 +467,43 @@ fn a_trained_run_has_a_bank_that_saves_reloads_and_finds_itself() {
 }
 
 #[test]
+fn an_epochs_bank_is_written_into_the_run_folder_as_it_is_computed_and_matches_a_rebuild() {
+    let folder = tempfile::tempdir().unwrap();
+    let (data, _) = demo_data(&folder.path().join("demo"), 6);
+    let run_dir = folder.path().join("run");
+    let config = TrainConfig {
+        epochs: 1,
+        ..demo_config()
+    };
+    let run = RunFolder::create(&run_dir, &config, ExistingRun::Refuse)
+        .unwrap()
+        .0;
+    Trainer::new(config, run, Arc::clone(&data), TrainControl::new(), false)
+        .unwrap()
+        .run(&ComputeDevice::cpu(), &mut NullObserver)
+        .unwrap();
+    let bank = FeatureBank::load(&run_dir).unwrap();
+    assert_eq!(bank.info.epoch, 1);
+    let device = Device::flex();
+    let (network, epoch, _) = RunFolder::open(&run_dir)
+        .unwrap()
+        .latest_network(&device)
+        .unwrap();
+    assert_eq!(epoch, 1);
+    let rebuilt =
+        picie::bank::build_bank(&network, &data, 8, epoch, &device, &mut |_, _| {}).unwrap();
+    assert_eq!(rebuilt.info, bank.info);
+    assert_eq!(rebuilt.features_f16(), bank.features_f16());
+    // Nothing of the streamed folder, or of the bank it replaced, is left beside it.
+    let hidden: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".bank"))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}
+
+#[test]
 fn contact_sheet_has_the_expected_size() {
     let bank = random_bank(40, 4, 31);
     let folder = tempfile::tempdir().unwrap();

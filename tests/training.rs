@@ -176,7 +176,10 @@ fn resumed_run_reproduces_the_uninterrupted_run() {
         16,
         &DecodedStorage::Disk(cache.clone()),
     );
-    assert!(data.cache_file().is_some_and(|file| file.starts_with(&cache)));
+    assert!(
+        data.cache_file()
+            .is_some_and(|file| file.starts_with(&cache))
+    );
     let run = RunFolder::create(&split_dir, &demo_config(1), ExistingRun::Refuse)
         .unwrap()
         .0;

@@ -1,13 +1,18 @@
 //! Computing a feature bank: patch features of a run's network over its images.
 
-use std::path::Path;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::{BankError, BankInfo, FeatureBank, unit_vector};
+use super::{
+    BankError, BankInfo, FEATURES_FILE, FeatureBank, publish_folder, unit_vector, write_error,
+    write_header,
+};
 use crate::data::{DecodedStorage, TrainingData};
 use crate::model::{FEATURE_STRIDE, PicieNet, images_to_tensor};
 
@@ -34,6 +39,34 @@ pub fn build_bank(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FeatureBank, BankError> {
     let mut builder = BankBuilder::new(data, patch)?;
+    push_all(&mut builder, network, data, device, progress)?;
+    builder.finish(data, epoch)
+}
+
+/// [`build_bank`] written straight into the run folder `run_dir` (as `RUN_DIR/bank/`) as the
+/// features are computed, so the bank's size costs no memory.
+pub fn write_bank(
+    network: &PicieNet,
+    data: &TrainingData,
+    patch: usize,
+    epoch: usize,
+    device: &Device,
+    run_dir: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(), BankError> {
+    let mut builder = BankBuilder::streaming(data, patch, run_dir)?;
+    push_all(&mut builder, network, data, device, progress)?;
+    builder.publish(data, epoch, run_dir)
+}
+
+/// Runs `network` over every evaluation image of `data` into `builder`.
+fn push_all(
+    builder: &mut BankBuilder,
+    network: &PicieNet,
+    data: &TrainingData,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(), BankError> {
     let size = data.eval_size as usize;
     // About 16 images of 320² a batch, fewer for larger inputs.
     let batch = (16 * 320 * 320 / (size * size)).clamp(1, 64);
@@ -46,7 +79,7 @@ pub fn build_bank(
         done += indices.len();
         progress(done, data.len());
     }
-    builder.finish(data, epoch)
+    Ok(())
 }
 
 /// Collects a bank batch by batch from the network's features of the un-augmented images,
@@ -59,7 +92,28 @@ pub struct BankBuilder {
     cell: usize,
     feature_side: usize,
     dim: usize,
+    /// The rows so far (in memory), or the rows of the last push (streaming).
     values: Vec<f16>,
+    stream: Option<BankStream>,
+}
+
+/// A bank being written straight into a folder of the run, so its size costs no memory.
+#[derive(Debug)]
+struct BankStream {
+    folder: PathBuf,
+    run_dir: PathBuf,
+    features: BufWriter<File>,
+    rows: usize,
+    published: bool,
+}
+
+impl Drop for BankStream {
+    fn drop(&mut self) {
+        // An unpublished bank (an error, a stop) is of no use to anyone.
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.folder);
+        }
+    }
 }
 
 impl BankBuilder {
@@ -77,7 +131,29 @@ impl BankBuilder {
             feature_side: size / FEATURE_STRIDE,
             dim: 0,
             values: Vec::new(),
+            stream: None,
         })
+    }
+
+    /// A builder that writes the rows into a folder of the run `run_dir` as they come, for
+    /// [`BankBuilder::publish`]: memory stays bounded however many patches the bank holds.
+    pub fn streaming(data: &TrainingData, patch: usize, run_dir: &Path) -> Result<Self, BankError> {
+        let mut builder = Self::new(data, patch)?;
+        let folder = crate::run::paths::bank_streaming(run_dir);
+        if folder.exists() {
+            fs::remove_dir_all(&folder).map_err(write_error(&folder))?;
+        }
+        fs::create_dir_all(&folder).map_err(write_error(&folder))?;
+        let features_path = folder.join(FEATURES_FILE);
+        let file = File::create(&features_path).map_err(write_error(&features_path))?;
+        builder.stream = Some(BankStream {
+            folder,
+            run_dir: run_dir.to_owned(),
+            features: BufWriter::with_capacity(1 << 20, file),
+            rows: 0,
+            published: false,
+        });
+        Ok(builder)
     }
 
     /// Adds the next images' features `[B, D, h, w]` (the network's output, in image order).
@@ -116,23 +192,80 @@ impl BankBuilder {
                 let unit = unit_vector(row, channels).unwrap_or_else(|| vec![0.0; channels]);
                 out.convert_from_f32_slice(&unit);
             });
+        if let Some(stream) = &mut self.stream {
+            let path = stream.folder.join(FEATURES_FILE);
+            let bytes: Vec<u8> = self
+                .values
+                .iter()
+                .flat_map(|value| value.to_bits().to_le_bytes())
+                .collect();
+            stream
+                .features
+                .write_all(&bytes)
+                .map_err(write_error(&path))?;
+            stream.rows += self.values.len() / channels;
+            self.values.clear();
+        }
+        Ok(())
+    }
+
+    /// The bank's description for `data` and `epoch`.
+    fn info(&self, data: &TrainingData, epoch: usize) -> BankInfo {
+        BankInfo {
+            dim: self.dim,
+            patch: self.patch,
+            input_size: data.eval_size,
+            base_size: data.base_size,
+            grid: self.grid,
+            epoch,
+            names: data.names.clone(),
+        }
+    }
+
+    /// Makes the bank `RUN_DIR/bank/` of the run it was streamed for (or, built in memory,
+    /// of `run_dir`), replacing any older one in one rename.
+    pub fn publish(
+        self,
+        data: &TrainingData,
+        epoch: usize,
+        run_dir: &Path,
+    ) -> Result<(), BankError> {
+        if self.stream.is_none() {
+            return self.finish(data, epoch)?.save(run_dir);
+        }
+        let info = self.info(data, epoch);
+        info.check().map_err(BankError::Invalid)?;
+        let mut stream = self.stream.expect("checked above");
+        if stream.rows != info.patches() {
+            return Err(BankError::Invalid(format!(
+                "{} patches written for {} images of {}x{} patches",
+                stream.rows,
+                info.names.len(),
+                info.grid,
+                info.grid
+            )));
+        }
+        let features_path = stream.folder.join(FEATURES_FILE);
+        stream
+            .features
+            .flush()
+            .and_then(|()| stream.features.get_ref().sync_all())
+            .map_err(write_error(&features_path))?;
+        write_header(&stream.folder, &info, stream.rows)?;
+        publish_folder(&stream.run_dir, &stream.folder)?;
+        stream.published = true;
         Ok(())
     }
 
     /// The bank of `data`'s images, from the features pushed, for `epoch`.
-    pub fn finish(self, data: &TrainingData, epoch: usize) -> Result<FeatureBank, BankError> {
-        FeatureBank::from_f16(
-            BankInfo {
-                dim: self.dim,
-                patch: self.patch,
-                input_size: data.eval_size,
-                base_size: data.base_size,
-                grid: self.grid,
-                epoch,
-                names: data.names.clone(),
-            },
-            self.values,
-        )
+    pub fn finish(mut self, data: &TrainingData, epoch: usize) -> Result<FeatureBank, BankError> {
+        if self.stream.is_some() {
+            return Err(BankError::Invalid(
+                "a bank streamed to the run folder is made by publish, not finish".into(),
+            ));
+        }
+        let info = self.info(data, epoch);
+        FeatureBank::from_f16(info, std::mem::take(&mut self.values))
     }
 }
 

@@ -39,7 +39,7 @@ use crate::run::RunError;
 mod build;
 mod sheet;
 
-pub use build::{BankBuilder, BuiltBank, build_bank, build_run_bank, check_patch};
+pub use build::{BankBuilder, BuiltBank, build_bank, build_run_bank, check_patch, write_bank};
 pub use sheet::{
     NeighboursReport, NeighboursRequest, PatchReport, SHEET_BORDER, SHEET_COLUMNS, SHEET_GAP,
     SHEET_MAX_PICTURES, SHEET_TILE, SHEET_WINDOW, contact_sheet_size, recorded_images_dir,
@@ -553,6 +553,48 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> BankError + '_ {
     }
 }
 
+/// Writes the header of a bank of `patches` rows into `folder` (beside its features file).
+fn write_header(folder: &Path, info: &BankInfo, patches: usize) -> Result<(), BankError> {
+    let header = Header {
+        format: FORMAT.to_owned(),
+        dtype: DTYPE.to_owned(),
+        patches,
+        info: info.clone(),
+    };
+    let info_path = folder.join(INFO_FILE);
+    let text = serde_json::to_string_pretty(&header)
+        .map_err(|error| write_error(&info_path)(std::io::Error::other(error)))?;
+    fsutil::write_bytes_atomic(&info_path, text.as_bytes()).map_err(write_error(&info_path))
+}
+
+/// Renames the complete bank folder `partial` to `RUN_DIR/bank/`, the previous bank moved
+/// aside first and removed after (put back if the rename fails).
+fn publish_folder(run_dir: &Path, partial: &Path) -> Result<(), BankError> {
+    let final_dir = bank_dir(run_dir);
+    let old = crate::run::paths::bank_old(run_dir);
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(write_error(&old))?;
+    }
+    let had_old = final_dir.exists();
+    if had_old {
+        fs::rename(&final_dir, &old).map_err(write_error(&final_dir))?;
+    }
+    if let Err(source) = fs::rename(partial, &final_dir) {
+        if had_old {
+            let _ = fs::rename(&old, &final_dir);
+        }
+        return Err(BankError::Write {
+            path: final_dir.clone(),
+            source,
+        });
+    }
+    if had_old {
+        // Only disk space is at stake now.
+        let _ = fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
 impl FeatureBank {
     /// A bank of f32 features (`info.patches() x info.dim`, row-major); each row is scaled
     /// to unit length and stored as f16.
@@ -700,35 +742,13 @@ impl FeatureBank {
     /// (an existing bank is moved aside first and removed after).
     pub fn save(&self, run_dir: &Path) -> Result<(), BankError> {
         fs::create_dir_all(run_dir).map_err(write_error(run_dir))?;
-        let final_dir = bank_dir(run_dir);
         let partial = crate::run::paths::bank_partial(run_dir);
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(write_error(&partial))?;
         }
-        let result = self.write_files(&partial).and_then(|()| {
-            let old = crate::run::paths::bank_old(run_dir);
-            if old.exists() {
-                fs::remove_dir_all(&old).map_err(write_error(&old))?;
-            }
-            let had_old = final_dir.exists();
-            if had_old {
-                fs::rename(&final_dir, &old).map_err(write_error(&final_dir))?;
-            }
-            if let Err(source) = fs::rename(&partial, &final_dir) {
-                if had_old {
-                    let _ = fs::rename(&old, &final_dir);
-                }
-                return Err(BankError::Write {
-                    path: final_dir.clone(),
-                    source,
-                });
-            }
-            if had_old {
-                // Only disk space is at stake now.
-                let _ = fs::remove_dir_all(&old);
-            }
-            Ok(())
-        });
+        let result = self
+            .write_files(&partial)
+            .and_then(|()| publish_folder(run_dir, &partial));
         if result.is_err() {
             let _ = fs::remove_dir_all(&partial);
         }
@@ -753,16 +773,7 @@ impl FeatureBank {
                 .sync_all()
         };
         write_features().map_err(write_error(&features_path))?;
-        let header = Header {
-            format: FORMAT.to_owned(),
-            dtype: DTYPE.to_owned(),
-            patches: self.len(),
-            info: self.info.clone(),
-        };
-        let info_path = folder.join(INFO_FILE);
-        let text = serde_json::to_string_pretty(&header)
-            .map_err(|error| write_error(&info_path)(std::io::Error::other(error)))?;
-        fsutil::write_bytes_atomic(&info_path, text.as_bytes()).map_err(write_error(&info_path))
+        write_header(folder, &self.info, self.len())
     }
 
     /// Number of patches.

@@ -17,7 +17,7 @@ use super::events::{
     TrainPhase,
 };
 use super::prefetch::ViewStream;
-use crate::bank::{BankBuilder, FeatureBank, build_bank};
+use crate::bank::{BankBuilder, write_bank};
 use crate::cluster::{self, Centroids, ClusterEdit, FeatureStore, PixelLabels, SpillConfig};
 use crate::config::{ClusterBatchNorm, ConfigError, TrainConfig, Upsampling};
 use crate::data::TrainingData;
@@ -551,7 +551,7 @@ impl Trainer {
                 &metrics,
             )?;
             if let Some(bank) = bank {
-                bank.save(self.run.root())?;
+                bank.publish(&self.data, epoch, self.run.root())?;
             }
             record.seconds_saving = saving_started.elapsed().as_secs_f64();
             if let Some(last) = metrics.epochs.last_mut() {
@@ -1165,12 +1165,16 @@ impl Trainer {
         shown_centroids: Option<&Centroids>,
         with_bank: bool,
         observer: &mut dyn TrainObserver,
-    ) -> Result<(Option<Evaluation>, Option<FeatureBank>), TrainError> {
+    ) -> Result<(Option<Evaluation>, Option<BankBuilder>), TrainError> {
         if self.data.eval_labels.is_none() && !with_bank {
             return Ok((None, None));
         }
         let mut bank = if with_bank {
-            Some(BankBuilder::new(&self.data, self.config.bank_patch)?)
+            Some(BankBuilder::streaming(
+                &self.data,
+                self.config.bank_patch,
+                self.run.root(),
+            )?)
         } else {
             None
         };
@@ -1193,9 +1197,6 @@ impl Trainer {
             shown_centroids,
             observer,
         )?;
-        let bank = bank
-            .map(|builder| builder.finish(&self.data, epoch))
-            .transpose()?;
         Ok((evaluation, bank))
     }
 
@@ -1249,12 +1250,13 @@ impl Trainer {
                 &self.run.metrics()?,
             )?;
             if self.config.feature_bank {
-                let bank = build_bank(
+                write_bank(
                     &network,
                     &self.data,
                     self.config.bank_patch,
                     0,
                     device,
+                    self.run.root(),
                     &mut |done, total| {
                         observer.on_event(&TrainEvent::Phase {
                             epoch: 0,
@@ -1264,7 +1266,6 @@ impl Trainer {
                         });
                     },
                 )?;
-                bank.save(self.run.root())?;
             }
         }
         let centroids = cluster_unaugmented(
