@@ -476,6 +476,18 @@ impl LabelHistory {
         }
     }
 
+    /// Follows the trainer's renumbering ([`LabelMap::renumbered`]) in the map and in every
+    /// step of its history, so an edit made before the trainer merged or split clusters can
+    /// still be undone after it.
+    pub fn renumber(&mut self, origin: &[Option<usize>]) {
+        self.current = self.current.renumbered(origin);
+        for map in self.undo.iter_mut().chain(self.redo.iter_mut()) {
+            *map = map.renumbered(origin);
+        }
+        // A colour drag after the renumbering is a new step.
+        self.last_edit = None;
+    }
+
     /// Whether there is something to undo.
     pub fn can_undo(&self) -> bool {
         !self.undo.is_empty()
@@ -520,6 +532,37 @@ mod tests {
         write(&[(0, 1), (1, 2)]);
         let map = LabelMap::load_or_new(folder.path(), 4).unwrap();
         assert_eq!(map.root(0), 2);
+    }
+
+    #[test]
+    fn undo_survives_the_trainer_renumbering_the_clusters() {
+        let mut history = LabelHistory::new(LabelMap::new(4));
+        history
+            .apply(&LabelEdit::Rename {
+                cluster: 3,
+                name: "sky".into(),
+            })
+            .unwrap();
+        history
+            .apply(&LabelEdit::Rename {
+                cluster: 2,
+                name: "road".into(),
+            })
+            .unwrap();
+        // The trainer merged cluster 1 away: old 0, 2, 3 become 0, 1, 2.
+        history.renumber(&[Some(0), Some(2), Some(3)]);
+        assert_eq!(history.map().name(1), "road");
+        assert_eq!(history.map().name(2), "sky");
+        assert!(history.can_undo());
+        assert!(history.undo());
+        assert_ne!(
+            history.map().name(1),
+            "road",
+            "the rename of road is undone"
+        );
+        assert_eq!(history.map().name(2), "sky", "the earlier edit stays");
+        assert!(history.redo());
+        assert_eq!(history.map().name(1), "road");
     }
 
     #[test]

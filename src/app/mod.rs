@@ -505,10 +505,10 @@ impl ExplorerApp {
             renumberings = std::mem::take(&mut session.cluster_edits);
         }
         for origin in renumberings {
-            // The trainer merged or split clusters: names and colours follow their clusters.
+            // The trainer merged or split clusters: names and colours follow their clusters,
+            // in the undo history too.
             if let Some(history) = &mut self.labels {
-                let renumbered = history.map().renumbered(&origin);
-                *history = crate::labelmap::LabelHistory::new(renumbered);
+                history.renumber(&origin);
                 self.relabel = relabel::RelabelState::default();
                 self.view.hidden.clear();
                 self.save_labels_now();
