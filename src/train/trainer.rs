@@ -213,6 +213,19 @@ struct PreviousEpoch {
     preview_labels: PixelLabels,
 }
 
+/// What carries from one epoch to the next.
+struct RunState {
+    model: Model,
+    /// The first epoch this call trains (1, or the one after the restored checkpoint).
+    first_epoch: usize,
+    /// K of the main head (a user's merge or split changes it).
+    clusters: usize,
+    metrics: Metrics,
+    previous: Option<PreviousEpoch>,
+    /// When this call started, for the time estimate.
+    started: Instant,
+}
+
 /// The preview maps' clusters, every map's pixels one after the other, to compare with the
 /// same images' maps of another epoch.
 fn preview_labels(maps: &[ClusterMap]) -> PixelLabels {
@@ -326,17 +339,76 @@ impl Trainer {
         }
     }
 
+    /// The run, step by step: [`Trainer::prepare`], [`Trainer::score_untrained`], then
+    /// [`Trainer::run_epoch`] for each epoch (which ends in [`Trainer::checkpoint_epoch`]),
+    /// then [`Trainer::finish_run`].
     fn run_on(
         &mut self,
         compute: &ComputeDevice,
         observer: &mut dyn TrainObserver,
     ) -> Result<TrainOutcome, TrainError> {
-        compute.device.seed(self.config.seed);
-        let mut clusters = self.config.clusters_for(self.data.classes());
-        let batches_per_epoch = self.data.len().div_ceil(self.config.batch_size);
+        let mut state = self.prepare(compute, observer)?;
+        if state.first_epoch == 1 {
+            self.score_untrained(&state.model, compute, &mut state.metrics, observer)?;
+            if self.config.epochs == 0 {
+                self.finish_run(&state.model, 0, &compute.device, observer)?;
+                observer.on_event(&TrainEvent::Finished { stopped: false });
+                return Ok(TrainOutcome {
+                    last_epoch: 0,
+                    stopped: false,
+                    metrics: state.metrics,
+                });
+            }
+        }
 
+        let training_device = compute.device.clone().autodiff();
+        state.model.network = state.model.network.fork(&training_device).train();
+        let mut last_epoch = state.first_epoch - 1;
+        let mut stopped = false;
+        // The time estimate counts from the first epoch, not from the untrained scoring.
+        state.started = Instant::now();
+        for epoch in state.first_epoch..=self.config.epochs {
+            let completed =
+                self.run_epoch(epoch, &mut state, compute, &training_device, observer)?;
+            if !completed {
+                stopped = true;
+                break;
+            }
+            last_epoch = epoch;
+            if self.control.is_stopping() {
+                stopped = epoch < self.config.epochs;
+                break;
+            }
+        }
+        if last_epoch >= 1 && !stopped {
+            self.finish_run(&state.model, last_epoch, &compute.device, observer)?;
+        } else if last_epoch >= 1 {
+            // A stopped run is still usable for segmenting with its last checkpoint.
+            let valid = Model {
+                network: self.run.latest_network(&compute.device)?.0,
+                optimizer: self.config.adam().init(),
+            };
+            self.finish_run(&valid, last_epoch, &compute.device, observer)?;
+        }
+        observer.on_event(&TrainEvent::Finished { stopped });
+        Ok(TrainOutcome {
+            last_epoch,
+            stopped,
+            metrics: state.metrics,
+        })
+    }
+
+    /// The network and optimiser to start from (restored from the run's checkpoint, or new),
+    /// announced with [`TrainEvent::Started`].
+    fn prepare(
+        &self,
+        compute: &ComputeDevice,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<RunState, TrainError> {
+        compute.device.seed(self.config.seed);
+        let clusters = self.config.clusters_for(self.data.classes());
         let mut weights = String::from("the run's latest checkpoint");
-        let (mut model, first_epoch, mut metrics, mut previous) = if self.resume {
+        let (model, first_epoch, metrics, previous) = if self.resume {
             let (restored, note) = self.restore(compute)?;
             if let Some(note) = note {
                 observer.on_event(&TrainEvent::Warning(note));
@@ -364,227 +436,234 @@ impl Trainer {
             clusters,
             first_epoch,
             epochs: self.config.epochs,
-            steps_per_epoch: batches_per_epoch,
+            steps_per_epoch: self.data.len().div_ceil(self.config.batch_size),
         });
-
-        if first_epoch == 1 {
-            // The untrained network, scored and saved exactly as trained ones are.
-            let network = model.network.valid();
-            let (evaluation, _) =
-                self.evaluate(&network, &compute.device, 0, None, false, observer)?;
-            if let Some(evaluation) = &evaluation {
-                metrics.no_train = Some(Score {
-                    acc: evaluation.accuracy,
-                    miou: evaluation.mean_iou,
-                });
-            }
-            metrics.no_train_held_out = self
-                .evaluate_held_out(&network, &compute.device, 0, observer)?
-                .map(|evaluation| Score {
-                    acc: evaluation.accuracy,
-                    miou: evaluation.mean_iou,
-                });
-            self.run.write_metrics(&metrics)?;
-            if self.config.epochs == 0 {
-                self.finish_run(&model, 0, &compute.device, observer)?;
-                observer.on_event(&TrainEvent::Finished { stopped: false });
-                return Ok(TrainOutcome {
-                    last_epoch: 0,
-                    stopped: false,
-                    metrics,
-                });
-            }
-        }
-
-        let training_device = compute.device.clone().autodiff();
-        model.network = model.network.fork(&training_device).train();
-        let mut last_epoch = first_epoch - 1;
-        let mut stopped = false;
-        let run_started = Instant::now();
-        for epoch in first_epoch..=self.config.epochs {
-            let order = self.batch_order(epoch);
-            let params: Arc<Vec<ViewParams>> = Arc::new(
-                (0..self.data.len())
-                    .map(|index| {
-                        views::draw_view_params(
-                            self.config.seed,
-                            epoch,
-                            index,
-                            self.config.feature_grid(),
-                        )
-                    })
-                    .collect(),
-            );
-
-            self.phase_times.set(PhaseTimes::default());
-            let clustering_started = Instant::now();
-            let edits = self.control.take_edits();
-            let edit_request = previous
-                .as_ref()
-                .filter(|_| !edits.is_empty())
-                .map(|previous| (&previous.centroids, edits.as_slice()));
-            let (mut epoch_clusters, edited_origin) = self.cluster_epoch(
-                &model.network,
-                &training_device,
-                epoch,
-                &order,
-                &params,
-                clusters,
-                edit_request,
-                previous
-                    .as_ref()
-                    .filter(|_| self.config.kmeans_warm_start)
-                    .map(|previous| &previous.centroids),
-                observer,
-            )?;
-            let edited = edited_origin.is_some();
-            match edited_origin {
-                Some(origin) => {
-                    // The user's edit defines the ids of this epoch; K may have changed.
-                    clusters = epoch_clusters.centroids_first.clusters;
-                    self.config.clusters = Some(clusters);
-                    self.config.save(&self.run.config_path())?;
-                    observer.on_event(&TrainEvent::ClustersEdited { epoch, origin });
-                }
-                None => {
-                    if let Some(previous) = &previous {
-                        epoch_clusters.keep_ids_of(&previous.centroids);
-                    }
-                }
-            }
-            let seconds_clustering = clustering_started.elapsed().as_secs_f64();
-            let maps = self.preview_maps(
-                &model.network.valid(),
-                &epoch_clusters.centroids_first,
-                &compute.device,
-            )?;
-            // Over the same pixels of the same (un-augmented) images: the training views are
-            // new random crops every epoch, so their labels cannot be compared cell by cell.
-            let preview_labels = preview_labels(&maps);
-            let label_change = previous
-                .as_ref()
-                .filter(|previous| !edited && !previous.preview_labels.is_empty())
-                .and_then(|previous| {
-                    cluster::label_change_fraction(&previous.preview_labels, &preview_labels).ok()
-                });
-            self.report_clusters(epoch, &epoch_clusters, label_change, observer);
-            observer.on_event(&TrainEvent::Preview {
-                epoch,
-                step: 0,
-                maps,
-            });
-            if self.control.is_stopping() {
-                stopped = true;
-                break;
-            }
-
-            let training_started = Instant::now();
-            let (loss, completed) = self.train_epoch(
-                &mut model,
-                &training_device,
-                epoch,
-                &order,
-                &params,
-                &epoch_clusters,
-                run_started,
-                first_epoch,
-                observer,
-            )?;
-            let seconds_training = training_started.elapsed().as_secs_f64();
-            if !completed {
-                // Stopped inside the epoch: the last complete epoch's checkpoint stands.
-                stopped = true;
-                break;
-            }
-
-            let evaluation_started = Instant::now();
-            let (evaluation, bank) = self.evaluate(
-                &model.network.valid(),
-                &compute.device,
-                epoch,
-                Some(&epoch_clusters.centroids_first),
-                self.config.feature_bank,
-                observer,
-            )?;
-            let held_out =
-                self.evaluate_held_out(&model.network.valid(), &compute.device, epoch, observer)?;
-            let times = self.phase_times.get();
-            let mut record = EpochRecord {
-                epoch,
-                acc: evaluation.as_ref().map(|e| e.accuracy),
-                miou: evaluation.as_ref().map(|e| e.mean_iou),
-                held_out: held_out.map(|evaluation| Score {
-                    acc: evaluation.accuracy,
-                    miou: evaluation.mean_iou,
-                }),
-                seconds_clustering,
-                seconds_training,
-                seconds_evaluation: evaluation_started.elapsed().as_secs_f64(),
-                seconds_views: times.views,
-                seconds_kmeans: times.kmeans,
-                seconds_saving: 0.0,
-                images_per_second: self.data.len() as f64 / seconds_training.max(1e-9),
-                loss,
-                label_change,
-            };
-            let saving_started = Instant::now();
-            observer.on_event(&TrainEvent::Phase {
-                epoch,
-                phase: TrainPhase::Checkpointing,
-                done: 0,
-                total: 1,
-            });
-            // The metrics are committed with the checkpoint, so the two never disagree.
-            metrics.epochs.retain(|existing| existing.epoch < epoch);
-            metrics.epochs.push(record.clone());
-            self.run.write_checkpoint(
-                &CheckpointState {
-                    epoch,
-                    seed: self.config.seed,
-                    clusters,
-                    dim: FEATURE_DIM,
-                    centroids_first: epoch_clusters.centroids_first.values.clone(),
-                    centroids_second: epoch_clusters.centroids_second.values.clone(),
-                },
-                &model.network.valid(),
-                &model.optimizer,
-                &metrics,
-            )?;
-            if let Some(bank) = bank {
-                bank.publish(&self.data, epoch, self.run.root())?;
-            }
-            record.seconds_saving = saving_started.elapsed().as_secs_f64();
-            if let Some(last) = metrics.epochs.last_mut() {
-                last.seconds_saving = record.seconds_saving;
-            }
-            self.run.write_metrics(&metrics)?;
-            observer.on_event(&TrainEvent::EpochFinished(record));
-            previous = Some(PreviousEpoch {
-                centroids: epoch_clusters.centroids_first,
-                preview_labels,
-            });
-            last_epoch = epoch;
-            if self.control.is_stopping() {
-                stopped = epoch < self.config.epochs;
-                break;
-            }
-        }
-        if last_epoch >= 1 && !stopped {
-            self.finish_run(&model, last_epoch, &compute.device, observer)?;
-        } else if last_epoch >= 1 {
-            // A stopped run is still usable for segmenting with its last checkpoint.
-            let valid = Model {
-                network: self.run.latest_network(&compute.device)?.0,
-                optimizer: self.config.adam().init(),
-            };
-            self.finish_run(&valid, last_epoch, &compute.device, observer)?;
-        }
-        observer.on_event(&TrainEvent::Finished { stopped });
-        Ok(TrainOutcome {
-            last_epoch,
-            stopped,
+        Ok(RunState {
+            model,
+            first_epoch,
+            clusters,
             metrics,
+            previous,
+            started: Instant::now(),
         })
+    }
+
+    /// Scores the untrained network exactly as trained ones are, into `metrics` (written to
+    /// the run folder).
+    fn score_untrained(
+        &self,
+        model: &Model,
+        compute: &ComputeDevice,
+        metrics: &mut Metrics,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<(), TrainError> {
+        let network = model.network.valid();
+        let (evaluation, _) = self.evaluate(&network, &compute.device, 0, None, false, observer)?;
+        if let Some(evaluation) = &evaluation {
+            metrics.no_train = Some(Score {
+                acc: evaluation.accuracy,
+                miou: evaluation.mean_iou,
+            });
+        }
+        metrics.no_train_held_out = self
+            .evaluate_held_out(&network, &compute.device, 0, observer)?
+            .map(|evaluation| Score {
+                acc: evaluation.accuracy,
+                miou: evaluation.mean_iou,
+            });
+        self.run.write_metrics(metrics)?;
+        Ok(())
+    }
+
+    /// One epoch: cluster both views, preview, train, evaluate, checkpoint. Returns false
+    /// when a stop request ended it before its checkpoint (the last one stands).
+    fn run_epoch(
+        &mut self,
+        epoch: usize,
+        state: &mut RunState,
+        compute: &ComputeDevice,
+        training_device: &Device,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<bool, TrainError> {
+        let order = self.batch_order(epoch);
+        let params: Arc<Vec<ViewParams>> = Arc::new(
+            (0..self.data.len())
+                .map(|index| {
+                    views::draw_view_params(
+                        self.config.seed,
+                        epoch,
+                        index,
+                        self.config.feature_grid(),
+                    )
+                })
+                .collect(),
+        );
+
+        self.phase_times.set(PhaseTimes::default());
+        let clustering_started = Instant::now();
+        let edits = self.control.take_edits();
+        let edit_request = state
+            .previous
+            .as_ref()
+            .filter(|_| !edits.is_empty())
+            .map(|previous| (&previous.centroids, edits.as_slice()));
+        let (mut epoch_clusters, edited_origin) = self.cluster_epoch(
+            &state.model.network,
+            training_device,
+            epoch,
+            &order,
+            &params,
+            state.clusters,
+            edit_request,
+            state
+                .previous
+                .as_ref()
+                .filter(|_| self.config.kmeans_warm_start)
+                .map(|previous| &previous.centroids),
+            observer,
+        )?;
+        let edited = edited_origin.is_some();
+        match edited_origin {
+            Some(origin) => {
+                // The user's edit defines the ids of this epoch; K may have changed.
+                state.clusters = epoch_clusters.centroids_first.clusters;
+                self.config.clusters = Some(state.clusters);
+                self.config.save(&self.run.config_path())?;
+                observer.on_event(&TrainEvent::ClustersEdited { epoch, origin });
+            }
+            None => {
+                if let Some(previous) = &state.previous {
+                    epoch_clusters.keep_ids_of(&previous.centroids);
+                }
+            }
+        }
+        let seconds_clustering = clustering_started.elapsed().as_secs_f64();
+        let maps = self.preview_maps(
+            &state.model.network.valid(),
+            &epoch_clusters.centroids_first,
+            &compute.device,
+        )?;
+        // Over the same pixels of the same (un-augmented) images: the training views are
+        // new random crops every epoch, so their labels cannot be compared cell by cell.
+        let preview_labels = preview_labels(&maps);
+        let label_change = state
+            .previous
+            .as_ref()
+            .filter(|previous| !edited && !previous.preview_labels.is_empty())
+            .and_then(|previous| {
+                cluster::label_change_fraction(&previous.preview_labels, &preview_labels).ok()
+            });
+        self.report_clusters(epoch, &epoch_clusters, label_change, observer);
+        observer.on_event(&TrainEvent::Preview {
+            epoch,
+            step: 0,
+            maps,
+        });
+        if self.control.is_stopping() {
+            return Ok(false);
+        }
+
+        let training_started = Instant::now();
+        let (loss, completed) = self.train_epoch(
+            &mut state.model,
+            training_device,
+            epoch,
+            &order,
+            &params,
+            &epoch_clusters,
+            state.started,
+            state.first_epoch,
+            observer,
+        )?;
+        let seconds_training = training_started.elapsed().as_secs_f64();
+        if !completed {
+            // Stopped inside the epoch: the last complete epoch's checkpoint stands.
+            return Ok(false);
+        }
+
+        let evaluation_started = Instant::now();
+        let network = state.model.network.valid();
+        let (evaluation, bank) = self.evaluate(
+            &network,
+            &compute.device,
+            epoch,
+            Some(&epoch_clusters.centroids_first),
+            self.config.feature_bank,
+            observer,
+        )?;
+        let held_out = self.evaluate_held_out(&network, &compute.device, epoch, observer)?;
+        let times = self.phase_times.get();
+        let record = EpochRecord {
+            epoch,
+            acc: evaluation.as_ref().map(|e| e.accuracy),
+            miou: evaluation.as_ref().map(|e| e.mean_iou),
+            held_out: held_out.map(|evaluation| Score {
+                acc: evaluation.accuracy,
+                miou: evaluation.mean_iou,
+            }),
+            seconds_clustering,
+            seconds_training,
+            seconds_evaluation: evaluation_started.elapsed().as_secs_f64(),
+            seconds_views: times.views,
+            seconds_kmeans: times.kmeans,
+            seconds_saving: 0.0,
+            images_per_second: self.data.len() as f64 / seconds_training.max(1e-9),
+            loss,
+            label_change,
+        };
+        self.checkpoint_epoch(record, state, &epoch_clusters, bank, observer)?;
+        state.previous = Some(PreviousEpoch {
+            centroids: epoch_clusters.centroids_first,
+            preview_labels,
+        });
+        Ok(true)
+    }
+
+    /// Commits the epoch: its checkpoint with the metrics up to it (one rename), then its
+    /// feature bank, then the top-level metrics copy; reports [`TrainEvent::EpochFinished`].
+    fn checkpoint_epoch(
+        &self,
+        mut record: EpochRecord,
+        state: &mut RunState,
+        epoch_clusters: &EpochClusters,
+        bank: Option<BankBuilder>,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<(), TrainError> {
+        let epoch = record.epoch;
+        let saving_started = Instant::now();
+        observer.on_event(&TrainEvent::Phase {
+            epoch,
+            phase: TrainPhase::Checkpointing,
+            done: 0,
+            total: 1,
+        });
+        // The metrics are committed with the checkpoint, so the two never disagree.
+        let metrics = &mut state.metrics;
+        metrics.epochs.retain(|existing| existing.epoch < epoch);
+        metrics.epochs.push(record.clone());
+        self.run.write_checkpoint(
+            &CheckpointState {
+                epoch,
+                seed: self.config.seed,
+                clusters: state.clusters,
+                dim: FEATURE_DIM,
+                centroids_first: epoch_clusters.centroids_first.values.clone(),
+                centroids_second: epoch_clusters.centroids_second.values.clone(),
+            },
+            &state.model.network.valid(),
+            &state.model.optimizer,
+            metrics,
+        )?;
+        if let Some(bank) = bank {
+            bank.publish(&self.data, epoch, self.run.root())?;
+        }
+        record.seconds_saving = saving_started.elapsed().as_secs_f64();
+        if let Some(last) = metrics.epochs.last_mut() {
+            last.seconds_saving = record.seconds_saving;
+        }
+        self.run.write_metrics(metrics)?;
+        observer.on_event(&TrainEvent::EpochFinished(record));
+        Ok(())
     }
 
     /// Loads the newest intact checkpoint of the run; the note says when the latest was
