@@ -483,6 +483,12 @@ pub mod paths {
         root.join("decoded")
     }
 
+    /// `.decoded-eval-PID/`: [`decoded`] for `picie eval` of a large dataset, which reads the
+    /// run (perhaps while it trains) and keeps its cache to itself.
+    pub fn decoded_for_eval(root: &Path) -> PathBuf {
+        root.join(format!(".decoded-eval-{}", std::process::id()))
+    }
+
     /// `decoded-bank/`: [`decoded`] for a bank built after training (by `picie bank` or the
     /// app), which may run beside a training of the same folder.
     pub fn decoded_for_bank(root: &Path) -> PathBuf {

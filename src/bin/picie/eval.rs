@@ -9,7 +9,7 @@ use picie::device::{DeviceChoice, select_device};
 use picie::export::score_mask_folder;
 use picie::train::{RunFolder, evaluate_network};
 
-use crate::common::InferenceArgs;
+use crate::common::{InferenceArgs, progress_bar};
 use crate::train::TerminalObserver;
 
 /// Options of `picie eval`.
@@ -96,13 +96,20 @@ fn eval(
         eprintln!("warning: {note}");
     }
     // Evaluation images are the un-augmented inputs: decode them straight at the input size.
-    let data = TrainingData::load(
+    // Past the memory budget they go to a cache folder of this process, removed at the end.
+    let bar = progress_bar(0, "decoding images");
+    let data = TrainingData::load_into(
         images,
         Some(labels),
         config.input_size,
         config.input_size,
-        &|_, _| {},
+        &picie::data::DecodedStorage::auto(picie::run::paths::decoded_for_eval(run_dir)),
+        &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
     )?;
+    bar.finish_and_clear();
     for skipped in &data.skipped {
         eprintln!("skipped {}: {}", skipped.path.display(), skipped.reason);
     }
