@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use eframe::egui;
 
 use super::maps::ZoomState;
 use super::{ExplorerApp, ImageRequest};
-use crate::bank::{FeatureBank, MemberOrder, Neighbour};
+use crate::bank::{BankIndex, FeatureBank, INDEX_MIN_PATCHES, IndexConfig, MemberOrder, Neighbour};
 use crate::session::{Job, JobError, Service, Wake};
 use crate::train::ClusterMap;
 
@@ -67,8 +67,10 @@ pub struct GalleryResult {
     pub total: Option<usize>,
     /// How long the search took.
     pub milliseconds: f64,
-    /// Patches searched.
+    /// Patches in the bank.
     pub bank_size: usize,
+    /// Lists probed and lists in all, when the bank's index answered (approximate).
+    pub index_probes: Option<(usize, usize)>,
 }
 
 enum Request {
@@ -122,9 +124,20 @@ fn spawn_worker(run_dir: PathBuf, wake: Wake) -> Result<Service<Request, Reply>,
         if !context.reply(Reply::Bank(loaded)) {
             return;
         }
+        // A large bank is indexed on rayon's pool while the exact search answers; queries
+        // switch to the index once it is there.
+        let index = Arc::new(OnceLock::new());
+        if let Some(bank) = bank.as_ref().filter(|bank| bank.len() >= INDEX_MIN_PATCHES) {
+            let (bank, index) = (Arc::clone(bank), Arc::clone(&index));
+            rayon::spawn(move || {
+                if let Ok(built) = BankIndex::build(&bank, &IndexConfig::for_patches(bank.len())) {
+                    let _ = index.set(built);
+                }
+            });
+        }
         while let Some(Request::Query(query, centroids)) = context.next_request() {
             let result = match &bank {
-                Some(bank) => answer(bank, &query, &centroids),
+                Some(bank) => answer(bank, index.get(), &query, &centroids),
                 // Repeat why, so the message stays the informative one.
                 None => Err(load_error
                     .clone()
@@ -139,6 +152,7 @@ fn spawn_worker(run_dir: PathBuf, wake: Wake) -> Result<Service<Request, Reply>,
 
 fn answer(
     bank: &FeatureBank,
+    search_index: Option<&BankIndex>,
     query: &GalleryQuery,
     centroids: &[f32],
 ) -> Result<GalleryResult, String> {
@@ -155,7 +169,11 @@ fn answer(
                 .patch_at(index, *u, *v)
                 .ok_or_else(|| "that point is outside the image".to_string())?;
             let k = GALLERY_PAGE;
-            (bank.nearest(&bank.feature(patch), k), None)
+            let feature = bank.feature(patch);
+            match search_index {
+                Some(index) => (index.nearest(bank, &feature, k), None),
+                None => (bank.nearest(&feature, k), None),
+            }
         }
         GalleryQuery::Cluster {
             cluster,
@@ -202,6 +220,9 @@ fn answer(
         total,
         milliseconds: started.elapsed().as_secs_f64() * 1000.0,
         bank_size: bank.len(),
+        index_probes: search_index
+            .filter(|_| matches!(query, GalleryQuery::Pixel { .. }))
+            .map(|index| (index.probes(), index.lists())),
     })
 }
 
@@ -503,10 +524,16 @@ impl ExplorerApp {
                 let Some(result) = self.gallery.result.clone() else {
                     return;
                 };
-                ui.weak(format!(
-                    "exact search over {} patches in {:.1} ms; click a patch to open its image",
-                    result.bank_size, result.milliseconds
-                ));
+                ui.weak(match result.index_probes {
+                    Some((probes, lists)) => format!(
+                        "indexed search of {} patches (the nearest {probes} of {lists} groups) in {:.1} ms; click a patch to open its image",
+                        result.bank_size, result.milliseconds
+                    ),
+                    None => format!(
+                        "exact search over {} patches in {:.1} ms; click a patch to open its image",
+                        result.bank_size, result.milliseconds
+                    ),
+                });
                 let relative = relative_similarities(&result.hits);
                 let first_rank = match result.query {
                     GalleryQuery::Cluster { offset, .. } => offset + 1,

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use picie::bench::{peak_memory_mib, time_forward, time_kmeans, time_training_step};
+use picie::bank::IndexConfig;
+use picie::bench::{peak_memory_mib, time_forward, time_index, time_kmeans, time_training_step};
 use picie::device::{DeviceChoice, select_device};
 
 use crate::common::parse_backbones;
@@ -25,6 +26,29 @@ pub(crate) enum BenchCommand {
         k: usize,
         /// Timed queries per path and size.
         #[arg(long, default_value_t = 20)]
+        queries: usize,
+    },
+    /// The inverted-file index of a feature bank against its exact search: build time,
+    /// latency per query and recall@k, per number of lists probed.
+    Index {
+        /// Run folder whose bank is indexed.
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// Without --run: a bank of this many random unit vectors (for latency: random vectors
+        /// have no clusters, the worst case for recall).
+        #[arg(long, default_value_t = 10_000_000)]
+        patches: usize,
+        /// Lists probed per query (comma-separated settings; default: the window's setting).
+        #[arg(long, value_delimiter = ',')]
+        probes: Vec<usize>,
+        /// Coarse lists (default: about sqrt(patches) / 4).
+        #[arg(long)]
+        lists: Option<usize>,
+        /// Neighbours per query.
+        #[arg(short = 'k', long, default_value_t = 20)]
+        k: usize,
+        /// Queries (patches spread evenly over the bank).
+        #[arg(long, default_value_t = 200)]
         queries: usize,
     },
     /// PiCIE training steps on random data (images/s).
@@ -133,6 +157,42 @@ fn bench_neighbours(sizes: &[usize], device: DeviceChoice, k: usize, queries: us
     Ok(())
 }
 
+fn bench_index(
+    run: Option<PathBuf>,
+    patches: usize,
+    probes: Vec<usize>,
+    lists: Option<usize>,
+    k: usize,
+    queries: usize,
+) -> Result<()> {
+    let bank = match &run {
+        Some(run_dir) => picie::bank::FeatureBank::load(run_dir)?,
+        None => picie::bench::synthetic_bank(patches, picie::model::FEATURE_DIM, 0)?,
+    };
+    let mut config = IndexConfig::for_patches(bank.len());
+    if let Some(lists) = lists {
+        config.lists = lists.max(1);
+    }
+    let probes = if probes.is_empty() {
+        vec![config.probes]
+    } else {
+        probes
+    };
+    println!(
+        "{} ({} rayon threads)",
+        match &run {
+            Some(run_dir) => format!("bank of {}", run_dir.display()),
+            None => "random unit vectors".to_owned(),
+        },
+        rayon::current_num_threads()
+    );
+    print!("{}", time_index(&bank, &config, &probes, k, queries)?);
+    if let Some(peak) = peak_memory_mib() {
+        println!("peak resident memory: {peak:.0} MiB");
+    }
+    Ok(())
+}
+
 /// `picie bench ...`.
 pub(crate) fn run(which: BenchCommand) -> Result<()> {
     match which {
@@ -142,6 +202,14 @@ pub(crate) fn run(which: BenchCommand) -> Result<()> {
             k,
             queries,
         } => bench_neighbours(&sizes, device, k, queries),
+        BenchCommand::Index {
+            run,
+            patches,
+            probes,
+            lists,
+            k,
+            queries,
+        } => bench_index(run, patches, probes, lists, k, queries),
         BenchCommand::Train {
             backbone,
             device,
