@@ -219,7 +219,6 @@ fn assign_lists(rows: &Rows, centroids: &[f32], lists: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bank::BankInfo;
 
     /// A bank of `clusters` tight groups of patches in 16 dimensions (real banks are clustered;
     /// uniform random vectors are the worst case for any inverted file).
@@ -243,17 +242,7 @@ mod tests {
                     .collect::<Vec<f32>>()
             })
             .collect();
-        let info = BankInfo {
-            dim,
-            patch: 8,
-            input_size: (grid * 8) as u32,
-            base_size: (grid * 16) as u32,
-            grid,
-            epoch: 0,
-            names: (0..images)
-                .map(|index| format!("image-{index}.png"))
-                .collect(),
-        };
+        let info = crate::bank::tests::info(images, grid, dim);
         FeatureBank::from_features(info, &features).unwrap()
     }
 

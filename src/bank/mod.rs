@@ -305,7 +305,9 @@ mod tests {
     use super::search::TopK;
     use super::*;
 
-    fn info(images: usize, grid: usize, dim: usize) -> BankInfo {
+    /// The header of a bank of `images` images of `grid²` patches of `dim` values (also used
+    /// by the index's tests).
+    pub(super) fn info(images: usize, grid: usize, dim: usize) -> BankInfo {
         BankInfo {
             dim,
             patch: 8,
