@@ -709,8 +709,10 @@ impl ExplorerApp {
                 } else {
                     ui.visuals().warn_fg_color
                 };
-                ui.colored_label(colour, &notice.text);
+                // The button first: a long message then wraps in the width left to it
+                // instead of running off the window.
                 dismiss = ui.small_button("Dismiss").clicked();
+                ui.add(egui::Label::new(egui::RichText::new(&notice.text).color(colour)).wrap());
             });
             ui.separator();
         }
