@@ -235,18 +235,34 @@ pub fn time_training_step(
     }
 }
 
+/// Where the time of one k-means run went.
+#[derive(Debug, Clone)]
+pub struct KMeansTiming {
+    /// The whole run: initialisation and every iteration.
+    pub seconds: f64,
+    /// Point-iterations per second over the whole run.
+    pub throughput: f64,
+    /// k-means++ on its sample (on the host).
+    pub init_seconds: f64,
+    /// The first Lloyd pass, with (on a device) the upload of the points it keeps there.
+    pub first_pass_seconds: f64,
+    /// Median of the later passes, each with its one read-back of the totals.
+    pub later_pass_seconds: f64,
+}
+
 /// Times k-means (Lloyd, all points, after one untimed warm-up iteration) on random unit
-/// vectors; returns seconds and the throughput in point-iterations per second.
+/// vectors, a device's passes in chunks of `chunk_points` (the default when `None`).
 pub fn time_kmeans(
     points: usize,
     dim: usize,
     clusters: usize,
     iterations: usize,
+    chunk_points: Option<usize>,
     device: &ComputeDevice,
-) -> Result<(f64, f64), crate::cluster::ClusterError> {
+) -> Result<KMeansTiming, crate::cluster::ClusterError> {
     use rand::{Rng, SeedableRng};
 
-    use crate::cluster::{FeatureStore, KMeansConfig, KMeansMode, kmeans};
+    use crate::cluster::{FeatureStore, KMeansConfig, KMeansMode, init_plus_plus, kmeans_with};
 
     let mut store = FeatureStore::in_memory(dim)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -263,16 +279,41 @@ pub fn time_kmeans(
             chunk.clear();
         }
     }
-    let config = KMeansConfig::new(clusters)
+    let mut config = KMeansConfig::new(clusters)
         .with_iterations(iterations)
         .with_mode(KMeansMode::Full);
+    if let Some(chunk_points) = chunk_points {
+        config = config.with_device_pass_points(chunk_points);
+    }
     // One untimed iteration first: on a GPU the first pass compiles and autotunes its kernels
     // (tens of seconds on a new machine, then cached), which is not the k-means being timed.
-    kmeans(&store, &config.clone().with_iterations(1), &device.device)?;
+    kmeans_with(
+        &store,
+        &config.clone().with_iterations(1),
+        None,
+        &device.device,
+        &mut |_| {},
+    )?;
     let started = Instant::now();
-    kmeans(&store, &config, &device.device)?;
+    let init = init_plus_plus(&store, 0..points, clusters, config.init_sample, config.seed)?;
+    let init_seconds = started.elapsed().as_secs_f64();
+    let mut pass_ends = vec![started.elapsed().as_secs_f64()];
+    kmeans_with(&store, &config, Some(init), &device.device, &mut |_| {
+        pass_ends.push(started.elapsed().as_secs_f64());
+    })?;
     let seconds = started.elapsed().as_secs_f64();
-    Ok((seconds, (points * iterations) as f64 / seconds))
+    let mut passes: Vec<f64> = pass_ends.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    let first_pass_seconds = passes.first().copied().unwrap_or(f64::NAN);
+    let later = passes.split_off(1.min(passes.len()));
+    let mut later = later;
+    later.sort_by(f64::total_cmp);
+    Ok(KMeansTiming {
+        seconds,
+        throughput: (points * iterations) as f64 / seconds,
+        init_seconds,
+        first_pass_seconds,
+        later_pass_seconds: later.get(later.len() / 2).copied().unwrap_or(f64::NAN),
+    })
 }
 
 /// Query latency of exact nearest-neighbour search in a feature bank.

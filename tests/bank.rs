@@ -169,6 +169,22 @@ fn device_path_returns_exactly_the_cpu_result() {
 }
 
 #[test]
+fn device_path_is_exact_when_the_best_patches_repeat_across_many_blocks() {
+    // Three directions repeated over 3000 patches (12 of the device's blocks and a padded
+    // one): every block ties for the best score, so the device must keep them all and the
+    // lowest patch indices win, as on the CPU.
+    let directions = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]];
+    let values: Vec<f32> = (0..3000).flat_map(|row| directions[row % 3]).collect();
+    let bank = bank_of(values, 3);
+    let on_device = bank.to_device(&Device::flex());
+    for (query, k) in [(vec![1.0, 0.0, 0.0], 5), (vec![0.5, 0.9, 0.0], 40)] {
+        let cpu = bank.nearest(&query, k);
+        assert_exact_top_k(&bank, &query, k, &cpu);
+        assert_eq!(on_device.try_nearest(&query, k).unwrap(), cpu);
+    }
+}
+
+#[test]
 fn ties_go_to_the_lower_patch_on_both_paths() {
     let a = [1.0, 0.0, 0.0, 0.0];
     let b = [0.0, 1.0, 0.0, 0.0];

@@ -405,3 +405,19 @@ fn random_initialisation_is_seeded_and_restarts_keep_the_lowest_inertia() {
         );
     }
 }
+
+#[test]
+fn device_passes_keep_every_matrix_within_128_mib() {
+    let limit = 128usize << 20;
+    let usual = KMeansConfig::new(27);
+    assert_eq!(
+        usual.device_pass_chunk(128),
+        cluster::DEFAULT_DEVICE_PASS_POINTS
+    );
+    assert!(usual.device_pass_chunk(128) * 128 * 4 <= limit);
+    // Many clusters: the [chunk, K] similarities bound the chunk.
+    let many = KMeansConfig::new(1000);
+    let chunk = many.device_pass_chunk(128);
+    assert!(chunk * 1000 * 4 <= limit && chunk > 10_000, "chunk {chunk}");
+    assert_eq!(usual.with_device_pass_points(0).device_pass_chunk(128), 1);
+}

@@ -276,3 +276,42 @@ fn one_training_step_gives_the_same_loss_on_wgpu_and_on_the_cpu() {
         "change of the loss by the update: {gpu_change} on wgpu, {cpu_change} on the CPU"
     );
 }
+
+/// k-means' device pass (chunks totalled in groups, the last group padded) on wgpu gives the
+/// CPU backend's Lloyd step: the same counts, centroids equal to f32 rounding.
+#[test]
+fn one_lloyd_step_on_wgpu_matches_the_cpu_backend() {
+    use picie::cluster::{Centroids, FeatureStore, lloyd_step};
+    use rand::{Rng, SeedableRng};
+
+    let Some((gpu, cpu)) = wgpu_and_cpu() else {
+        return;
+    };
+    let (points, clusters, dim) = (1000, 7, 16);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut unit_rows = |rows: usize| -> Vec<f32> {
+        (0..rows)
+            .flat_map(|_| {
+                let row: Vec<f32> = (0..dim).map(|_| rng.random::<f32>() - 0.5).collect();
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                row.into_iter().map(move |v| v / norm)
+            })
+            .collect()
+    };
+    let mut store = FeatureStore::in_memory(dim).unwrap();
+    store.push_slice(&unit_rows(points)).unwrap();
+    let init = Centroids::new(unit_rows(clusters), clusters, dim).unwrap();
+    // Chunks of 300 points: neither they nor the last one (100) fill whole groups.
+    let on_cpu = lloyd_step(&store, &init, 300, 0, &cpu).unwrap();
+    let on_wgpu = lloyd_step(&store, &init, 300, 0, &gpu).unwrap();
+    assert_eq!(on_wgpu.stats.counts, on_cpu.stats.counts);
+    assert_eq!(on_cpu.stats.counts.iter().sum::<u64>(), points as u64);
+    let worst = on_cpu
+        .centroids
+        .values
+        .iter()
+        .zip(&on_wgpu.centroids.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "largest centroid difference {worst}");
+}

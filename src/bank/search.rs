@@ -7,7 +7,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -23,6 +23,12 @@ const CPU_BLOCK: usize = 2048;
 /// accumulation: the real error is ~1e-6). Patches within twice this of the device's k-th best
 /// are re-scored on the host, which makes the device result exact.
 const DEVICE_TOLERANCE: f32 = 1e-3;
+/// Scores per block of the device path: the device reduces each block to its maximum and only
+/// the blocks that may hold a result are read back (at 10^7 patches, tens of thousands of
+/// values instead of ten million). Divides [`SEARCH_CHUNK`], so only the last chunk is padded.
+const SCORE_BLOCK: usize = 256;
+/// Score of the padding that fills the last block: below any cosine similarity.
+const PAD_SCORE: f32 = -4.0;
 
 /// The feature matrix with what every search needs.
 pub(super) struct Rows {
@@ -454,7 +460,8 @@ impl DeviceBank {
     }
 
     /// Exactly [`FeatureBank::nearest`]: the device scores every patch by chunked matrix
-    /// products, the patches within the device's error of its k-th best are re-scored on the
+    /// products and reduces them to block maxima, only the blocks that may hold a result are
+    /// read back, the patches within the device's error of its k-th best are re-scored on the
     /// host, and the best `k` of those are returned. Should the device fail, the CPU path
     /// answers instead (see [`DeviceBank::try_nearest`] to see the error).
     pub fn nearest(&self, query: &[f32], k: usize) -> Vec<Neighbour> {
@@ -482,31 +489,97 @@ impl DeviceBank {
             // Everything is returned: nothing for the device to narrow down.
             return Ok(scan_top_k(&self.rows, &unit, k));
         }
-        let query_tensor =
-            Tensor::<2>::from_data(TensorData::new(unit.clone(), [dim, 1]), &self.device);
-        // [C, D] x [D, 1] per chunk -> [N, 1], read back once.
-        let scores: Vec<Tensor<2>> = self
+        let device = &self.device;
+        let device_error = |error: String| BankError::Device(error);
+        let query_tensor = Tensor::<2>::from_data(TensorData::new(unit.clone(), [dim, 1]), device);
+        // [C, D] x [D, 1] per chunk, padded to whole blocks -> [blocks, SCORE_BLOCK].
+        let blocks: Vec<Tensor<2>> = self
             .chunks
             .iter()
-            .map(|chunk| chunk.clone().matmul(query_tensor.clone()))
+            .map(|chunk| {
+                let [rows, _] = chunk.dims();
+                let scores = chunk.clone().matmul(query_tensor.clone());
+                let padded = rows.div_ceil(SCORE_BLOCK) * SCORE_BLOCK;
+                let scores = if padded > rows {
+                    let pad = Tensor::<2>::full([padded - rows, 1], PAD_SCORE, device);
+                    Tensor::cat(vec![scores, pad], 0)
+                } else {
+                    scores
+                };
+                scores.reshape([padded / SCORE_BLOCK, SCORE_BLOCK])
+            })
             .collect();
-        let scores = Tensor::cat(scores, 0)
+        let blocks = Tensor::cat(blocks, 0);
+        let block_count = len.div_ceil(SCORE_BLOCK);
+        // Only the block maxima come back first (N / 256 values instead of N)...
+        let maxima = blocks
+            .clone()
+            .max_dim(1)
             .try_into_vec_as::<f32>()
-            .map_err(|error| BankError::Device(format!("{error:?}")))?;
-        if scores.len() != len || scores.iter().any(|score| !score.is_finite()) {
-            return Err(BankError::Device(format!(
-                "the device returned {} scores for {len} patches, or a non-finite one",
-                scores.len()
+            .map_err(|error| device_error(format!("{error:?}")))?;
+        if maxima.len() != block_count || maxima.iter().any(|score| !score.is_finite()) {
+            return Err(device_error(format!(
+                "the device returned {} block maxima for {block_count} blocks, or a \
+                 non-finite one",
+                maxima.len()
             )));
         }
-        let mut order = scores.clone();
+        // ...then every block that may hold one of the best k. The k-th largest block maximum
+        // is at most the k-th best score (those k blocks hold k scores at least that high), so
+        // a block whose maximum is lower than that, less the tolerance, holds no patch the
+        // host must re-score.
+        let block_floor = if block_count <= k {
+            f32::NEG_INFINITY
+        } else {
+            let mut order = maxima.clone();
+            let (_, kth, _) = order.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            *kth - 2.0 * DEVICE_TOLERANCE
+        };
+        let chosen: Vec<usize> = (0..block_count)
+            .filter(|&block| maxima[block] >= block_floor)
+            .collect();
+        let chosen_ids: Vec<i64> = chosen.iter().map(|&block| block as i64).collect();
+        let chosen_ids =
+            Tensor::<1, Int>::from_data(TensorData::new(chosen_ids, [chosen.len()]), device);
+        let chosen_scores = blocks
+            .select(0, chosen_ids)
+            .try_into_vec_as::<f32>()
+            .map_err(|error| device_error(format!("{error:?}")))?;
+        if chosen_scores.len() != chosen.len() * SCORE_BLOCK
+            || chosen_scores.iter().any(|score| !score.is_finite())
+        {
+            return Err(device_error(format!(
+                "the device returned {} scores for {} blocks, or a non-finite one",
+                chosen_scores.len(),
+                chosen.len()
+            )));
+        }
+        // (patch, device score) of the real patches of the chosen blocks, at least k of them:
+        // every chosen block holds its maximum, which is a real patch (padding scores lower).
+        let scored: Vec<(usize, f32)> = chosen
+            .iter()
+            .zip(chosen_scores.chunks(SCORE_BLOCK))
+            .flat_map(|(&block, scores)| {
+                scores
+                    .iter()
+                    .enumerate()
+                    .map(move |(offset, &score)| (block * SCORE_BLOCK + offset, score))
+            })
+            .filter(|&(patch, _)| patch < len)
+            .collect();
+        let mut order: Vec<f32> = scored.iter().map(|&(_, score)| score).collect();
+        if order.len() < k {
+            return Err(device_error(format!(
+                "the chosen blocks hold {} patches, fewer than {k}",
+                order.len()
+            )));
+        }
         let (_, kth, _) = order.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         let floor = *kth - 2.0 * DEVICE_TOLERANCE;
-        let candidates: Vec<usize> = scores
+        let candidates: Vec<usize> = scored
             .iter()
-            .enumerate()
-            .filter(|(_, score)| **score >= floor)
-            .map(|(index, _)| index)
+            .filter(|&&(_, score)| score >= floor)
+            .map(|&(patch, _)| patch)
             .collect();
         Ok(candidates_top_k(&self.rows, &unit, k, &candidates))
     }

@@ -25,9 +25,10 @@ pub use assign::{Assignment, assign, assign_chunked};
 pub use edit::{ClusterEdit, EditedClusters, edit_centroids};
 pub use host::runs_on_host;
 pub use kmeans::{
-    AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_INIT_SAMPLE,
-    DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansInit, KMeansMode, KMeansResult,
-    LloydStep, StepKind, init_plus_plus, init_random, kmeans, kmeans_with, lloyd_step,
+    AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_DEVICE_PASS_POINTS,
+    DEFAULT_INIT_SAMPLE, DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansInit, KMeansMode,
+    KMeansResult, LloydStep, StepKind, init_plus_plus, init_random, kmeans, kmeans_with,
+    lloyd_step,
 };
 pub use store::{FeatureStore, SpillConfig};
 

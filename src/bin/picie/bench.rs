@@ -83,6 +83,9 @@ pub(crate) enum BenchCommand {
         /// auto, gpu, cpu or wgpu.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
+        /// Points per chunk of a full pass on a device (default: k-means' own).
+        #[arg(long)]
+        chunk: Option<usize>,
     },
     /// Forward time of backbone + FPN on a random batch.
     Forward {
@@ -232,14 +235,21 @@ pub(crate) fn run(which: BenchCommand) -> Result<()> {
             clusters,
             iterations,
             device,
+            chunk,
         } => {
             let compute = select_device(&device)?;
             println!("device: {}", compute.description);
             for k in clusters {
-                let (seconds, throughput) = time_kmeans(points, 128, k, iterations, &compute)?;
+                let timing = time_kmeans(points, 128, k, iterations, chunk, &compute)?;
                 println!(
-                    "k-means {points} x 128, K = {k}, {iterations} iterations: {seconds:.2} s ({:.2e} point-iterations/s)",
-                    throughput
+                    "k-means {points} x 128, K = {k}, {iterations} iterations: {:.2} s ({:.2e} point-iterations/s)",
+                    timing.seconds, timing.throughput
+                );
+                println!(
+                    "  k-means++ {:.2} s, first pass {:.3} s, later passes {:.1} ms each (median)",
+                    timing.init_seconds,
+                    timing.first_pass_seconds,
+                    timing.later_pass_seconds * 1e3
                 );
             }
             if let Some(peak) = peak_memory_mib() {

@@ -42,5 +42,25 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     );
     served.serve_until_interrupted()?;
     println!("server stopped");
+    leave_without_teardown()
+}
+
+/// Ends the process at once, with status 0. burn's server leaves its runtime threads and the
+/// device (a process-wide static) alive; a normal exit then runs the graphics driver's
+/// library destructors under them, and NVIDIA's Vulkan driver crashed there (a segmentation
+/// fault after "server stopped"). Every session has ended and nothing is left to write.
+#[cfg(feature = "remote")]
+fn leave_without_teardown() -> Result<()> {
+    use std::io::Write;
+    // `_exit` does not flush Rust's buffers.
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[cfg(unix)]
+    // SAFETY: `_exit` takes a plain status and does not return; no destructor or handler of
+    // this process runs after it, which is the point.
+    unsafe {
+        libc::_exit(0)
+    }
+    #[cfg(not(unix))]
     Ok(())
 }
