@@ -436,6 +436,23 @@ pub mod paths {
     /// The feature bank's folder.
     pub const BANK_DIR: &str = "bank";
 
+    /// A new run folder in `runs` for a dataset called `dataset_name`:
+    /// `<runs>/<name>-<YYYYMMDD-HHMMSS>` (UTC), the name kept to letters, digits and `-`.
+    pub fn timestamped(runs: &Path, dataset_name: &str) -> PathBuf {
+        let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+        let name: String = dataset_name
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        runs.join(format!("{name}-{stamp}"))
+    }
+
     /// `config.json`: marks a run folder.
     pub fn config(root: &Path) -> PathBuf {
         root.join("config.json")

@@ -3,7 +3,6 @@
 //! the server runs tensor operations on its device.
 
 use std::net::{SocketAddr, TcpListener};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use burn::server::{
     AuthorizationRequest, Credential, PeerAuthorizer, RemoteServer, ServeError, TokenAuthorizer,
@@ -123,15 +122,7 @@ impl PeerAuthorizer for LoggingAuthorizer {
     }
 }
 
-/// The time of day (UTC) for log lines, without a date crate.
+/// The time of day (UTC) for log lines.
 fn clock() -> String {
-    let seconds = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    format!(
-        "{:02}:{:02}:{:02}",
-        (seconds / 3600) % 24,
-        (seconds / 60) % 60,
-        seconds % 60
-    )
+    chrono::Utc::now().format("%H:%M:%S").to_string()
 }

@@ -438,3 +438,21 @@ fn seeds_train_a_folder_each_and_report_mean_and_spread_with_held_out_scores() {
     ));
     assert!(refused.contains("0006R0_"), "{refused}");
 }
+
+#[test]
+fn a_new_run_folder_is_named_after_the_dataset_and_the_time() {
+    let folder = picie::run::paths::timestamped(std::path::Path::new("runs"), "camvid dev/2");
+    assert_eq!(folder.parent(), Some(std::path::Path::new("runs")));
+    let name = folder.file_name().unwrap().to_str().unwrap();
+    let stamp = name.strip_prefix("camvid_dev_2-").expect(name);
+    // YYYYMMDD-HHMMSS
+    assert_eq!(stamp.len(), 15, "{name}");
+    assert_eq!(&stamp[8..9], "-");
+    assert!(
+        stamp[..8]
+            .chars()
+            .chain(stamp[9..].chars())
+            .all(|c| c.is_ascii_digit())
+    );
+    assert!(stamp.starts_with("20"), "{name}");
+}

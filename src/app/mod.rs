@@ -9,6 +9,7 @@ mod images;
 mod maps;
 mod relabel;
 mod remote_ui;
+mod shell;
 mod stats;
 mod training;
 
@@ -26,6 +27,8 @@ use crate::session::{Activity, Command, DatasetPaths, SessionState, TrainRequest
 pub use images::{ImageCache, ImageRequest};
 pub use maps::MapView;
 pub use training::WeightsChoice;
+
+use shell::StartChoice;
 
 /// Key of the settings in eframe's storage.
 const SETTINGS_KEY: &str = "picie-explorer-settings";
@@ -418,10 +421,9 @@ impl ExplorerApp {
         }
         let run_dir = match &resume_run {
             Some(run) => run.clone(),
-            None => match self
-                .cache_folder()
-                .map(|root| new_run_folder(&root.join("runs"), &dataset.paths))
-            {
+            None => match self.cache_folder().map(|root| {
+                crate::run::paths::timestamped(&root.join("runs"), &dataset.paths.display_name())
+            }) {
                 Ok(folder) => folder,
                 Err(message) => {
                     self.notify(message, true);
@@ -722,111 +724,24 @@ impl ExplorerApp {
     }
 
     fn start_page(&mut self, ui: &mut egui::Ui) {
-        ui.add_space(24.0);
-        ui.vertical_centered(|ui| {
-            ui.heading("PiCIE Explorer");
-            ui.label(
-                "Find the visual concepts in a folder of unlabelled images: PiCIE learns pixel \
-                 features and clusters them, and each cluster becomes a segment class.",
-            );
-        });
-        ui.add_space(16.0);
+        shell::start_page_header(ui);
         self.notice_line(ui);
-        ui.vertical_centered(|ui| {
-            if ui
-                .add_sized([260.0, 32.0], egui::Button::new("Open folder…"))
-                .on_hover_text("A folder of images; an images/ + labels/ layout is recognised")
-                .clicked()
-            {
-                self.pick_folder();
-            }
-            ui.add_space(6.0);
-            if ui
-                .add_sized([260.0, 32.0], egui::Button::new("Try the demo dataset"))
-                .on_hover_text("Generates 48 small labelled synthetic scenes, offline")
-                .clicked()
-            {
-                self.open_demo();
-            }
-            ui.add_space(6.0);
-            if ui
-                .add_sized([260.0, 32.0], egui::Button::new("Open run…"))
-                .on_hover_text("Reopen a training run made in this app")
-                .clicked()
-            {
-                self.pick_run();
-            }
-            ui.add_space(8.0);
-            ui.weak("…or drop a folder onto this window.");
-            ui.add_space(16.0);
-            if !self.settings.recent.is_empty() {
-                ui.strong("Recent datasets");
-                for recent in self.settings.recent.clone() {
-                    if ui
-                        .link(recent.display_name())
-                        .on_hover_text(recent.images.display().to_string())
-                        .clicked()
-                    {
-                        self.open_dataset(recent);
-                    }
-                }
-            }
-        });
+        match shell::start_page_choices(ui, &self.settings.recent) {
+            Some(StartChoice::PickFolder) => self.pick_folder(),
+            Some(StartChoice::Demo) => self.open_demo(),
+            Some(StartChoice::PickRun) => self.pick_run(),
+            Some(StartChoice::Recent(recent)) => self.open_dataset(recent),
+            None => {}
+        }
     }
 
-    fn status_bar(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
-            let Some(session) = &self.session else {
-                match &self.dataset {
-                    Some(dataset) => ui.label(format!(
-                        "{}: {} images{}",
-                        dataset.paths.display_name(),
-                        dataset.names.len(),
-                        if dataset.paths.labels.is_some() {
-                            ", with labels"
-                        } else {
-                            ""
-                        }
-                    )),
-                    None => ui.label("No dataset open"),
-                };
-                return;
-            };
-            let status = &session.status;
-            if !status.device.is_empty() {
-                ui.label(&status.device).on_hover_text(&status.weights);
-                ui.separator();
-            }
-            ui.label(status.activity.to_string());
-            if let Some(fraction) = status.activity_fraction.filter(|_| status.running) {
-                ui.add(egui::ProgressBar::new(fraction).desired_width(120.0));
-            }
-            ui.separator();
-            if status.epochs > 0 {
-                ui.label(format!("epoch {}/{}", status.epoch, status.epochs));
-                if status.steps_per_epoch > 0 {
-                    ui.label(format!("step {}/{}", status.step, status.steps_per_epoch));
-                }
-                ui.separator();
-            }
-            if status.images_per_second > 0.0 {
-                ui.label(format!("{:.1} images/s", status.images_per_second));
-                if status.running {
-                    ui.label(format!("ETA {}", format_duration(status.eta_seconds)));
-                }
-                ui.separator();
-            }
-            if let Some(memory) = crate::bench::current_memory_mib() {
-                ui.label(format!("{memory:.0} MiB")).on_hover_text(format!(
-                    "Memory used by the app (resident); {} snapshots of maps kept, {:.1} MiB",
-                    session.timeline.len(),
-                    session.timeline.bytes() as f64 / (1 << 20) as f64
-                ));
-                ui.separator();
-            }
-            ui.weak(format!("UI {:.1} ms", self.frame_times.last))
-                .on_hover_text("Time spent building the last frame");
-        });
+    fn status_bar(&self, ui: &mut egui::Ui) {
+        shell::status_bar(
+            ui,
+            self.session.as_ref(),
+            self.dataset.as_ref(),
+            self.frame_times.last,
+        );
     }
 
     fn dataset_tab(&mut self, ui: &mut egui::Ui) {
@@ -926,47 +841,6 @@ impl eframe::App for ExplorerApp {
     }
 }
 
-/// A new run folder for a dataset: `<runs>/<dataset>-<YYYYMMDD-HHMMSS>`.
-fn new_run_folder(runs: &Path, dataset: &DatasetPaths) -> PathBuf {
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or(0);
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    let stamp = format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    );
-    let name: String = dataset
-        .display_name()
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    runs.join(format!("{name}-{stamp}"))
-}
-
-/// Days since 1970-01-01 to a (year, month, day) date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
 /// `1 h 02 min`, `3 min 05 s`, `12 s`.
 pub fn format_duration(seconds: f64) -> String {
     let seconds = seconds.max(0.0).round() as u64;
@@ -984,9 +858,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_and_durations_read_well() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
+    fn durations_read_well() {
         assert_eq!(format_duration(3725.0), "1 h 02 min");
         assert_eq!(format_duration(185.0), "3 min 05 s");
         assert_eq!(format_duration(12.4), "12 s");

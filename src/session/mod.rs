@@ -11,4 +11,6 @@ pub mod worker;
 pub use jobs::{Job, JobContext, JobError, Service, ServiceBusy, ServiceContext, Wake};
 pub use state::{Activity, DatasetPaths, EpochScore, LossPoint, SessionState, SessionStatus};
 pub use timeline::{Snapshot, Timeline};
-pub use worker::{Command, TrainRequest, TrainerHandle, WorkerEvent};
+pub use worker::{
+    Command, TrainRequest, TrainerHandle, TrainingFailure, WorkerEvent, WorkerWarning,
+};

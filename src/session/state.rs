@@ -271,8 +271,8 @@ impl SessionState {
                 self.status.activity_fraction = Some(*done as f32 / (*total).max(1) as f32);
                 false
             }
-            WorkerEvent::Warning(message) => {
-                self.warnings.push(message.clone());
+            WorkerEvent::Warning(warning) => {
+                self.warnings.push(warning.to_string());
                 false
             }
             WorkerEvent::Skipped(files) => {
@@ -280,10 +280,8 @@ impl SessionState {
                 false
             }
             WorkerEvent::Train(event) => self.apply_train(event),
-            WorkerEvent::Failed(message) => {
-                self.status.error = Some(message.clone());
-                self.status.activity = Activity::Failed;
-                self.status.running = false;
+            WorkerEvent::Failed(failure) => {
+                self.fail(failure.as_ref());
                 true
             }
             WorkerEvent::Ended => {
@@ -292,6 +290,14 @@ impl SessionState {
                 true
             }
         }
+    }
+
+    /// Records that training stopped with `failure`: its text becomes the status's error,
+    /// the form in which the window shows it and `session.json` keeps it.
+    pub fn fail(&mut self, failure: &dyn std::fmt::Display) {
+        self.status.error = Some(failure.to_string());
+        self.status.activity = Activity::Failed;
+        self.status.running = false;
     }
 
     fn apply_train(&mut self, event: &TrainEvent) -> bool {

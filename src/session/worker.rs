@@ -11,10 +11,12 @@ use crossbeam::channel::{Receiver, Sender, TrySendError, bounded};
 use super::state::{DatasetPaths, SessionState};
 use super::timeline::Snapshot;
 use crate::config::TrainConfig;
-use crate::data::DecodedStorage;
-use crate::device::select_device;
+use crate::data::{DatasetError, DecodedStorage};
+use crate::device::{DeviceError, select_device};
 use crate::run::paths as run_paths;
-use crate::train::{ExistingRun, RunFolder, TrainControl, TrainEvent, Trainer, TrainingData};
+use crate::train::{
+    ExistingRun, RunError, RunFolder, TrainControl, TrainError, TrainEvent, Trainer, TrainingData,
+};
 
 /// Commands from the app to the trainer; they take effect at the next batch boundary (edits:
 /// at the next epoch's clustering).
@@ -47,13 +49,47 @@ pub enum WorkerEvent {
     /// without them.
     Skipped(Vec<String>),
     /// Something went wrong that does not stop training.
-    Warning(String),
+    Warning(WorkerWarning),
     /// An event of the trainer itself.
     Train(TrainEvent),
-    /// Training could not start or failed; the message says why and what to do.
-    Failed(String),
+    /// Training could not start or failed; its text says why and what to do. Shared, so the
+    /// event stays `Clone` while the error keeps its type and source chain.
+    Failed(Arc<TrainingFailure>),
     /// The thread is about to end (after `Finished` or `Failed`).
     Ended,
+}
+
+/// Why the trainer thread could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainingFailure {
+    /// The device could not be opened (or the server reached).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The run folder could not be created or claimed.
+    #[error(transparent)]
+    RunFolder(#[from] RunError),
+    /// The images could not be read.
+    #[error("could not load the dataset: {0}")]
+    Dataset(#[from] DatasetError),
+    /// The trainer failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+}
+
+/// Problems of the trainer thread that do not stop training.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerWarning {
+    /// The explorer's session record could not be written.
+    #[error(
+        "could not save the session in {run_dir}: {reason}; training goes on, but the maps \
+         will not be there when the run is reopened"
+    )]
+    SessionNotSaved {
+        /// The run folder.
+        run_dir: PathBuf,
+        /// The file system's error.
+        reason: String,
+    },
 }
 
 /// What to train.
@@ -124,8 +160,8 @@ impl TrainerHandle {
                     wake();
                     delivered
                 };
-                if let Err(message) = run_training(request, control.clone(), &send) {
-                    send(WorkerEvent::Failed(message));
+                if let Err(failure) = run_training(request, control.clone(), &send) {
+                    send(WorkerEvent::Failed(Arc::new(failure)));
                 }
                 send(WorkerEvent::Ended);
             })?;
@@ -176,23 +212,24 @@ impl TrainerHandle {
     }
 }
 
+// Returned once per training run, straight into an `Arc`: its size costs nothing.
+#[allow(clippy::result_large_err)]
 fn run_training(
     request: TrainRequest,
     control: TrainControl,
     send: &(dyn Fn(WorkerEvent) -> bool + Sync),
-) -> Result<(), String> {
+) -> Result<(), TrainingFailure> {
     let config = request.config;
     // The device first: a server that cannot be reached fails before minutes of decoding.
     if config.device.is_remote() {
         send(WorkerEvent::Connecting(config.device.to_string()));
     }
-    let compute = select_device(&config.device).map_err(|error| error.to_string())?;
+    let compute = select_device(&config.device)?;
     let run = if request.resume {
         RunFolder::open_for_writing(&request.run_dir)
     } else {
         RunFolder::create(&request.run_dir, &config, ExistingRun::Refuse).map(|(run, _)| run)
-    }
-    .map_err(|error| error.to_string())?;
+    }?;
     // Large datasets are decoded into the run folder, so the folder is claimed first.
     let data = TrainingData::load_into(
         &request.images,
@@ -203,8 +240,7 @@ fn run_training(
         &|done, total| {
             send(WorkerEvent::Loading { done, total });
         },
-    )
-    .map_err(|error| format!("could not load the dataset: {error}"))?;
+    )?;
     if !data.skipped.is_empty() {
         send(WorkerEvent::Skipped(
             data.skipped
@@ -226,9 +262,8 @@ fn run_training(
         images: request.images.clone(),
         labels: request.labels.clone(),
     });
-    let mut record_error: Option<String> = None;
-    let mut trainer = Trainer::new(config, run, Arc::new(data), control.clone(), request.resume)
-        .map_err(|error| error.to_string())?;
+    let mut record_error: Option<WorkerWarning> = None;
+    let mut trainer = Trainer::new(config, run, Arc::new(data), control.clone(), request.resume)?;
     let mut observer = |event: &TrainEvent| {
         let forwarded = WorkerEvent::Train(event.clone());
         // Snapshots go to the log only; the record keeps what session.json holds.
@@ -247,23 +282,66 @@ fn run_training(
         if let Err(error) = written
             && record_error.is_none()
         {
-            let message = format!(
-                "could not save the session in {}: {error}; training goes on, but the maps \
-                 will not be there when the run is reopened",
-                request.run_dir.display()
-            );
-            send(WorkerEvent::Warning(message.clone()));
-            record_error = Some(message);
+            let warning = WorkerWarning::SessionNotSaved {
+                run_dir: request.run_dir.clone(),
+                reason: error.to_string(),
+            };
+            send(WorkerEvent::Warning(warning.clone()));
+            record_error = Some(warning);
         }
         if !send(forwarded) {
             // Nobody listens any more: stop at the next batch boundary.
             control.stop();
         }
     };
-    let outcome = trainer.run(&compute, &mut observer);
-    if let Err(error) = &outcome {
-        record.apply(&WorkerEvent::Failed(error.to_string()));
+    if let Err(error) = trainer.run(&compute, &mut observer) {
+        let failure = TrainingFailure::from(error);
+        record.fail(&failure);
         let _ = record.save();
+        return Err(failure);
     }
-    outcome.map(|_| ()).map_err(|error| error.to_string())
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::device::DeviceChoice;
+
+    #[test]
+    fn a_missing_image_folder_ends_the_thread_with_a_dataset_failure_naming_it() {
+        let folder = tempfile::tempdir().unwrap();
+        let images = folder.path().join("no-such-images");
+        let mut config = TrainConfig::default();
+        config.device = DeviceChoice::Cpu;
+        let request = TrainRequest {
+            images: images.clone(),
+            labels: None,
+            run_dir: folder.path().join("run"),
+            config,
+            resume: false,
+        };
+        let handle = TrainerHandle::spawn(request, Arc::new(|| {})).unwrap();
+        let mut state = SessionState::new(&folder.path().join("run"));
+        let failure = loop {
+            match handle.recv_timeout(Duration::from_secs(60)) {
+                Some(WorkerEvent::Failed(failure)) => {
+                    state.apply(&WorkerEvent::Failed(Arc::clone(&failure)));
+                    break failure;
+                }
+                Some(_) => {}
+                None => panic!("the trainer neither failed nor ended"),
+            }
+        };
+        assert!(
+            matches!(*failure, TrainingFailure::Dataset(_)),
+            "{failure:?}"
+        );
+        let shown = state.status.error.clone().unwrap();
+        assert!(shown.starts_with("could not load the dataset"), "{shown}");
+        assert!(shown.contains("no-such-images"), "{shown}");
+        assert_eq!(state.status.activity, crate::session::Activity::Failed);
+    }
 }
