@@ -314,8 +314,10 @@ mod tests {
     fn a_missing_image_folder_ends_the_thread_with_a_dataset_failure_naming_it() {
         let folder = tempfile::tempdir().unwrap();
         let images = folder.path().join("no-such-images");
-        let mut config = TrainConfig::default();
-        config.device = DeviceChoice::Cpu;
+        let config = TrainConfig {
+            device: DeviceChoice::Cpu,
+            ..TrainConfig::default()
+        };
         let request = TrainRequest {
             images: images.clone(),
             labels: None,
