@@ -12,7 +12,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::search::{Rows, unit_vector};
+use super::search::{Rows, Values, unit_vector};
 use super::{BankError, FEATURES_FILE, FeatureBank, INFO_FILE, bank_dir, write_error};
 use crate::fsutil;
 
@@ -166,7 +166,7 @@ impl FeatureBank {
                 info.dim
             )));
         }
-        let rows = Rows::new(features, info.dim).map_err(BankError::Invalid)?;
+        let rows = Rows::new(Values::Owned(features), info.dim).map_err(BankError::Invalid)?;
         Ok(Self {
             info,
             rows: Arc::new(rows),
@@ -246,19 +246,30 @@ impl FeatureBank {
                 ),
             ));
         }
-        // Read straight into the f16 buffer: the file is the in-memory layout on little-endian
-        // machines, so loading 256 MB costs one copy.
-        let mut values = vec![f16::ZERO; expected / 2];
-        file.read_exact(bytemuck::cast_slice_mut(values.reinterpret_cast_mut()))
-            .map_err(|error| BankError::Read {
+        let values = if expected == 0 {
+            Values::Owned(Vec::new())
+        } else if cfg!(all(unix, target_endian = "little")) {
+            // SAFETY: the map is read-only and nothing writes a published features file in
+            // place: banks are written into a new folder that is renamed over the old one,
+            // and a removed file stays readable through an existing map (on Unix; Windows
+            // could not rename a folder holding a mapped file, so it reads the file).
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| BankError::Read {
                 path: features_path.clone(),
                 reason: error.to_string(),
             })?;
-        if cfg!(target_endian = "big") {
+            Values::Mapped(map)
+        } else {
+            let mut values = vec![f16::ZERO; expected / 2];
+            file.read_exact(bytemuck::cast_slice_mut(values.reinterpret_cast_mut()))
+                .map_err(|error| BankError::Read {
+                    path: features_path.clone(),
+                    reason: error.to_string(),
+                })?;
             for bits in values.reinterpret_cast_mut() {
                 *bits = u16::from_le(*bits);
             }
-        }
+            Values::Owned(values)
+        };
         let rows =
             Rows::new(values, header.info.dim).map_err(|reason| corrupt(&features_path, reason))?;
         Ok(Self {

@@ -30,17 +30,43 @@ const SCORE_BLOCK: usize = 256;
 /// Score of the padding that fills the last block: below any cosine similarity.
 const PAD_SCORE: f32 = -4.0;
 
+/// A bank's f16 values: built in memory, or the bank's file mapped into memory, so a loaded
+/// bank costs address space rather than memory (the system keeps the pages it needs and can
+/// drop them again: they are the file's).
+pub(super) enum Values {
+    /// Values in a buffer of their own.
+    Owned(Vec<f16>),
+    /// `features.f16` mapped read-only (little-endian Unix: the file is the layout).
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Values {
+    type Target = [f16];
+
+    fn deref(&self) -> &[f16] {
+        match self {
+            Self::Owned(values) => values,
+            Self::Mapped(map) => {
+                // A page-aligned map of whole f16s: the cast cannot fail on a length checked
+                // when the file was opened, and an empty slice stands in if it ever did.
+                let bits: &[u16] = bytemuck::try_cast_slice(&map[..]).unwrap_or(&[]);
+                half::slice::HalfBitsSliceExt::reinterpret_cast(bits)
+            }
+        }
+    }
+}
+
 /// The feature matrix with what every search needs.
 pub(super) struct Rows {
     /// `[len, dim]` row-major.
-    pub(super) values: Vec<f16>,
+    pub(super) values: Values,
     /// `1 / |row|` (0 for a zero row), so scores are cosines of the stored f16 vectors.
     pub(super) inv_norms: Vec<f32>,
     pub(super) dim: usize,
 }
 
 impl Rows {
-    pub(super) fn new(values: Vec<f16>, dim: usize) -> Result<Self, String> {
+    pub(super) fn new(values: Values, dim: usize) -> Result<Self, String> {
         if dim == 0 || !values.len().is_multiple_of(dim) {
             return Err(format!(
                 "{} values are not whole rows of {dim}",
