@@ -1,4 +1,5 @@
-//! Exporting segmentations with the user's label map, and scoring exactly what is exported.
+//! Exporting segmentations with the user's label map, and scoring exactly what is exported
+//! (with [`crate::eval::masks`], which also scores exported mask folders).
 //!
 //! Every image is segmented at its original resolution ([`Segmenter::segment`] upsamples the
 //! logits before the argmax), its cluster ids are mapped through the run's [`LabelMap`]
@@ -22,12 +23,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use image::{GrayImage, RgbImage};
-use rayon::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::data::{DatasetError, ImageEntry, ImageFolder, load_label, load_one};
+use crate::data::{DatasetError, ImageFolder, load_label, load_one};
 use crate::device::{ComputeDevice, DeviceError};
-use crate::eval::{ConfusionMatrix, Evaluation};
+use crate::eval::Evaluation;
+pub use crate::eval::masks::mask_paths;
+use crate::eval::masks::{MaskScores, ScoreError, check_label_values, labelled_entries};
 use crate::labelmap::{IGNORE_INDEX, LabelMap, LegendEntry};
 use crate::model::FEATURE_DIM;
 use crate::run::{RunError, RunFolder};
@@ -141,63 +143,9 @@ pub enum ExportError {
         /// What the operating system said (in the message, so not also a `source`).
         error: std::io::Error,
     },
-    /// Scoring needs labels, and no image has one.
-    #[error(
-        "no image in {} has a label file{}; give the label folder (index PNGs named like the \
-         images, 255 = unlabelled, with classes.txt)",
-        .images.display(),
-        .labels.as_ref().map(|labels| format!(" in {}", labels.display())).unwrap_or_default()
-    )]
-    NoLabels {
-        /// The image folder.
-        images: PathBuf,
-        /// The label folder, if one was given.
-        labels: Option<PathBuf>,
-    },
-    /// Every labelled image was unreadable.
-    #[error(
-        "none of the labelled images in {} could be read, so nothing was scored",
-        .0.display()
-    )]
-    NothingScored(PathBuf),
-    /// An image has a label but no exported mask.
-    #[error(
-        "there is no mask {} for image {}; export the images again (`picie export`), or give \
-         the `index` folder of the export",
-        .mask.display(),
-        .image.display()
-    )]
-    MaskMissing {
-        /// The mask that was looked for.
-        mask: PathBuf,
-        /// The image.
-        image: PathBuf,
-    },
-    /// A mask is not the size of its label (the image's original size).
-    #[error(
-        "mask {} is {}x{} but label {} is {}x{}; masks must have their image's original size \
-         (export the images again)",
-        .mask.display(), .mask_size.0, .mask_size.1,
-        .label.display(), .label_size.0, .label_size.1
-    )]
-    MaskSize {
-        /// The mask.
-        mask: PathBuf,
-        /// Its width and height.
-        mask_size: (u32, u32),
-        /// The label.
-        label: PathBuf,
-        /// Its width and height.
-        label_size: (u32, u32),
-    },
-    /// A mask could not be decoded as an 8-bit index PNG.
-    #[error("cannot read mask {}: {reason}", .path.display())]
-    MaskUnreadable {
-        /// The mask.
-        path: PathBuf,
-        /// What went wrong and what to do.
-        reason: String,
-    },
+    /// Scoring failed (no labels, a missing or wrong mask...).
+    #[error(transparent)]
+    Score(#[from] ScoreError),
 }
 
 /// Loads the network of a run's latest checkpoint and the centroids of its un-augmented images
@@ -250,58 +198,6 @@ pub fn segmenter_for_run(
     )
     .with_inference(config.test_time_flip, config.upsampling);
     Ok((segmenter, config))
-}
-
-/// The path of each image's exported files inside an output sub-folder (`index/`, `colour/`,
-/// `overlay/`), in the order of `entries`: the image's name with `.png` for its extension
-/// (`a/b.jpg` -> `a/b.png`), so sub-folders are kept and the index folder matches the way
-/// label folders are searched. Images that would share a file (`b.jpg` and `b.png`; compared
-/// without case, for case-insensitive disks) keep their extension (`b.jpg.png`, `b.png.png`);
-/// any remaining clash gets `~2`, `~3`, ... Depends only on the list of names, so an export
-/// and a later scoring of the same folder agree.
-pub fn mask_paths(entries: &[ImageEntry]) -> Vec<PathBuf> {
-    let key = |path: &Path| path.to_string_lossy().to_lowercase();
-    let plain: Vec<PathBuf> = entries
-        .iter()
-        .map(|entry| relative_path(&entry.name).with_extension("png"))
-        .collect();
-    let mut uses: HashMap<String, usize> = HashMap::new();
-    for path in &plain {
-        *uses.entry(key(path)).or_default() += 1;
-    }
-    let mut taken = HashSet::new();
-    entries
-        .iter()
-        .zip(&plain)
-        .map(|(entry, plain)| {
-            let base = if uses[&key(plain)] > 1 {
-                let mut with_extension = relative_path(&entry.name).into_os_string();
-                with_extension.push(".png");
-                PathBuf::from(with_extension)
-            } else {
-                plain.clone()
-            };
-            let mut candidate = base.clone();
-            let mut number = 2;
-            while !taken.insert(key(&candidate)) {
-                let stem = base
-                    .file_stem()
-                    .map(|stem| stem.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                candidate = base.with_file_name(format!("{stem}~{number}.png"));
-                number += 1;
-            }
-            candidate
-        })
-        .collect()
-}
-
-/// A `/`-separated image name as a relative path; `.`, `..` and empty parts are dropped so
-/// nothing is ever written outside the output folder.
-fn relative_path(name: &str) -> PathBuf {
-    name.split('/')
-        .filter(|part| !part.is_empty() && *part != "." && *part != "..")
-        .collect()
 }
 
 /// The index mask export writes for an image: cluster per pixel mapped through `ids`.
@@ -563,101 +459,6 @@ pub fn cvat_labelmap(legend: &[LegendEntry], with_background: bool) -> String {
     text
 }
 
-/// Pixel counts of (mask value, label) pairs, 256 x 256, before the classes are known.
-struct PairCounts {
-    counts: Vec<u64>,
-    scored_images: usize,
-}
-
-impl PairCounts {
-    fn new() -> Self {
-        Self {
-            counts: vec![0; MASK_VALUES * MASK_VALUES],
-            scored_images: 0,
-        }
-    }
-
-    fn add(&mut self, mask: &[u8], label: &[u8]) {
-        for (&predicted, &class) in mask.iter().zip(label) {
-            // Unlabelled pixels are not scored.
-            if class != crate::eval::IGNORE_LABEL {
-                self.counts[usize::from(predicted) * MASK_VALUES + usize::from(class)] += 1;
-            }
-        }
-        self.scored_images += 1;
-    }
-
-    fn merge(mut self, other: PairCounts) -> Self {
-        for (count, more) in self.counts.iter_mut().zip(other.counts) {
-            *count += more;
-        }
-        self.scored_images += other.scored_images;
-        self
-    }
-
-    /// Hungarian matching of the 256 mask values to the classes; value 255 (ignored) is never
-    /// matched, so its labelled pixels count as wrong. Classes are the class list's, else
-    /// 0..=the largest label seen.
-    fn evaluate(&self, class_names: Option<&[String]>) -> Evaluation {
-        let classes = class_names.map(<[String]>::len).unwrap_or_else(|| {
-            (0..MASK_VALUES)
-                .rev()
-                .find(|&class| {
-                    (0..MASK_VALUES).any(|value| self.counts[value * MASK_VALUES + class] > 0)
-                })
-                .map_or(0, |class| class + 1)
-        });
-        let classes = classes.min(MASK_VALUES);
-        let mut confusion = ConfusionMatrix::new(MASK_VALUES, classes);
-        for value in 0..MASK_VALUES {
-            for class in 0..classes {
-                confusion.counts[value * classes + class] =
-                    self.counts[value * MASK_VALUES + class];
-            }
-        }
-        Evaluation::from_confusion_unmatchable(&confusion, &[usize::from(IGNORE_INDEX)])
-    }
-}
-
-/// The labelled images of a folder with their label files, or an error when there are none.
-fn labelled_entries(folder: &ImageFolder) -> Result<Vec<(&ImageEntry, usize)>, ExportError> {
-    let labelled: Vec<(&ImageEntry, usize)> = folder
-        .entries()
-        .iter()
-        .enumerate()
-        .filter(|(_, entry)| entry.label.is_some())
-        .map(|(index, entry)| (entry, index))
-        .collect();
-    if labelled.is_empty() {
-        return Err(ExportError::NoLabels {
-            images: folder.root().to_owned(),
-            labels: folder.labels_dir().map(Path::to_owned),
-        });
-    }
-    Ok(labelled)
-}
-
-/// Checks that a label names only classes of the class list (or 255), when there is one.
-fn check_label_values(
-    label: &GrayImage,
-    label_path: &Path,
-    classes: Option<usize>,
-) -> Result<(), DatasetError> {
-    if let Some(classes) = classes
-        && let Some(&value) = label
-            .as_raw()
-            .iter()
-            .find(|&&value| value != crate::eval::IGNORE_LABEL && usize::from(value) >= classes)
-    {
-        return Err(DatasetError::LabelOutOfRange {
-            path: label_path.to_owned(),
-            value,
-            classes,
-        });
-    }
-    Ok(())
-}
-
 /// Pixel accuracy and mIoU of exactly the index masks [`export_segmentations`] writes for the
 /// labelled images of `folder` (the same pixels, computed in memory), after Hungarian matching
 /// of mask values to classes as `picie eval` does. Unlabelled pixels (255) are not scored;
@@ -674,7 +475,7 @@ pub fn score_segmentation(
 ) -> Result<Evaluation, ExportError> {
     let ids = labelmap.output_ids(segmenter.clusters());
     let classes = folder.class_names().map(<[String]>::len);
-    let mut pairs = PairCounts::new();
+    let mut pairs = MaskScores::new();
     for (entry, _) in labelled_entries(folder)? {
         let Some(label_path) = &entry.label else {
             continue;
@@ -696,138 +497,12 @@ pub fn score_segmentation(
         check_label_values(&label, label_path, classes)?;
         pairs.add(mask.as_raw(), label.as_raw());
     }
-    if pairs.scored_images == 0 {
-        return Err(ExportError::NothingScored(folder.root().to_owned()));
-    }
-    Ok(pairs.evaluate(folder.class_names()))
-}
-
-/// Reads an exported index mask: it must be an 8-bit single-channel PNG.
-fn read_mask(path: &Path) -> Result<GrayImage, ExportError> {
-    let unreadable = |reason: String| ExportError::MaskUnreadable {
-        path: path.to_owned(),
-        reason,
-    };
-    let decoded = image::ImageReader::open(path)
-        .map_err(|error| unreadable(error.to_string()))?
-        .with_guessed_format()
-        .map_err(|error| unreadable(error.to_string()))?
-        .decode()
-        .map_err(|error| unreadable(format!("{error}; the file may be corrupt")))?;
-    match decoded {
-        image::DynamicImage::ImageLuma8(mask) => Ok(mask),
-        other => Err(unreadable(format!(
-            "it is {:?}, but index masks are 8-bit greyscale: give the export's `index` \
-             folder, not `colour` or `overlay`",
-            other.color()
-        ))),
-    }
-}
-
-/// Scores a folder of index masks (the `index` folder of an export, or anything in that
-/// layout: `masks/<name>.png` as [`mask_paths`] names them) against the labels of `folder`,
-/// exactly as [`score_segmentation`] scores what export writes, so an export scores the same
-/// either way. A missing mask, or one not the size of its label, is an error naming the file;
-/// an image without a mask is skipped only when the image itself cannot be read (export
-/// writes nothing for it).
-pub fn score_mask_folder(masks: &Path, folder: &ImageFolder) -> Result<Evaluation, ExportError> {
-    if !masks.is_dir() {
-        let path = masks.to_owned();
-        return Err(if masks.exists() {
-            DatasetError::NotAFolder { path }
-        } else {
-            DatasetError::FolderMissing { path }
-        }
-        .into());
-    }
-    let classes = folder.class_names().map(<[String]>::len);
-    let paths = mask_paths(folder.entries());
-    let labelled = labelled_entries(folder)?;
-    let pairs = labelled
-        .par_iter()
-        .try_fold(PairCounts::new, |mut pairs, &(entry, index)| {
-            let Some(label_path) = &entry.label else {
-                return Ok(pairs);
-            };
-            let mask_path = masks.join(&paths[index]);
-            if !mask_path.is_file() {
-                if load_one(&entry.path).is_err() {
-                    return Ok(pairs);
-                }
-                return Err(ExportError::MaskMissing {
-                    mask: mask_path,
-                    image: entry.path.clone(),
-                });
-            }
-            let mask = read_mask(&mask_path)?;
-            let label = load_label(label_path)?;
-            if label.dimensions() != mask.dimensions() {
-                return Err(ExportError::MaskSize {
-                    mask: mask_path,
-                    mask_size: mask.dimensions(),
-                    label: label_path.clone(),
-                    label_size: label.dimensions(),
-                });
-            }
-            check_label_values(&label, label_path, classes)?;
-            pairs.add(mask.as_raw(), label.as_raw());
-            Ok(pairs)
-        })
-        .try_reduce(PairCounts::new, |a, b| Ok(a.merge(b)))?;
-    if pairs.scored_images == 0 {
-        return Err(ExportError::NothingScored(folder.root().to_owned()));
-    }
-    Ok(pairs.evaluate(folder.class_names()))
+    Ok(pairs.evaluate(folder)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(name: &str) -> ImageEntry {
-        ImageEntry {
-            path: PathBuf::from("/images").join(name),
-            name: name.to_owned(),
-            stem: Path::new(name)
-                .file_stem()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned(),
-            label: None,
-        }
-    }
-
-    #[test]
-    fn mask_paths_keep_folders_and_never_collide() {
-        let entries: Vec<ImageEntry> = ["a/b.jpg", "a/b.png", "a/c.JPG", "a/C.png", "d.tif", "e"]
-            .into_iter()
-            .map(entry)
-            .collect();
-        let paths: Vec<String> = mask_paths(&entries)
-            .iter()
-            .map(|path| path.to_string_lossy().replace('\\', "/"))
-            .collect();
-        assert_eq!(
-            paths,
-            [
-                "a/b.jpg.png",
-                "a/b.png.png",
-                "a/c.JPG.png",
-                "a/C.png.png",
-                "d.png",
-                "e.png"
-            ]
-        );
-        // A clash left after keeping extensions is numbered.
-        let entries: Vec<ImageEntry> = ["x.jpg", "x.jpg.png", "x.png"]
-            .into_iter()
-            .map(entry)
-            .collect();
-        let paths = mask_paths(&entries);
-        let unique: HashSet<_> = paths.iter().collect();
-        assert_eq!(unique.len(), 3, "{paths:?}");
-        assert!(relative_path("../../etc/x.png").starts_with("etc"));
-    }
 
     #[test]
     fn cvat_labelmap_has_background_only_when_asked_and_unique_names() {

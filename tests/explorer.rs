@@ -264,7 +264,7 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
     let demo = cache.path().join("demo");
     let folder =
         picie::data::ImageFolder::scan(&demo.join("images"), Some(&demo.join("labels"))).unwrap();
-    let from_files = picie::export::score_mask_folder(&out.join("index"), &folder).unwrap();
+    let from_files = picie::eval::score_mask_folder(&out.join("index"), &folder).unwrap();
     assert!(
         (from_files.accuracy - accuracy).abs() < 1e-9,
         "{from_files:?} vs {accuracy}"

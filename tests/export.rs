@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use picie::config::TrainConfig;
 use picie::data::{DemoOptions, ImageFolder, write_demo_dataset};
 use picie::device::{ComputeDevice, DeviceChoice};
+use picie::eval::score_mask_folder;
 use picie::export::{
-    ExportOptions, ExportReport, export_segmentations, mask_paths, score_mask_folder,
-    score_segmentation, segmenter_for_run,
+    ExportOptions, ExportReport, export_segmentations, mask_paths, score_segmentation,
+    segmenter_for_run,
 };
 use picie::labelmap::{IGNORE_INDEX, LabelEdit, LabelMap, LegendEntry};
 use picie::model::BackboneKind;

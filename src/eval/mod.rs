@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::{MAX_CLUSTERS, PixelLabels};
 
 mod bilateral;
+pub mod masks;
 mod stored;
 pub use bilateral::{BilateralParams, bilateral_upsample_argmax};
+pub use masks::{ScoreError, score_mask_folder};
 pub use stored::confusion_from_store;
 
 /// The label value of pixels that are not scored.

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 
 use picie::data::{ImageFolder, TrainingData};
 use picie::device::{DeviceChoice, select_device};
-use picie::export::score_mask_folder;
+use picie::eval::score_mask_folder;
 use picie::train::{RunFolder, evaluate_network};
 
 use crate::common::{InferenceArgs, progress_bar};
