@@ -8,8 +8,10 @@
 
 mod align;
 mod assign;
+mod device_pass;
 mod edit;
 mod host;
+mod init;
 mod kmeans;
 mod store;
 
@@ -24,11 +26,11 @@ pub use align::{match_to_previous, permute_centroids, permute_labels, permute_pe
 pub use assign::{Assignment, assign, assign_chunked};
 pub use edit::{ClusterEdit, EditedClusters, edit_centroids};
 pub use host::runs_on_host;
+pub use init::{init_plus_plus, init_random};
 pub use kmeans::{
     AUTO_FULL_MAX_POINTS, AUTO_SEED_POINTS, DEFAULT_CHUNK_POINTS, DEFAULT_DEVICE_PASS_POINTS,
     DEFAULT_INIT_SAMPLE, DEFAULT_ITERATIONS, IterationStats, KMeansConfig, KMeansInit, KMeansMode,
-    KMeansResult, LloydStep, StepKind, init_plus_plus, init_random, kmeans, kmeans_with,
-    lloyd_step,
+    KMeansResult, LloydStep, StepKind, kmeans, kmeans_with, lloyd_step,
 };
 pub use store::{FeatureStore, SpillConfig};
 
