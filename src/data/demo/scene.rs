@@ -1,250 +1,13 @@
-//! A procedural, labelled demo dataset, so the app can be tried without downloading anything.
-//!
-//! Each scene is an outdoor picture: a sky with clouds above a wavy horizon, grass, sometimes a
-//! lake and a road, buildings of brick, trees, vehicles and balls. Every class has its own colour
-//! range and texture, with per-image lighting and colour shifts so clustering is not trivial.
-//! Pixels are drawn from a per-pixel owner map, so the label map matches the picture exactly.
+//! One demo scene: its layout drawn at random (sky, horizon, grass, lake, road, buildings,
+//! trees, vehicles, balls), then painted pixel by pixel from a per-pixel owner map, so the
+//! label map matches the picture exactly. One concern, the painter, longer than most files.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use image::codecs::png::PngEncoder;
-use image::{ExtendedColorType, GrayImage, ImageEncoder, Luma, Rgb, RgbImage};
-use rand::{Rng, SeedableRng};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
-use super::dataset::DatasetError;
-use crate::fsutil;
-
-/// The demo classes; the label value of a pixel is its index here.
-pub const DEMO_CLASSES: [&str; 8] = [
-    "sky", "grass", "water", "building", "tree", "road", "vehicle", "ball",
-];
-
-const SKY: u8 = 0;
-const GRASS: u8 = 1;
-const WATER: u8 = 2;
-const BUILDING: u8 = 3;
-const TREE: u8 = 4;
-const ROAD: u8 = 5;
-const VEHICLE: u8 = 6;
-const BALL: u8 = 7;
-
-/// Smallest scene side; smaller requests are raised to it so shapes stay drawable.
-const MIN_SIZE: u32 = 16;
-
-/// Largest scene side; larger requests are lowered to it (a demo never needs more).
-const MAX_SIZE: u32 = 4096;
-
-/// What [`write_demo_dataset`] makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DemoOptions {
-    /// Number of images.
-    pub images: usize,
-    /// Width and height of each image, in pixels (16 to 4096).
-    pub size: u32,
-    /// Seed: the same seed gives byte-identical files.
-    pub seed: u64,
-}
-
-impl Default for DemoOptions {
-    fn default() -> Self {
-        Self {
-            images: 48,
-            size: 160,
-            seed: 0,
-        }
-    }
-}
-
-/// Where [`write_demo_dataset`] put the dataset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DemoSummary {
-    /// The folder of images (`out_dir/images`).
-    pub images_dir: PathBuf,
-    /// The folder of label maps (`out_dir/labels`).
-    pub labels_dir: PathBuf,
-    /// The class list (`out_dir/classes.txt`).
-    pub classes_file: PathBuf,
-    /// Number of images written.
-    pub images: usize,
-    /// The class names, in label order.
-    pub class_names: Vec<String>,
-}
-
-/// Writes `out_dir/images/demo_NNNN.png`, `out_dir/labels/demo_NNNN.png` (8-bit class indices)
-/// and `out_dir/classes.txt`, each file atomically. Existing files of the same names are
-/// replaced; other files are left alone.
-pub fn write_demo_dataset(
-    out_dir: &Path,
-    options: &DemoOptions,
-) -> Result<DemoSummary, DatasetError> {
-    let images_dir = out_dir.join("images");
-    let labels_dir = out_dir.join("labels");
-    for dir in [&images_dir, &labels_dir] {
-        std::fs::create_dir_all(dir).map_err(|source| DatasetError::Write {
-            path: dir.clone(),
-            source,
-        })?;
-    }
-
-    (0..options.images)
-        .into_par_iter()
-        .try_for_each(|index| -> Result<(), DatasetError> {
-            let (rgb, label) = generate_demo_scene(index, options.size, options.seed);
-            let name = format!("demo_{index:04}.png");
-            write_png(
-                &images_dir.join(&name),
-                rgb.as_raw(),
-                rgb.dimensions(),
-                ExtendedColorType::Rgb8,
-            )?;
-            write_png(
-                &labels_dir.join(&name),
-                label.as_raw(),
-                label.dimensions(),
-                ExtendedColorType::L8,
-            )
-        })?;
-
-    let classes_file = out_dir.join("classes.txt");
-    let mut text = DEMO_CLASSES.join("\n");
-    text.push('\n');
-    fsutil::write_bytes_atomic(&classes_file, text.as_bytes()).map_err(|source| {
-        DatasetError::Write {
-            path: classes_file.clone(),
-            source,
-        }
-    })?;
-
-    Ok(DemoSummary {
-        images_dir,
-        labels_dir,
-        classes_file,
-        images: options.images,
-        class_names: DEMO_CLASSES.iter().map(|name| (*name).to_owned()).collect(),
-    })
-}
-
-fn write_png(
-    path: &Path,
-    pixels: &[u8],
-    (width, height): (u32, u32),
-    color: ExtendedColorType,
-) -> Result<(), DatasetError> {
-    fsutil::write_atomic(path, |writer| {
-        PngEncoder::new(writer.by_ref())
-            .write_image(pixels, width, height, color)
-            .map_err(std::io::Error::other)
-    })
-    .map_err(|source| DatasetError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Draws scene `index` of the demo dataset with the given seed: a `size` x `size` picture and
-/// its label map (values index [`DEMO_CLASSES`]). Deterministic in `(index, size, seed)`;
-/// `size` is clamped to 16..=4096.
-pub fn generate_demo_scene(index: usize, size: u32, seed: u64) -> (RgbImage, GrayImage) {
-    let size = size.clamp(MIN_SIZE, MAX_SIZE);
-    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ mix(index as u64 ^ 0xD1B5_4A32_D192_ED03)));
-    let scene = Scene::random(&mut rng, size);
-    scene.render()
-}
-
-/// SplitMix64 finaliser: spreads nearby seeds far apart.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Noise
-
-fn hash2(x: i32, y: i32, seed: u32) -> u32 {
-    let mut h = (x as u32).wrapping_mul(0x27D4_EB2D)
-        ^ (y as u32).wrapping_mul(0x1656_67B1)
-        ^ seed.wrapping_mul(0x9E37_79B9);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x85EB_CA6B);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xC2B2_AE35);
-    h ^ (h >> 16)
-}
-
-/// Uniform in [0, 1).
-fn hash01(x: i32, y: i32, seed: u32) -> f32 {
-    (hash2(x, y, seed) >> 8) as f32 / (1u32 << 24) as f32
-}
-
-/// Smooth value noise in [0, 1) with unit lattice spacing.
-fn value_noise(x: f32, y: f32, seed: u32) -> f32 {
-    let (fx, fy) = (x.floor(), y.floor());
-    let (ix, iy) = (fx as i32, fy as i32);
-    let (tx, ty) = (x - fx, y - fy);
-    let (sx, sy) = (tx * tx * (3.0 - 2.0 * tx), ty * ty * (3.0 - 2.0 * ty));
-    let a = hash01(ix, iy, seed);
-    let b = hash01(ix + 1, iy, seed);
-    let c = hash01(ix, iy + 1, seed);
-    let d = hash01(ix + 1, iy + 1, seed);
-    let top = a + (b - a) * sx;
-    let bottom = c + (d - c) * sx;
-    top + (bottom - top) * sy
-}
-
-/// Three octaves of value noise, in [0, 1).
-fn fbm(x: f32, y: f32, seed: u32) -> f32 {
-    let n1 = value_noise(x, y, seed);
-    let n2 = value_noise(x * 2.03, y * 2.03, seed ^ 0x5bd1_e995);
-    let n3 = value_noise(x * 4.01, y * 4.01, seed ^ 0x1b87_3593);
-    (n1 * 4.0 + n2 * 2.0 + n3) / 7.0
-}
-
-fn smoothstep(edge0: f32, edge1: f32, x: f32) -> f32 {
-    let t = ((x - edge0) / (edge1 - edge0)).clamp(0.0, 1.0);
-    t * t * (3.0 - 2.0 * t)
-}
-
-type Color = [f32; 3];
-
-fn lerp(a: Color, b: Color, t: f32) -> Color {
-    [
-        a[0] + (b[0] - a[0]) * t,
-        a[1] + (b[1] - a[1]) * t,
-        a[2] + (b[2] - a[2]) * t,
-    ]
-}
-
-fn scale(c: Color, k: f32) -> Color {
-    [c[0] * k, c[1] * k, c[2] * k]
-}
-
-/// A palette colour with a little per-object variation.
-fn jitter(rng: &mut ChaCha8Rng, base: Color, amount: f32) -> Color {
-    let k = 1.0 + rng.random_range(-amount..=amount);
-    [
-        (base[0] * k + rng.random_range(-amount..=amount) * 0.25).max(0.0),
-        (base[1] * k + rng.random_range(-amount..=amount) * 0.25).max(0.0),
-        (base[2] * k + rng.random_range(-amount..=amount) * 0.25).max(0.0),
-    ]
-}
-
-fn pick(rng: &mut ChaCha8Rng, palette: &[Color]) -> Color {
-    palette[rng.random_range(0..palette.len())]
-}
-
-/// A random palette entry with a little per-object variation.
-fn vary(rng: &mut ChaCha8Rng, palette: &[Color], amount: f32) -> Color {
-    let base = pick(rng, palette);
-    jitter(rng, base, amount)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Scene description
+use super::noise::*;
+use super::{BALL, BUILDING, GRASS, ROAD, SKY, TREE, VEHICLE, WATER};
 
 /// How the pixels owned by one layer are coloured.
 #[derive(Debug, Clone, Copy)]
@@ -327,7 +90,7 @@ struct Look {
     grain: f32,
 }
 
-struct Scene {
+pub(super) struct Scene {
     size: u32,
     noise: u32,
     layers: Vec<Layer>,
@@ -338,7 +101,7 @@ struct Scene {
 }
 
 impl Scene {
-    fn random(rng: &mut ChaCha8Rng, size: u32) -> Scene {
+    pub(super) fn random(rng: &mut ChaCha8Rng, size: u32) -> Scene {
         let s = size as f32;
         let mut scene = Scene {
             size,
@@ -757,7 +520,7 @@ impl Scene {
     // -----------------------------------------------------------------------------------------
     // Shading
 
-    fn render(&self) -> (RgbImage, GrayImage) {
+    pub(super) fn render(&self) -> (RgbImage, GrayImage) {
         let n = self.size;
         let mut rgb = RgbImage::new(n, n);
         let mut label = GrayImage::new(n, n);
@@ -958,73 +721,5 @@ impl Scene {
             *value = (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scenes_are_deterministic_and_differ_by_index_and_seed() {
-        let (a, la) = generate_demo_scene(3, 64, 9);
-        let (b, lb) = generate_demo_scene(3, 64, 9);
-        assert_eq!(a, b);
-        assert_eq!(la, lb);
-        assert_ne!(generate_demo_scene(4, 64, 9).0, a);
-        assert_ne!(generate_demo_scene(3, 64, 10).0, a);
-    }
-
-    #[test]
-    fn labels_use_demo_classes_and_most_classes_appear() {
-        let mut seen = [0usize; DEMO_CLASSES.len()];
-        for index in 0..24 {
-            let (rgb, label) = generate_demo_scene(index, 96, 1);
-            assert_eq!(rgb.dimensions(), (96, 96));
-            assert_eq!(label.dimensions(), (96, 96));
-            for &value in label.as_raw() {
-                seen[usize::from(value)] += 1;
-            }
-        }
-        assert!(
-            seen.iter().all(|&count| count > 0),
-            "class pixel counts: {seen:?}"
-        );
-    }
-
-    #[test]
-    fn classes_differ_in_mean_colour() {
-        // Averaged over scenes, the classes must be told apart by colour alone often enough
-        // that the demo is learnable; check the class means are pairwise distinct.
-        let mut sums = [[0f64; 3]; DEMO_CLASSES.len()];
-        let mut counts = [0f64; DEMO_CLASSES.len()];
-        for index in 0..16 {
-            let (rgb, label) = generate_demo_scene(index, 64, 5);
-            for (pixel, &class) in rgb.pixels().zip(label.as_raw()) {
-                for (total, value) in sums[usize::from(class)].iter_mut().zip(pixel.0) {
-                    *total += f64::from(value);
-                }
-                counts[usize::from(class)] += 1.0;
-            }
-        }
-        let means: Vec<[f64; 3]> = sums
-            .iter()
-            .zip(counts)
-            .map(|(sum, n)| [sum[0] / n, sum[1] / n, sum[2] / n])
-            .collect();
-        for i in 0..means.len() {
-            for j in i + 1..means.len() {
-                let d: f64 = (0..3)
-                    .map(|c| (means[i][c] - means[j][c]).powi(2))
-                    .sum::<f64>()
-                    .sqrt();
-                assert!(
-                    d > 8.0,
-                    "{} and {} look alike: {means:?}",
-                    DEMO_CLASSES[i],
-                    DEMO_CLASSES[j]
-                );
-            }
-        }
     }
 }
