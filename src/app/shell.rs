@@ -1,6 +1,8 @@
 //! The window's frame around the explorer: the start page and the status bar. Each draws from
 //! what it is given and returns what the user chose, so it can be tested alone.
 
+use std::path::PathBuf;
+
 use eframe::egui;
 
 use super::{OpenDataset, format_duration};
@@ -17,6 +19,9 @@ pub(super) enum StartChoice {
     PickRun,
     /// One of the recent datasets.
     Recent(DatasetPaths),
+    /// A folder (of images, or a run) whose path was typed: the route that works where the
+    /// system's folder dialog cannot open.
+    Path(PathBuf),
 }
 
 /// The start page's title and what the app does.
@@ -32,10 +37,12 @@ pub(super) fn start_page_header(ui: &mut egui::Ui) {
     ui.add_space(16.0);
 }
 
-/// The start page's buttons and `recent` datasets; the one clicked, if any.
+/// The start page's buttons, a field for a typed path (kept in `typed_path`) and `recent`
+/// datasets; what the user chose, if anything.
 pub(super) fn start_page_choices(
     ui: &mut egui::Ui,
     recent: &[DatasetPaths],
+    typed_path: &mut String,
 ) -> Option<StartChoice> {
     let mut choice = None;
     ui.vertical_centered(|ui| {
@@ -64,7 +71,21 @@ pub(super) fn start_page_choices(
             choice = Some(StartChoice::PickRun);
         }
         ui.add_space(8.0);
-        ui.weak("…or drop a folder onto this window.");
+        ui.weak("…or drop a folder onto this window, or type its path:");
+        let field = ui.add_sized(
+            [260.0, 22.0],
+            egui::TextEdit::singleline(typed_path).hint_text("/path/to/images or a run folder"),
+        );
+        let entered = field.lost_focus() && ui.input(|input| input.key_pressed(egui::Key::Enter));
+        let path = typed_path.trim();
+        if (ui
+            .add_enabled(!path.is_empty(), egui::Button::new("Open path"))
+            .clicked()
+            || entered)
+            && !path.is_empty()
+        {
+            choice = Some(StartChoice::Path(PathBuf::from(path)));
+        }
         ui.add_space(16.0);
         if !recent.is_empty() {
             ui.strong("Recent datasets");
@@ -146,7 +167,7 @@ pub(super) fn status_bar(
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     use egui_kittest::Harness;
     use egui_kittest::kittest::Queryable;
@@ -165,9 +186,10 @@ mod tests {
     #[test]
     fn the_start_page_reports_the_button_or_recent_dataset_clicked() {
         let recent = vec![dataset("/data/street"), dataset("/data/slides")];
+        let mut typed = String::new();
         let mut harness = Harness::new_ui_state(
             |ui, choice: &mut Option<StartChoice>| {
-                if let Some(clicked) = start_page_choices(ui, &recent) {
+                if let Some(clicked) = start_page_choices(ui, &recent, &mut typed) {
                     *choice = Some(clicked);
                 }
             },
@@ -186,6 +208,33 @@ mod tests {
         harness.get_by_label("Open run…").click();
         harness.run();
         assert_eq!(harness.state(), &Some(StartChoice::PickRun));
+    }
+
+    #[test]
+    fn a_typed_path_opens_with_enter_or_the_button() {
+        let mut typed = String::new();
+        let mut harness = Harness::new_ui_state(
+            |ui, choice: &mut Option<StartChoice>| {
+                if let Some(chosen) = start_page_choices(ui, &[], &mut typed) {
+                    *choice = Some(chosen);
+                }
+            },
+            None,
+        );
+        // Nothing typed: the button does nothing.
+        harness.get_by_label("Open path").click();
+        harness.run();
+        assert_eq!(harness.state(), &None);
+        let field = harness.get_by_role(egui::accesskit::Role::TextInput);
+        field.focus();
+        field.type_text(" /data/street ");
+        harness.run();
+        harness.key_press(egui::Key::Enter);
+        harness.run();
+        assert_eq!(
+            harness.state(),
+            &Some(StartChoice::Path(PathBuf::from("/data/street")))
+        );
     }
 
     #[test]
