@@ -5,6 +5,7 @@
 //! [`write_demo_dataset`] makes a small labelled dataset for users without data of their own.
 
 mod dataset;
+mod decode;
 mod demo;
 mod stack;
 mod training;
@@ -12,9 +13,9 @@ pub mod views;
 
 pub use dataset::{
     BaseTransform, DatasetError, IGNORE_LABEL, IMAGE_EXTENSIONS, ImageEntry, ImageFolder,
-    LoadedDataset, LoadedImage, MAX_DECODED_BYTES, MAX_IMAGE_SIDE, SkippedFile, load_label,
-    load_one, read_class_names,
+    LoadedDataset, LoadedImage, MAX_DECODED_BYTES, MAX_IMAGE_SIDE, SkippedFile, read_class_names,
 };
+pub use decode::{load_label, load_one};
 pub use demo::{DEMO_CLASSES, DemoOptions, DemoSummary, generate_demo_scene, write_demo_dataset};
 pub use stack::{ImageStack, StackReadError, StackTarget, StackWriter};
 pub use training::{DEFAULT_DECODED_MEMORY_BUDGET, DecodedStorage, TrainingData};

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use image::imageops::FilterType;
 use rayon::prelude::*;
 
-use super::dataset::load_entry;
+use super::decode::load_entry;
 use super::stack::{ImageStack, StackReadError, StackTarget, StackWriter};
 use super::{BaseTransform, DatasetError, IGNORE_LABEL, ImageFolder, LoadedDataset, SkippedFile};
 
