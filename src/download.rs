@@ -6,6 +6,9 @@
 //! `Range` request when a previous download was interrupted, check the SHA-256 of the whole
 //! file and only then rename it into place, so the destination is either absent or complete
 //! and verified.
+//!
+//! One concern, in one file: fetching weights, resumable and verified (about 730 lines), and
+//! its tests.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -2,6 +2,8 @@
 //! dataset, or open a cluster's most typical and most unusual patches. Queries run on a
 //! background thread against the run's feature bank (exact cosine top-k), so the window never
 //! waits for them.
+//!
+//! One concern, in one file: the gallery's state, queries and drawing (about 700 lines).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

@@ -1,6 +1,8 @@
 //! The training panel: every hyperparameter with a tooltip, the starting weights (ImageNet
 //! download with progress and cancel, a file, or random init) and Start / Pause / Resume /
 //! Stop; and the demo's offer to download the ImageNet weights it is made for.
+//!
+//! One concern, in one file: the training panel and its weights choice (about 700 lines).
 
 use std::path::{Path, PathBuf};
 

@@ -14,6 +14,8 @@
 //! `adjust_contrast`, `adjust_saturation`, `adjust_hue`, `rgb_to_grayscale`, `gaussian_blur`),
 //! applied in that order. Unlike the authors' code, greyscale is applied and the blur kernel
 //! has size `2 * ceil(3 sigma) + 1`, as the paper meant.
+//!
+//! One concern, in one file: the two views and their geometry (about 730 lines).
 
 use std::ops::Range;
 

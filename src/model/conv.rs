@@ -6,6 +6,9 @@
 //! A backend extension is burn's way to give one backend its own kernels: on Flex the
 //! gradients below run im2col + GEMM or depthwise loops, on the cubecl (wgpu) backend they
 //! are burn's own kernels, so the GPU path is unchanged.
+//!
+//! One concern, in one file: the convolution extension for every backend (about 700 lines) and
+//! its tests.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
