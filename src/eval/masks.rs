@@ -261,8 +261,8 @@ fn read_mask(path: &Path) -> Result<GrayImage, ScoreError> {
 
 /// Scores a folder of index masks (the `index` folder of an export, or anything in that
 /// layout: `masks/<name>.png` as [`mask_paths`] names them) against the labels of `folder`,
-/// exactly as [`crate::export::score_segmentation`] scores what export writes, so an export scores the same
-/// either way. A missing mask, or one not the size of its label, is an error naming the file;
+/// exactly as export's own scoring (`export::score_segmentation`) scores what it writes, so
+/// an export scores the same either way. A missing mask, or one not the size of its label, is an error naming the file;
 /// an image without a mask is skipped only when the image itself cannot be read (export
 /// writes nothing for it).
 pub fn score_mask_folder(masks: &Path, folder: &ImageFolder) -> Result<Evaluation, ScoreError> {

@@ -3,7 +3,7 @@
 //! (downloads, exports, bank builds). A [`Service`] is a long-lived thread answering requests
 //! one at a time over bounded channels (image decoding, gallery search). The window starts
 //! them, reads progress, results and replies while it draws, and never blocks on them; nothing
-//! here knows about egui (the wake callback is how they ask for a redraw). Threads and
+//! here knows the UI toolkit (the wake callback is how they ask for a redraw). Threads and
 //! channels are made here, in the trainer's worker and in its view prefetcher only
 //! (`clippy.toml`).
 

@@ -1,6 +1,6 @@
 //! The background trainer: a named thread that loads the dataset and runs [`Trainer`], talking
 //! to the app only through typed messages on bounded crossbeam channels. The engine wakes the
-//! UI through a plain callback, so it never depends on egui.
+//! UI through a plain callback, so it never depends on the UI toolkit.
 
 use std::path::PathBuf;
 use std::sync::Arc;
