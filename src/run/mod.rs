@@ -445,8 +445,8 @@ impl RunFolder {
             fs::remove_dir_all(&partial).map_err(write_error(&partial))?;
         }
         fs::create_dir_all(&partial).map_err(write_error(&partial))?;
-        network.save(&partial.join("network.safetensors"), &Default::default())?;
-        let optimizer_path = partial.join("optimizer.bpk");
+        network.save(&paths::checkpoint_network(&partial), &Default::default())?;
+        let optimizer_path = paths::checkpoint_optimizer(&partial);
         optimizer
             .save(&optimizer_path)
             .map_err(|error| RunError::Write {
@@ -547,7 +547,7 @@ impl RunFolder {
         device: &burn::tensor::Device,
     ) -> Result<(PicieNet, usize, Option<String>), RunError> {
         let (network, _, state, note) = self.load_newest(|directory, _| {
-            Ok(PicieNet::load(&directory.join("network.safetensors"), device)?.0)
+            Ok(PicieNet::load(&paths::checkpoint_network(directory), device)?.0)
         })?;
         Ok((network, state.epoch, note))
     }

@@ -32,6 +32,16 @@ pub fn timestamped(runs: &Path, dataset_name: &str) -> PathBuf {
     runs.join(format!("{name}-{stamp}"))
 }
 
+/// A checkpoint folder's network (`checkpoints/epoch-000N/network.safetensors`).
+pub fn checkpoint_network(checkpoint: &Path) -> PathBuf {
+    checkpoint.join("network.safetensors")
+}
+
+/// A checkpoint folder's optimiser state (`checkpoints/epoch-000N/optimizer.bpk`).
+pub fn checkpoint_optimizer(checkpoint: &Path) -> PathBuf {
+    checkpoint.join("optimizer.bpk")
+}
+
 /// `config.json`: marks a run folder.
 pub fn config(root: &Path) -> PathBuf {
     root.join("config.json")

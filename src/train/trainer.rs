@@ -503,9 +503,11 @@ impl Trainer {
     > {
         let ((network, optimizer, metrics), _directory, state, note) =
             self.run.load_newest(|directory, state| {
-                let (network, _) =
-                    PicieNet::load(&directory.join("network.safetensors"), &compute.device)?;
-                let optimizer_path = directory.join("optimizer.bpk");
+                let (network, _) = PicieNet::load(
+                    &crate::run::paths::checkpoint_network(directory),
+                    &compute.device,
+                )?;
+                let optimizer_path = crate::run::paths::checkpoint_optimizer(directory);
                 let optimizer = if state.epoch == 0 {
                     self.config.adam().init()
                 } else {
