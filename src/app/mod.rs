@@ -10,6 +10,7 @@ mod maps;
 mod menus;
 mod relabel;
 mod remote_ui;
+mod settings_grid;
 mod shell;
 mod stats;
 mod training;

@@ -10,10 +10,9 @@ use eframe::egui;
 use serde::{Deserialize, Serialize};
 
 use super::ExplorerApp;
+use super::settings_grid::backbone_name;
 use crate::config::{LearningRateSchedule, TrainConfig};
-use crate::device::DeviceChoice;
 use crate::download::{self, DownloadError, DownloadProgress};
-use crate::loss::BalanceMode;
 use crate::model::BackboneKind;
 use crate::session::{Command, Job};
 
@@ -182,13 +181,6 @@ fn download_failure(error: &DownloadError, weights_folder: Option<&Path>) -> Dow
     }
 }
 
-fn backbone_name(backbone: BackboneKind) -> &'static str {
-    match backbone {
-        BackboneKind::Resnet18 => "resnet18",
-        BackboneKind::MobilenetV2 => "mobilenet_v2",
-    }
-}
-
 impl ExplorerApp {
     pub(super) fn training_panel(&mut self, ui: &mut egui::Ui) {
         let running = self.is_training();
@@ -214,201 +206,12 @@ impl ExplorerApp {
 
     fn settings_grid(&mut self, ui: &mut egui::Ui) {
         let wake = self.wake();
-        let remote = &mut self.training.remote;
-        let config = &mut self.settings.config;
-        egui::Grid::new("training-settings")
-            .num_columns(2)
-            .spacing([8.0, 6.0])
-            .show(ui, |ui| {
-                ui.label("Backbone").on_hover_text(
-                    "The feature extractor under the FPN. ResNet-18 is the paper's; MobileNetV2 \
-                     is about 3x faster on a CPU.",
-                );
-                egui::ComboBox::from_id_salt("backbone")
-                    .selected_text(backbone_name(config.backbone))
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(
-                            &mut config.backbone,
-                            BackboneKind::Resnet18,
-                            "resnet18",
-                        );
-                        ui.selectable_value(
-                            &mut config.backbone,
-                            BackboneKind::MobilenetV2,
-                            "mobilenet_v2",
-                        );
-                    });
-                ui.end_row();
-
-                ui.label("Clusters K").on_hover_text(
-                    "How many concepts to find. Auto: the number of labelled classes, else 27.",
-                );
-                let mut auto = config.clusters.is_none();
-                ui.horizontal(|ui| {
-                    ui.checkbox(&mut auto, "auto");
-                    if auto {
-                        config.clusters = None;
-                    } else {
-                        let mut k = config.clusters.unwrap_or(27);
-                        ui.add(egui::DragValue::new(&mut k).range(2..=255));
-                        config.clusters = Some(k);
-                    }
-                });
-                ui.end_row();
-
-                ui.label("Overclustering K2").on_hover_text(
-                    "PiCIE + H: a second, larger clustering head trained alongside (the paper \
-                     uses 100). Off by default.",
-                );
-                let mut overcluster = config.overclusters.is_some();
-                ui.horizontal(|ui| {
-                    ui.checkbox(&mut overcluster, "on");
-                    if overcluster {
-                        let mut k2 = config.overclusters.unwrap_or(100);
-                        ui.add(egui::DragValue::new(&mut k2).range(2..=1000));
-                        config.overclusters = Some(k2);
-                    } else {
-                        config.overclusters = None;
-                    }
-                });
-                ui.end_row();
-
-                ui.label("Input size").on_hover_text(
-                    "Side of the square the network sees, in pixels. Larger sees more detail \
-                     and costs quadratically more.",
-                );
-                ui.add(
-                    egui::DragValue::new(&mut config.input_size)
-                        .range(32..=1024)
-                        .speed(8),
-                );
-                ui.end_row();
-
-                ui.label("Base size").on_hover_text(
-                    "Images are first resized so the shorter side is this, then centre-cropped \
-                     square; crops for the views come from there.",
-                );
-                ui.add(
-                    egui::DragValue::new(&mut config.base_size)
-                        .range(32..=2048)
-                        .speed(8),
-                );
-                ui.end_row();
-
-                ui.label("Epochs").on_hover_text(
-                    "Each epoch clusters the whole dataset again, then trains on the new labels.",
-                );
-                ui.add(egui::DragValue::new(&mut config.epochs).range(1..=1000));
-                ui.end_row();
-
-                ui.label("Batch")
-                    .on_hover_text("Images per optimisation step.");
-                ui.add(egui::DragValue::new(&mut config.batch_size).range(1..=256));
-                ui.end_row();
-
-                ui.label("Learning rate")
-                    .on_hover_text("Adam's step size (the paper: 1e-4).");
-                ui.add(
-                    egui::DragValue::new(&mut config.learning_rate)
-                        .range(1e-6..=1e-1)
-                        .speed(1e-5)
-                        .custom_formatter(|value, _| format!("{value:.0e}")),
-                );
-                ui.end_row();
-
-                ui.label("Rate schedule").on_hover_text(
-                    "constant = the same rate throughout (the paper); cosine = falling to zero \
-                     by the last epoch, so the clusters settle instead of moving to the end.",
-                );
-                egui::ComboBox::from_id_salt("lr-schedule")
-                    .selected_text(format!("{:?}", config.learning_rate_schedule).to_lowercase())
-                    .show_ui(ui, |ui| {
-                        for schedule in
-                            [LearningRateSchedule::Constant, LearningRateSchedule::Cosine]
-                        {
-                            ui.selectable_value(
-                                &mut config.learning_rate_schedule,
-                                schedule,
-                                format!("{schedule:?}").to_lowercase(),
-                            );
-                        }
-                    });
-                ui.end_row();
-
-                ui.label("Balance").on_hover_text(
-                    "Class weights in the loss: reference = the authors' (weights proportional \
-                     to cluster size), inverse = rare clusters weigh more, none = plain.",
-                );
-                egui::ComboBox::from_id_salt("balance")
-                    .selected_text(format!("{:?}", config.balance).to_lowercase())
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(
-                            &mut config.balance,
-                            BalanceMode::Reference,
-                            "reference",
-                        );
-                        ui.selectable_value(&mut config.balance, BalanceMode::Inverse, "inverse");
-                        ui.selectable_value(&mut config.balance, BalanceMode::None, "none");
-                    });
-                ui.end_row();
-
-                ui.label("Device").on_hover_text(
-                    "auto: a real GPU through wgpu if there is one, else the CPU. wgpu forces \
-                     the GPU backend even on a software adapter (slow). Remote server: the GPU \
-                     of another machine running `picie serve`.",
-                );
-                let remote_selected = config.device.is_remote();
-                egui::ComboBox::from_id_salt("device")
-                    .selected_text(if remote_selected {
-                        "remote server".to_owned()
-                    } else {
-                        config.device.to_string()
-                    })
-                    .show_ui(ui, |ui| {
-                        for choice in DeviceChoice::LOCAL {
-                            let name = choice.to_string();
-                            ui.selectable_value(&mut config.device, choice, name);
-                        }
-                        if ui
-                            .selectable_label(remote_selected, "Remote server…")
-                            .clicked()
-                            && !remote_selected
-                        {
-                            // An address typed before is kept; a fresh one needs editing.
-                            config.device = remote.choice().unwrap_or_else(|_| {
-                                DeviceChoice::Remote(crate::device::RemoteServer {
-                                    url: super::remote_ui::DEFAULT_ADDRESS.to_owned(),
-                                    token: None,
-                                })
-                            });
-                        }
-                    });
-                ui.end_row();
-                if config.device.is_remote() {
-                    remote.show(ui, &mut config.device, wake.clone());
-                }
-
-                ui.label("Seed").on_hover_text(
-                    "Fixes the views, the batch order, k-means and random init: the same seed \
-                     repeats a run exactly on the CPU.",
-                );
-                ui.add(egui::DragValue::new(&mut config.seed));
-                ui.end_row();
-
-                ui.label("Preview images")
-                    .on_hover_text("How many images get live cluster maps.");
-                ui.add(egui::DragValue::new(&mut config.preview_images).range(0..=64));
-                ui.end_row();
-
-                ui.label("Refresh maps every").on_hover_text(
-                    "Steps between map updates within an epoch (0: only after each clustering).",
-                );
-                ui.horizontal(|ui| {
-                    ui.add(egui::DragValue::new(&mut config.preview_every_steps).range(0..=1000));
-                    ui.label("steps");
-                });
-                ui.end_row();
-            });
+        super::settings_grid::settings_grid(
+            ui,
+            &mut self.settings.config,
+            &mut self.training.remote,
+            wake,
+        );
     }
 
     fn weights_ui(&mut self, ui: &mut egui::Ui, running: bool) {
