@@ -35,6 +35,8 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
     let cache = tempfile::tempdir().unwrap();
     let mut harness = new_harness(cache.path());
 
+    // Every widget has a name a screen reader can say, on each screen the user passes.
+    harness.check_accessibility();
     // The start page offers the demo; one click generates and opens it.
     harness.get_by_label("Try the demo dataset").click();
     harness.run_steps(2);
@@ -73,6 +75,7 @@ fn a_user_trains_on_the_demo_watches_pauses_scrubs_and_reopens_the_run() {
             .is_some_and(|s| s.timeline.len() >= 2 && !s.losses.is_empty())
     });
     harness.get_by_label_contains("epoch 1/2");
+    harness.check_accessibility();
     // The maps are on screen, one tile per preview image, named.
     harness.get_by_label("demo_0000.png");
     let clusters = harness.state().cluster_count();
@@ -175,6 +178,7 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
         run_dir.join("bank").is_dir(),
         "training leaves a feature bank"
     );
+    harness.check_accessibility();
 
     // A pixel of the first image (as a click on its map does): similar patches are found.
     harness

@@ -169,8 +169,9 @@ impl ExplorerApp {
     pub(super) fn maps_tab(&mut self, ui: &mut egui::Ui) {
         self.timeline_bar(ui);
         ui.horizontal(|ui| {
-            ui.label("Opacity");
+            let label = ui.label("Opacity");
             ui.add(egui::Slider::new(&mut self.settings.opacity, 0.0..=1.0).show_value(false))
+                .labelled_by(label.id)
                 .on_hover_text("How strongly the cluster colours cover the image");
             ui.checkbox(&mut self.settings.boundaries, "Boundaries")
                 .on_hover_text("Draw a line where the cluster changes");
@@ -293,13 +294,15 @@ impl ExplorerApp {
                 self.view.playing = !self.view.playing;
                 self.view.last_advance = now;
             }
-            ui.label("Timeline");
+            let label = ui.label("Timeline");
             let mut slider_position = position;
-            let slider = ui.add(
-                egui::Slider::new(&mut slider_position, 0..=len - 1)
-                    .show_value(false)
-                    .text(""),
-            );
+            let slider = ui
+                .add(
+                    egui::Slider::new(&mut slider_position, 0..=len - 1)
+                        .show_value(false)
+                        .text(""),
+                )
+                .labelled_by(label.id);
             if slider.changed() {
                 position = slider_position;
                 self.view.follow_latest = false;
