@@ -210,19 +210,27 @@ impl LabelMap {
 
     /// The ids that exist after merges and ignores, with their members, ascending.
     pub fn output_classes(&self, clusters: usize) -> Vec<(usize, Vec<usize>)> {
-        let mut classes: Vec<(usize, Vec<usize>)> = Vec::new();
-        for cluster in 0..clusters {
-            if self.is_ignored(cluster) {
-                continue;
-            }
+        self.groups_of(clusters, |cluster| !self.is_ignored(cluster))
+    }
+
+    /// Every merge group of the first `clusters` clusters, ignored ones included: roots
+    /// ascending, each with its members ascending.
+    pub fn merge_groups(&self, clusters: usize) -> Vec<(usize, Vec<usize>)> {
+        self.groups_of(clusters, |_| true)
+    }
+
+    /// The clusters that pass `keep`, grouped by root: roots ascending, members ascending.
+    fn groups_of(&self, clusters: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize, Vec<usize>)> {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for cluster in (0..clusters).filter(|&cluster| keep(cluster)) {
             let root = self.root(cluster);
-            match classes.iter_mut().find(|(id, _)| *id == root) {
+            match groups.iter_mut().find(|(id, _)| *id == root) {
                 Some((_, members)) => members.push(cluster),
-                None => classes.push((root, vec![cluster])),
+                None => groups.push((root, vec![cluster])),
             }
         }
-        classes.sort_by_key(|(id, _)| *id);
-        classes
+        groups.sort_by_key(|(id, _)| *id);
+        groups
     }
 
     /// The legend of an export: one entry per output id, with its share of `pixel_counts`
@@ -593,6 +601,11 @@ mod tests {
         assert_eq!(
             map.output_classes(5),
             vec![(0, vec![0]), (1, vec![1, 3, 4])]
+        );
+        // The cluster list also shows the ignored cluster, in its own group.
+        assert_eq!(
+            map.merge_groups(5),
+            vec![(0, vec![0]), (1, vec![1, 3, 4]), (2, vec![2])]
         );
         let mut counts = vec![0u64; 256];
         counts[0] = 30;

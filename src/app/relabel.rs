@@ -348,19 +348,11 @@ fn history_len_guard(history: &mut LabelHistory, clusters: usize) {
     }
 }
 
-/// Roots in id order, each with its members (the root first).
+/// Roots in id order, each with its members (the root first, as the list shows it).
 fn group_by_root(map: &LabelMap, clusters: usize) -> Vec<(usize, Vec<usize>)> {
-    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for cluster in 0..clusters {
-        let root = map.root(cluster);
-        match groups.iter_mut().find(|(id, _)| *id == root) {
-            Some((_, members)) => members.push(cluster),
-            None => groups.push((root, vec![cluster])),
-        }
-    }
-    groups.sort_by_key(|(root, _)| *root);
+    let mut groups = map.merge_groups(clusters);
     for (root, members) in &mut groups {
-        members.sort_by_key(|&m| (m != *root, m));
+        members.sort_by_key(|&member| (member != *root, member));
     }
     groups
 }

@@ -5,21 +5,6 @@ use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
 use super::ExplorerApp;
-use crate::train::ClusterStatistics;
-
-/// Cosine similarity of every pair of centroids, `K x K` row-major.
-pub fn centroid_similarity(statistics: &ClusterStatistics) -> Vec<f32> {
-    let dim = statistics.dim.max(1);
-    let k = statistics.centroids.len() / dim;
-    let row = |index: usize| &statistics.centroids[index * dim..(index + 1) * dim];
-    let mut similarity = vec![0f32; k * k];
-    for a in 0..k {
-        for b in 0..k {
-            similarity[a * k + b] = row(a).iter().zip(row(b)).map(|(x, y)| x * y).sum();
-        }
-    }
-    similarity
-}
 
 impl ExplorerApp {
     pub(super) fn statistics_tab(&mut self, ui: &mut egui::Ui) {
@@ -32,7 +17,7 @@ impl ExplorerApp {
             return;
         };
         let k = latest.pixel_share.len();
-        let similarity = centroid_similarity(&latest);
+        let similarity = latest.centroid_similarity();
         let score = session.latest_score().cloned();
         egui::ScrollArea::vertical().show(ui, |ui| {
             ui.horizontal(|ui| {

@@ -75,6 +75,23 @@ pub struct ClusterStatistics {
     pub dim: usize,
 }
 
+impl ClusterStatistics {
+    /// Cosine similarity of every pair of centroids, `K x K` row-major (the centroids are
+    /// unit vectors, so inner products).
+    pub fn centroid_similarity(&self) -> Vec<f32> {
+        let dim = self.dim.max(1);
+        let k = self.centroids.len() / dim;
+        let row = |index: usize| &self.centroids[index * dim..(index + 1) * dim];
+        let mut similarity = vec![0f32; k * k];
+        for a in 0..k {
+            for b in 0..k {
+                similarity[a * k + b] = row(a).iter().zip(row(b)).map(|(x, y)| x * y).sum();
+            }
+        }
+        similarity
+    }
+}
+
 /// The cluster map of one preview image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterMap {
@@ -192,4 +209,28 @@ pub struct NullObserver;
 
 impl TrainObserver for NullObserver {
     fn on_event(&mut self, _event: &TrainEvent) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centroid_similarity_is_the_cosine_of_every_pair() {
+        let statistics = ClusterStatistics {
+            epoch: 1,
+            pixel_share: vec![0.5; 3],
+            compactness: vec![1.0; 3],
+            images_with_cluster: vec![1; 3],
+            label_change: None,
+            centroids: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8],
+            dim: 2,
+        };
+        let similarity = statistics.centroid_similarity();
+        let expected = [1.0, 0.0, 0.6, 0.0, 1.0, 0.8, 0.6, 0.8, 1.0];
+        assert_eq!(similarity.len(), 9);
+        for (got, want) in similarity.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{similarity:?}");
+        }
+    }
 }
