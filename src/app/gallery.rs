@@ -1,79 +1,22 @@
 //! Nearest-neighbour patch galleries: click a pixel to see the most similar patches across the
 //! dataset, or open a cluster's most typical and most unusual patches. Queries run on a
 //! background thread against the run's feature bank (exact cosine top-k), so the window never
-//! waits for them.
-//!
-//! One concern, in one file: the gallery's state, queries and drawing (about 700 lines).
+//! waits for them. The answers come from the engine ([`crate::bank::gallery`]).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use eframe::egui;
 
 use super::maps::ZoomState;
 use super::{ExplorerApp, ImageRequest};
-use crate::bank::{BankIndex, FeatureBank, INDEX_MIN_PATCHES, IndexConfig, MemberOrder, Neighbour};
+use crate::bank::gallery::answer;
+pub use crate::bank::gallery::{GALLERY_PAGE, GalleryHit, GalleryQuery, GalleryResult};
+use crate::bank::{BankIndex, FeatureBank, INDEX_MIN_PATCHES, IndexConfig};
 use crate::session::{Job, JobError, Service, Wake};
 use crate::train::ClusterMap;
-
-/// Patches per gallery page.
-pub const GALLERY_PAGE: usize = 24;
-
-/// What the gallery shows.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GalleryQuery {
-    /// The patches most similar to the patch under a pixel.
-    Pixel {
-        /// Image name.
-        image: String,
-        /// Position in `0..1` over the image's base square.
-        u: f32,
-        /// Position in `0..1`.
-        v: f32,
-    },
-    /// A cluster's members, most typical or most unusual first, one page.
-    Cluster {
-        /// The cluster.
-        cluster: usize,
-        /// Typical or outliers.
-        outliers: bool,
-        /// First member of the page.
-        offset: usize,
-    },
-}
-
-/// One patch in a gallery.
-#[derive(Debug, Clone)]
-pub struct GalleryHit {
-    /// Image name.
-    pub image: String,
-    /// The patch in `0..1` coordinates of the image.
-    pub uv: egui::Rect,
-    /// Similarity to the query (or to the centroid for cluster galleries).
-    pub similarity: f32,
-    /// Nearest centroid.
-    pub cluster: usize,
-}
-
-/// A finished query.
-#[derive(Debug, Clone)]
-pub struct GalleryResult {
-    /// The query answered.
-    pub query: GalleryQuery,
-    /// Best first.
-    pub hits: Vec<GalleryHit>,
-    /// Members of the cluster (cluster galleries).
-    pub total: Option<usize>,
-    /// How long the search took.
-    pub milliseconds: f64,
-    /// Patches in the bank.
-    pub bank_size: usize,
-    /// Lists probed and lists in all, when the bank's index answered (approximate).
-    pub index_probes: Option<(usize, usize)>,
-}
 
 enum Request {
     Query(GalleryQuery, Arc<Vec<f32>>),
@@ -139,7 +82,9 @@ fn spawn_worker(run_dir: PathBuf, wake: Wake) -> Result<Service<Request, Reply>,
         }
         while let Some(Request::Query(query, centroids)) = context.next_request() {
             let result = match &bank {
-                Some(bank) => answer(bank, index.get(), &query, &centroids),
+                Some(bank) => {
+                    answer(bank, index.get(), &query, &centroids).map_err(|error| error.to_string())
+                }
                 // Repeat why, so the message stays the informative one.
                 None => Err(load_error
                     .clone()
@@ -149,82 +94,6 @@ fn spawn_worker(run_dir: PathBuf, wake: Wake) -> Result<Service<Request, Reply>,
                 break;
             }
         }
-    })
-}
-
-fn answer(
-    bank: &FeatureBank,
-    search_index: Option<&BankIndex>,
-    query: &GalleryQuery,
-    centroids: &[f32],
-) -> Result<GalleryResult, String> {
-    let started = Instant::now();
-    let (neighbours, total): (Vec<Neighbour>, Option<usize>) = match query {
-        GalleryQuery::Pixel { image, u, v } => {
-            let index = bank
-                .info
-                .names
-                .iter()
-                .position(|name| name == image)
-                .ok_or_else(|| format!("{image} is not in the feature bank; rebuild it"))?;
-            let patch = bank
-                .patch_at(index, *u, *v)
-                .ok_or_else(|| "that point is outside the image".to_string())?;
-            let k = GALLERY_PAGE;
-            let feature = bank.feature(patch);
-            match search_index {
-                Some(index) => (index.nearest(bank, &feature, k), None),
-                None => (bank.nearest(&feature, k), None),
-            }
-        }
-        GalleryQuery::Cluster {
-            cluster,
-            outliers,
-            offset,
-        } => {
-            if centroids.is_empty() {
-                return Err("no centroids yet: wait for the first clustering".into());
-            }
-            let order = if *outliers {
-                MemberOrder::Outliers
-            } else {
-                MemberOrder::Typical
-            };
-            let (members, total) =
-                bank.cluster_members(centroids, *cluster, order, *offset, GALLERY_PAGE);
-            (members, Some(total))
-        }
-    };
-    let grid = bank.info.grid.max(1) as f32;
-    let hits = neighbours
-        .into_iter()
-        .map(|neighbour| {
-            let (image, x, y) = bank.location(neighbour.patch);
-            let (cluster, _) = if centroids.is_empty() {
-                (0, 0.0)
-            } else {
-                bank.assign(neighbour.patch, centroids)
-            };
-            GalleryHit {
-                image: bank.info.names.get(image).cloned().unwrap_or_default(),
-                uv: egui::Rect::from_min_size(
-                    egui::pos2(x as f32 / grid, y as f32 / grid),
-                    egui::vec2(1.0 / grid, 1.0 / grid),
-                ),
-                similarity: neighbour.similarity,
-                cluster,
-            }
-        })
-        .collect();
-    Ok(GalleryResult {
-        query: query.clone(),
-        hits,
-        total,
-        milliseconds: started.elapsed().as_secs_f64() * 1000.0,
-        bank_size: bank.len(),
-        index_probes: search_index
-            .filter(|_| matches!(query, GalleryQuery::Pixel { .. }))
-            .map(|index| (index.probes(), index.lists())),
     })
 }
 
@@ -607,7 +476,7 @@ impl ExplorerApp {
         if let Some(hit) = jump {
             self.view.zoomed = Some(ZoomState {
                 image_name: hit.image.clone(),
-                marker: Some(hit.uv),
+                marker: Some(uv_rect(&hit)),
                 zoom: 1.0,
                 pan: egui::Vec2::ZERO,
             });
@@ -618,7 +487,8 @@ impl ExplorerApp {
     /// A crop around a hit (4 x 4 patches), the hit outlined.
     fn gallery_tile(&mut self, ui: &mut egui::Ui, hit: &GalleryHit, tile: f32) -> egui::Response {
         let (rect, response) = ui.allocate_exact_size(egui::vec2(tile, tile), egui::Sense::click());
-        let window = egui::Rect::from_center_size(hit.uv.center(), hit.uv.size() * 4.0);
+        let uv = uv_rect(hit);
+        let window = egui::Rect::from_center_size(uv.center(), uv.size() * 4.0);
         // Keep the crop inside the image.
         let shift = egui::vec2(
             (-window.min.x).max(0.0) - (window.max.x - 1.0).max(0.0),
@@ -642,7 +512,7 @@ impl ExplorerApp {
         let to_tile =
             |point: egui::Pos2| rect.min + (point - window.min) / window.size() * rect.size();
         painter.rect_stroke(
-            egui::Rect::from_min_max(to_tile(hit.uv.min), to_tile(hit.uv.max)),
+            egui::Rect::from_min_max(to_tile(uv.min), to_tile(uv.max)),
             0.0,
             egui::Stroke::new(2.0, self.colour32(hit.cluster)),
             egui::StrokeKind::Outside,
@@ -695,6 +565,14 @@ fn similarity_bar(ui: &mut egui::Ui, fraction: f32) {
         .rect_filled(filled, 2.0, visuals.selection.bg_fill);
 }
 
+/// Where a hit's patch lies in its image, in `0..1` coordinates.
+fn uv_rect(hit: &GalleryHit) -> egui::Rect {
+    egui::Rect::from_min_size(
+        egui::pos2(hit.uv_min[0], hit.uv_min[1]),
+        egui::vec2(hit.uv_size, hit.uv_size),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,7 +580,8 @@ mod tests {
     fn hit(similarity: f32) -> GalleryHit {
         GalleryHit {
             image: "a.png".into(),
-            uv: egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(0.1, 0.1)),
+            uv_min: [0.0, 0.0],
+            uv_size: 0.1,
             similarity,
             cluster: 0,
         }

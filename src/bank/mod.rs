@@ -32,6 +32,7 @@ use crate::run::RunError;
 
 mod build;
 mod format;
+pub mod gallery;
 mod index;
 mod search;
 mod sheet;
@@ -301,7 +302,7 @@ impl FeatureBank {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::search::TopK;
     use super::*;
 
