@@ -1,7 +1,8 @@
 //! Nearest-neighbour patch galleries: click a pixel to see the most similar patches across the
 //! dataset, or open a cluster's most typical and most unusual patches. Queries run on a
-//! background thread against the run's feature bank (exact cosine top-k), so the window never
-//! waits for them. The answers come from the engine ([`crate::bank::gallery`]).
+//! background thread against the run's feature bank (exact cosine top-k, or its index for
+//! large banks), so the window never waits for them. The answers come from the engine
+//! ([`crate::bank::gallery`]).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
