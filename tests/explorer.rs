@@ -189,6 +189,7 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
     });
     let result = harness.state().gallery.result.clone().unwrap();
     assert_eq!(result.hits.len(), 24);
+    harness.check_accessibility();
     assert_eq!(
         result.hits[0].image, "demo_0000.png",
         "the best match is the patch itself"
@@ -252,6 +253,7 @@ fn a_user_inspects_names_merges_and_exports_a_finished_run() {
     harness.run_steps(2);
     harness.get_by_label("Export segmentations…").click();
     harness.run_steps(2);
+    harness.check_accessibility();
     harness.get_by_label("Export").click();
     step_until(&mut harness, "the export", |app| {
         app.export.report.is_some()
