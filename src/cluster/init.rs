@@ -83,7 +83,7 @@ pub fn init_plus_plus(
         data.par_chunks(dim)
             .enumerate()
             .map(|(i, x)| {
-                let distance: f32 = x.iter().zip(centre).map(|(a, b)| (a - b) * (a - b)).sum();
+                let distance = squared_distance(x, centre);
                 nearest.map_or(distance, |nearest| nearest[i].min(distance))
             })
             .collect()
@@ -135,4 +135,50 @@ pub fn init_plus_plus(
         .flat_map(|&i| point(i).iter().copied())
         .collect();
     Centroids::new(values, clusters, dim)
+}
+
+/// Squared Euclidean distance with eight independent accumulators: one running sum is a
+/// chain of dependent additions the compiler may not reorder, and it kept k-means++ at about
+/// 3 GFLOP/s; eight vectorise. The order is fixed, so the result depends only on the inputs.
+fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
+    for (x, y) in chunks_a.zip(chunks_b) {
+        for lane in 0..8 {
+            let difference = x[lane] - y[lane];
+            lanes[lane] += difference * difference;
+        }
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::squared_distance;
+
+    #[test]
+    fn squared_distance_matches_the_plain_sum() {
+        for dim in [1, 7, 8, 19, 128] {
+            let a: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum();
+            let lanes = f64::from(squared_distance(&a, &b));
+            assert!(
+                (lanes - plain).abs() < 1e-5 * plain.max(1.0),
+                "{dim}: {lanes} {plain}"
+            );
+        }
+    }
 }
