@@ -6,15 +6,27 @@ use std::time::Duration;
 
 use crate::cluster::ClusterEdit;
 
-/// What the trainer should be doing.
+/// What the trainer should be doing (kept in an atomic as its `u8` code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum ControlState {
     /// Keep going.
-    Running,
+    Running = 0,
     /// Wait at the next batch boundary until resumed or stopped.
-    Paused,
+    Paused = 1,
     /// Finish the current batch, write a checkpoint and return.
-    Stopping,
+    Stopping = 2,
+}
+
+impl ControlState {
+    /// The state stored as `code` (anything unknown reads as running).
+    fn from_code(code: u8) -> Self {
+        match code {
+            code if code == Self::Paused as u8 => Self::Paused,
+            code if code == Self::Stopping as u8 => Self::Stopping,
+            _ => Self::Running,
+        }
+    }
 }
 
 /// A shared switch between the trainer and whoever drives it (UI, Ctrl-C handler).
@@ -32,31 +44,34 @@ impl TrainControl {
 
     /// The current state.
     pub fn state(&self) -> ControlState {
-        match self.state.load(Ordering::SeqCst) {
-            1 => ControlState::Paused,
-            2 => ControlState::Stopping,
-            _ => ControlState::Running,
-        }
+        ControlState::from_code(self.state.load(Ordering::SeqCst))
     }
 
     /// Asks the trainer to pause at the next batch boundary.
     pub fn pause(&self) {
         // A stop request wins over a pause.
-        let _ = self
-            .state
-            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.state.compare_exchange(
+            ControlState::Running as u8,
+            ControlState::Paused as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     /// Lets a paused trainer continue.
     pub fn resume(&self) {
-        let _ = self
-            .state
-            .compare_exchange(1, 0, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.state.compare_exchange(
+            ControlState::Paused as u8,
+            ControlState::Running as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     /// Asks the trainer to stop after the current batch.
     pub fn stop(&self) {
-        self.state.store(2, Ordering::SeqCst);
+        self.state
+            .store(ControlState::Stopping as u8, Ordering::SeqCst);
     }
 
     /// Queues a merge or split for the trainer: it is applied to the clustering of the next
@@ -91,5 +106,27 @@ impl TrainControl {
             on_pause(false);
         }
         self.is_stopping()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_resume_and_a_stop_that_wins() {
+        let control = TrainControl::new();
+        assert_eq!(control.state(), ControlState::Running);
+        control.pause();
+        assert_eq!(control.state(), ControlState::Paused);
+        control.resume();
+        assert_eq!(control.state(), ControlState::Running);
+        control.pause();
+        control.stop();
+        assert!(control.is_stopping());
+        // Neither a pause nor a resume undoes a stop.
+        control.pause();
+        control.resume();
+        assert_eq!(control.state(), ControlState::Stopping);
     }
 }
