@@ -356,3 +356,58 @@ fn group_by_root(map: &LabelMap, clusters: usize) -> Vec<(usize, Vec<usize>)> {
     }
     groups
 }
+
+#[cfg(test)]
+mod tests {
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::Queryable;
+
+    use super::*;
+    use crate::session::SessionState;
+    use crate::train::ClusterStatistics;
+
+    /// The window showing a finished run of three clusters in `run_dir`, nothing else open.
+    fn app_with_three_clusters(run_dir: &std::path::Path) -> ExplorerApp {
+        let mut app = ExplorerApp::with_settings(super::super::Settings::default(), false);
+        let mut session = SessionState::new(run_dir);
+        session.clusters.push(ClusterStatistics {
+            epoch: 1,
+            pixel_share: vec![0.5, 0.3, 0.2],
+            compactness: vec![0.9; 3],
+            images_with_cluster: vec![4; 3],
+            label_change: None,
+            centroids: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8],
+            dim: 2,
+        });
+        app.session = Some(session);
+        app.load_labels();
+        app
+    }
+
+    #[test]
+    fn the_cluster_list_merges_ticked_clusters_saves_and_undoes() {
+        let run = tempfile::tempdir().unwrap();
+        let mut harness = Harness::new_ui_state(
+            |ui, app: &mut ExplorerApp| app.cluster_panel(ui),
+            app_with_three_clusters(run.path()),
+        );
+        harness.get_by_label("Tick two or more clusters to merge them.");
+        harness.get_by_label("50.0%");
+        // The user ticks clusters 0 and 2 (their rows' boxes), then merges 2 into 0.
+        harness.state_mut().relabel.selected.extend([0, 2]);
+        harness.run();
+        harness.get_by_label("merge into cluster 0").click();
+        harness.run();
+        let map = harness.state().labels.as_ref().unwrap().map().clone();
+        assert_eq!(map.root(2), 0);
+        assert_eq!(map.output_classes(3), vec![(0, vec![0, 2]), (1, vec![1])]);
+        // The merged row shows both shares and can be unmerged; the run folder has the map.
+        harness.get_by_label("70.0%");
+        harness.get_by_label("unmerge 2");
+        let saved = LabelMap::load_or_new(run.path(), 3).unwrap();
+        assert_eq!(saved.root(2), 0);
+        harness.get_by_label("Undo").click();
+        harness.run();
+        assert_eq!(harness.state().labels.as_ref().unwrap().map().root(2), 2);
+    }
+}
