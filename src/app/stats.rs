@@ -243,3 +243,31 @@ fn loss_plot(ui: &mut egui::Ui, losses: &[crate::session::LossPoint]) {
             plot.line(Line::new("L21", series(|l| l.cross_second_first)));
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::Queryable;
+
+    use super::super::test_support::app_with_three_clusters;
+    use super::*;
+
+    #[test]
+    fn the_statistics_tab_lists_every_cluster_with_its_nearest_centroid() {
+        let run = tempfile::tempdir().unwrap();
+        let harness = Harness::new_ui_state(
+            |ui, app: &mut ExplorerApp| app.statistics_tab(ui),
+            app_with_three_clusters(run.path()),
+        );
+        harness.get_by_label("Epoch 1");
+        for name in ["cluster 0", "cluster 1", "cluster 2"] {
+            harness.get_by_label(name);
+        }
+        harness.get_by_label("30.0%");
+        // Centroids (1, 0), (0, 1) and (0.6, 0.8): each one's most similar other centroid.
+        harness.get_by_label("2 (cos 0.60)");
+        harness.get_by_label("2 (cos 0.80)");
+        harness.get_by_label("1 (cos 0.80)");
+        harness.get_by_label("Centroid similarity");
+    }
+}
