@@ -128,6 +128,29 @@ pub fn matmul(
     }
 }
 
+/// `Σ term(a[i], b[i])` with eight independent accumulators: one running sum is a chain of
+/// dependent additions the compiler may not reorder; eight vectorise. The order is fixed, so
+/// the result depends only on the inputs (never on threads or alignment).
+#[inline]
+pub fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(&x, &y)| term(x, y))
+        .sum();
+    for (x, y) in chunks_a.zip(chunks_b) {
+        for lane in 0..8 {
+            lanes[lane] += term(x[lane], y[lane]);
+        }
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

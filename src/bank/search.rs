@@ -114,23 +114,9 @@ impl Rows {
     }
 }
 
-/// Inner product with eight independent accumulators (vectorises; fixed order, so the result
-/// depends only on the two vectors).
+/// Inner product (eight accumulators, fixed order: see [`crate::linalg::lane_sum`]).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in chunks_a.zip(chunks_b) {
-        for lane in 0..8 {
-            acc[lane] += x[lane] * y[lane];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    crate::linalg::lane_sum(a, b, |x, y| x * y)
 }
 
 /// `values` scaled to unit length in f64; `None` for a zero, non-finite or wrong-length vector.

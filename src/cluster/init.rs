@@ -137,27 +137,10 @@ pub fn init_plus_plus(
     Centroids::new(values, clusters, dim)
 }
 
-/// Squared Euclidean distance with eight independent accumulators: one running sum is a
-/// chain of dependent additions the compiler may not reorder, and it kept k-means++ at about
-/// 3 GFLOP/s; eight vectorise. The order is fixed, so the result depends only on the inputs.
+/// Squared Euclidean distance, with eight accumulators: one running sum kept k-means++ at
+/// about 3 GFLOP/s (see [`crate::linalg::lane_sum`]).
 fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = chunks_a
-        .remainder()
-        .iter()
-        .zip(chunks_b.remainder())
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum();
-    for (x, y) in chunks_a.zip(chunks_b) {
-        for lane in 0..8 {
-            let difference = x[lane] - y[lane];
-            lanes[lane] += difference * difference;
-        }
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
+    crate::linalg::lane_sum(a, b, |x, y| (x - y) * (x - y))
 }
 
 #[cfg(test)]
