@@ -128,11 +128,12 @@ pub fn matmul(
     }
 }
 
-/// `Σ term(a[i], b[i])` with eight independent accumulators: one running sum is a chain of
-/// dependent additions the compiler may not reorder; eight vectorise. The order is fixed, so
-/// the result depends only on the inputs (never on threads or alignment).
+/// `term(a[i], b[i])` summed into eight lanes (lane `i % 8`) and a tail (the last `len % 8`
+/// terms, summed in order). Eight independent accumulators vectorise where one running sum,
+/// a chain of dependent additions the compiler may not reorder, does not; the order is fixed,
+/// so the result depends only on the inputs (never on threads or alignment).
 #[inline]
-pub fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
+pub fn lane_sums(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> ([f32; 8], f32) {
     let mut lanes = [0f32; 8];
     let (chunks_a, chunks_b) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = chunks_a
@@ -146,6 +147,13 @@ pub fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
             lanes[lane] += term(x[lane], y[lane]);
         }
     }
+    (lanes, tail)
+}
+
+/// `Σ term(a[i], b[i])` in f32: [`lane_sums`] combined pairwise.
+#[inline]
+pub fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
+    let (lanes, tail) = lane_sums(a, b, term);
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
         + tail

@@ -35,21 +35,9 @@ impl NormShape {
     }
 }
 
-/// `sum f(a[k], b[k])` with eight partial sums (vectorised), returned in f64.
+/// `sum f(a[k], b[k])` with eight partial sums ([`crate::linalg::lane_sums`]), returned in f64.
 fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
-    let mut lanes = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(&x, &y)| f(x, y))
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            lanes[lane] += f(x[lane], y[lane]);
-        }
-    }
+    let (lanes, tail) = crate::linalg::lane_sums(a, b, f);
     lanes.iter().map(|&lane| f64::from(lane)).sum::<f64>() + f64::from(tail)
 }
 
