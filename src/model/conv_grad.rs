@@ -12,6 +12,8 @@
 //! One concern, in one file: the host convolution gradients (about 750 lines) and their tests
 //! against a direct, loop-by-loop reference (about 240).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::linalg::{MatRef, Threads, matmul};
@@ -220,14 +222,16 @@ fn dense_grads(
             &grouped
         };
         let grad = MatRef::row_major(grad, channels_out, width);
-        let mut columns = vec![0.0; rows * width];
-        let share = want_weight.then(|| {
+        let mut columns = if want_weight {
             im2col(
                 shape,
                 &x[first * image_in..(first + count) * image_in],
                 count,
-                &mut columns,
-            );
+            )
+        } else {
+            vec![0.0; rows * width]
+        };
+        let share = want_weight.then(|| {
             let mut share = vec![0.0; rows * channels_out];
             let columns = MatRef::row_major(&columns, rows, width);
             if weight_grad_transposed {
@@ -324,8 +328,7 @@ pub fn dense_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
             let count = output.len() / image_out;
             let images = &x[first * image_in..(first + count) * image_in];
             let width = count * pixels;
-            let mut columns = vec![0.0; rows * width];
-            im2col(shape, images, count, &mut columns);
+            let columns = im2col(shape, images, count);
             let columns = MatRef::row_major(&columns, rows, width);
             if width >= TRANSPOSED_FORWARD_COLUMNS {
                 // Many columns: `Y^T = cols^T x W^T` runs up to twice as fast as `W x cols`
@@ -427,7 +430,32 @@ fn scatter_transposed(
 }
 
 /// Unfolds `count` images into columns `[Ci * kh * kw, count * Ho * Wo]` (zeros for padding).
-fn im2col(shape: &ConvShape, images: &[f32], count: usize, columns: &mut [f32]) {
+///
+/// The buffer is written once, never zeroed first: these columns are the largest buffers of a
+/// training step (tens of MB per layer), and clearing them cost as much as a fifth of the
+/// unfolding.
+fn im2col(shape: &ConvShape, images: &[f32], count: usize) -> Vec<f32> {
+    let len = shape.channels_in * shape.kernel_area() * count * shape.output_plane();
+    let mut columns = Vec::with_capacity(len);
+    im2col_into(
+        shape,
+        images,
+        count,
+        &mut columns.spare_capacity_mut()[..len],
+    );
+    // SAFETY: `im2col_into` writes all `len` elements: every row of every image's output
+    // plane is either filled with zeros or written as zeros, copied values and zeros.
+    unsafe { columns.set_len(len) };
+    columns
+}
+
+/// [`im2col`] into uninitialised memory; writes every element of `columns`.
+fn im2col_into(shape: &ConvShape, images: &[f32], count: usize, columns: &mut [MaybeUninit<f32>]) {
+    let zero = |values: &mut [MaybeUninit<f32>]| {
+        for value in values {
+            value.write(0.0);
+        }
+    };
     let [_, width] = shape.input;
     let [out_rows, out_cols] = shape.output;
     let [kernel_h, kernel_w] = shape.kernel;
@@ -446,20 +474,20 @@ fn im2col(shape: &ConvShape, images: &[f32], count: usize, columns: &mut [f32]) 
                 let source = &images[(image * shape.channels_in + channel) * plane..][..plane];
                 for (o_row, dst_row) in dst.chunks_mut(out_cols).enumerate().take(out_rows) {
                     if !valid_h.contains(&o_row) {
-                        dst_row.fill(0.0);
+                        zero(dst_row);
                         continue;
                     }
                     let in_row = o_row * shape.stride[0] + offset_h - shape.padding[0];
                     let src_row = &source[in_row * width..(in_row + 1) * width];
-                    dst_row[..valid_w.start].fill(0.0);
-                    dst_row[valid_w.end..].fill(0.0);
+                    zero(&mut dst_row[..valid_w.start]);
+                    zero(&mut dst_row[valid_w.end..]);
                     let first_col = valid_w.start * shape.stride[1] + offset_w - shape.padding[1];
                     if shape.stride[1] == 1 {
                         dst_row[valid_w.clone()]
-                            .copy_from_slice(&src_row[first_col..first_col + valid_w.len()]);
+                            .write_copy_of_slice(&src_row[first_col..first_col + valid_w.len()]);
                     } else {
                         for (value, o_col) in dst_row[valid_w.clone()].iter_mut().zip(0..) {
-                            *value = src_row[first_col + o_col * shape.stride[1]];
+                            value.write(src_row[first_col + o_col * shape.stride[1]]);
                         }
                     }
                 }
