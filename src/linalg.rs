@@ -32,6 +32,31 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// The matrix `data[r * row_stride + c * col_stride]`.
+    ///
+    /// # Panics
+    /// If the last element lies outside `data`.
+    pub fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        let matrix = Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        };
+        assert!(
+            matrix.last_index() < data.len().max(1),
+            "matrix data too short"
+        );
+        matrix
+    }
+
     /// The transpose, without copying.
     pub fn transposed(self) -> Self {
         Self {
@@ -84,15 +109,41 @@ pub fn matmul(
     accumulate: bool,
     threads: Threads,
 ) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.rows, k, "inner dimensions");
+    let (m, n) = (lhs.rows, rhs.cols);
     assert_eq!(dst.len(), m * n, "destination size");
+    matmul_strided(dst, [n, 1], lhs, rhs, accumulate, threads);
+}
+
+/// [`matmul`] into `dst[r * row_stride + c * col_stride]` (`[row_stride, col_stride]` in
+/// `dst_strides`): a product can land transposed, with no separate transpose pass.
+///
+/// # Panics
+/// If the inner dimensions differ or the last element lies outside `dst`.
+pub fn matmul_strided(
+    dst: &mut [f32],
+    dst_strides: [usize; 2],
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    accumulate: bool,
+    threads: Threads,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let [dst_row_stride, dst_col_stride] = dst_strides;
+    assert_eq!(rhs.rows, k, "inner dimensions");
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        (m - 1) * dst_row_stride + (n - 1) * dst_col_stride < dst.len(),
+        "destination too short"
+    );
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for row in 0..m {
+                for col in 0..n {
+                    dst[row * dst_row_stride + col * dst_col_stride] = 0.0;
+                }
+            }
         }
         return;
     }
@@ -109,8 +160,8 @@ pub fn matmul(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_col_stride as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
@@ -195,5 +246,21 @@ mod tests {
                 assert_eq!(transposed[r * 2 + c], product[c * 4 + r] + 1.0);
             }
         }
+        // A B written transposed into a destination with a gap after each row of (A B)^T.
+        let mut strided = vec![-1.0; 4 * 3];
+        matmul_strided(
+            &mut strided,
+            [1, 3],
+            MatRef::row_major(&a, 2, 3),
+            MatRef::strided(&b, 3, 4, 4, 1),
+            false,
+            Threads::Pool,
+        );
+        for r in 0..2 {
+            for c in 0..4 {
+                assert_eq!(strided[c * 3 + r], product[r * 4 + c]);
+            }
+        }
+        assert!(strided.iter().skip(2).step_by(3).all(|&gap| gap == -1.0));
     }
 }

@@ -16,7 +16,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::linalg::{MatRef, Threads, matmul};
+use crate::linalg::{MatRef, Threads, matmul, matmul_strided};
 
 /// im2col columns per GEMM the dense path aims for: deep layers have few output pixels per
 /// image, so several images share one GEMM to keep it large enough to run well in parallel.
@@ -25,6 +25,9 @@ const TARGET_COLUMNS: usize = 4096;
 const COLUMN_BUDGET: usize = 8 << 20;
 /// From this many im2col columns on, the forward pass runs the transposed product.
 const TRANSPOSED_FORWARD_COLUMNS: usize = 2048;
+/// From this many output pixels per image on, the transposed product writes each image's
+/// output directly (one product per image); smaller images share one product and a transpose.
+const DIRECT_TRANSPOSED_PIXELS: usize = 4096;
 
 /// Shape and hyper-parameters of one 2-D convolution `x [N, Ci, H, W] -> y [N, Co, Ho, Wo]`
 /// with weights `[Co, Ci / groups, kh, kw]`.
@@ -328,20 +331,39 @@ pub fn dense_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
             let count = output.len() / image_out;
             let images = &x[first * image_in..(first + count) * image_in];
             let width = count * pixels;
-            let columns = im2col(shape, images, count);
-            let columns = MatRef::row_major(&columns, rows, width);
+            let unfolded = im2col(shape, images, count);
+            let columns = MatRef::row_major(&unfolded, rows, width);
             if width >= TRANSPOSED_FORWARD_COLUMNS {
                 // Many columns: `Y^T = cols^T x W^T` runs up to twice as fast as `W x cols`
-                // (its long side is the one the GEMM vectorises), then a blocked transpose.
-                let mut transposed = vec![0.0; width * channels_out];
-                matmul(
-                    &mut transposed,
-                    columns.transposed(),
-                    weight.transposed(),
-                    false,
-                    Threads::Pool,
-                );
-                scatter_transposed(&transposed, channels_out, pixels, count, output);
+                // (its long side is the one the GEMM vectorises).
+                if pixels < DIRECT_TRANSPOSED_PIXELS {
+                    // Small images: one product for the group, then a blocked transpose.
+                    let mut transposed = vec![0.0; width * channels_out];
+                    matmul(
+                        &mut transposed,
+                        columns.transposed(),
+                        weight.transposed(),
+                        false,
+                        Threads::Pool,
+                    );
+                    scatter_transposed(&transposed, channels_out, pixels, count, output);
+                    return;
+                }
+                // Large images: each image's product lands transposed, straight in its
+                // `[Co, P]` block, through the destination strides; the transpose pass cost
+                // as much as a third of a 7x7 stem.
+                for (image, output) in output.chunks_exact_mut(image_out).enumerate() {
+                    let image_columns =
+                        MatRef::strided(&unfolded[image * pixels..], pixels, rows, 1, width);
+                    matmul_strided(
+                        output,
+                        [1, pixels],
+                        image_columns,
+                        weight.transposed(),
+                        false,
+                        Threads::Pool,
+                    );
+                }
                 return;
             }
             if count == 1 {
@@ -391,13 +413,18 @@ const TILE: usize = 32;
 
 /// `dst[c * dst_stride + r] = src[r * cols + c]` for a row-major `rows x cols` source,
 /// tile by tile so both sides stay in cache.
+///
+/// Each tile is written one destination row at a time (a contiguous run of floats). Writing it
+/// source row by source row instead touches 32 destination rows per source row; when the
+/// destination stride is a multiple of 4 KiB those rows share cache sets and evict each other.
 fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
     for row_start in (0..rows).step_by(TILE) {
+        let row_end = (row_start + TILE).min(rows);
         for col_start in (0..cols).step_by(TILE) {
-            for row in row_start..(row_start + TILE).min(rows) {
-                let source = &src[row * cols..(row + 1) * cols];
-                for col in col_start..(col_start + TILE).min(cols) {
-                    dst[col * dst_stride + row] = source[col];
+            for col in col_start..(col_start + TILE).min(cols) {
+                let target = &mut dst[col * dst_stride + row_start..col * dst_stride + row_end];
+                for (value, row) in target.iter_mut().zip(row_start..) {
+                    *value = src[row * cols + col];
                 }
             }
         }
@@ -967,6 +994,10 @@ mod tests {
         check(shape(4, [6, 5], [7, 9], 1, 2, [0, 0], 1));
         check(shape(1, [4, 4], [32, 32], 1, 1, [0, 0], 1));
         check(shape(5, [2, 3], [4, 4], 3, 1, [0, 0], 1));
+        // Forward products written transposed: one product per image straight into its
+        // output (64x64 outputs), and one product for four 32x32 images, then a transpose.
+        check(shape(2, [2, 3], [64, 64], 3, 1, [1, 1], 1));
+        check(shape(4, [2, 5], [32, 32], 3, 1, [1, 1], 1));
     }
 
     #[test]
