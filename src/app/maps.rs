@@ -323,6 +323,8 @@ impl ExplorerApp {
                 .changed()
                 && self.view.follow_latest
             {
+                // Ticking Latest jumps to the newest maps (and stops playing).
+                position = len - 1;
                 self.view.playing = false;
             }
         });
@@ -629,4 +631,66 @@ pub(super) fn map_key(snapshot: &Snapshot, map: &ClusterMap) -> u64 {
     )
         .hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::Queryable;
+
+    use super::super::test_support::app_with_three_clusters;
+    use super::*;
+    use crate::session::Snapshot;
+
+    fn snapshot(epoch: usize, step: usize) -> Snapshot {
+        Snapshot {
+            epoch,
+            step,
+            maps: vec![ClusterMap {
+                image_index: 0,
+                image_name: "street/0001.png".into(),
+                width: 4,
+                height: 4,
+                labels: (0..16).map(|cell| (cell % 3) as u16).collect(),
+                similarity: vec![0.9; 16],
+            }],
+        }
+    }
+
+    #[test]
+    fn the_maps_tab_steps_through_the_timeline_with_the_arrow_keys() {
+        let run = tempfile::tempdir().unwrap();
+        let mut app = app_with_three_clusters(run.path());
+        let timeline = &mut app.session.as_mut().unwrap().timeline;
+        for (epoch, step) in [(0, 0), (1, 0), (1, 5)] {
+            timeline.push(snapshot(epoch, step));
+        }
+        let mut harness = Harness::new_ui_state(|ui, app: &mut ExplorerApp| app.maps_tab(ui), app);
+        // The newest maps, one tile per preview image.
+        harness.get_by_label("epoch 1, step 5  (3/3)");
+        harness.get_by_label("street/0001.png");
+        harness.key_press(egui::Key::ArrowLeft);
+        harness.run();
+        harness.get_by_label("epoch 1, after clustering  (2/3)");
+        assert!(
+            !harness.state().view.follow_latest,
+            "stepping back leaves Latest"
+        );
+        harness.key_press(egui::Key::ArrowLeft);
+        harness.run();
+        harness.get_by_label("untrained  (1/3)");
+        harness.get_by_label("Latest").click();
+        harness.run();
+        harness.get_by_label("epoch 1, step 5  (3/3)");
+    }
+
+    #[test]
+    fn without_maps_the_tab_says_how_to_get_them() {
+        let run = tempfile::tempdir().unwrap();
+        let harness = Harness::new_ui_state(
+            |ui, app: &mut ExplorerApp| app.maps_tab(ui),
+            app_with_three_clusters(run.path()),
+        );
+        harness.get_by_label("Press Start in the training panel to discover clusters.");
+    }
 }

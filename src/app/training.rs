@@ -504,7 +504,56 @@ impl ExplorerApp {
 
 #[cfg(test)]
 mod tests {
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::{NodeT, Queryable};
+
+    use super::super::test_support::app_with_three_clusters;
     use super::*;
+
+    /// The panel of the fake session's window, with an empty weights cache.
+    fn panel(run: &Path, cache: &Path) -> Harness<'static, ExplorerApp> {
+        let mut app = app_with_three_clusters(run);
+        app.cache_root = Some(cache.to_path_buf());
+        Harness::new_ui_state(|ui, app: &mut ExplorerApp| app.training_panel(ui), app)
+    }
+
+    #[test]
+    fn the_training_panel_offers_weights_and_starts_only_with_a_dataset() {
+        let (run, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut harness = panel(run.path(), cache.path());
+        harness.get_by_label("Starting weights");
+        // ImageNet is chosen and not cached yet: the panel offers its download.
+        harness.get_by_label("Download");
+        let start = harness.get_by_label("Start");
+        assert!(start.accesskit_node().is_disabled(), "no dataset is open");
+        harness.get_by_label(&format!("Run folder: {}", run.path().display()));
+        harness.get_by_label("Random init").click();
+        harness.run();
+        assert_eq!(harness.state().settings.weights, WeightsChoice::Random);
+        assert!(harness.query_by_label("Download").is_none());
+    }
+
+    #[test]
+    fn a_running_session_offers_pause_and_stop_and_shows_its_problems() {
+        let (run, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut harness = panel(run.path(), cache.path());
+        let session = harness.state_mut().session.as_mut().unwrap();
+        session.status.running = true;
+        session.status.error = Some("Could not read street/0001.png: not an image".into());
+        session.warnings = vec!["skipped a.png".into(), "skipped b.png".into()];
+        harness.run();
+        assert!(harness.query_by_label("Start").is_none());
+        harness.get_by_label("Stop");
+        harness.get_by_label("Could not read street/0001.png: not an image");
+        harness.get_by_label("2 warnings (hover to read)");
+        // Settings cannot change under a running trainer.
+        let random = harness.get_by_label("Random init");
+        assert!(random.accesskit_node().is_disabled());
+        harness.get_by_label("Pause").click();
+        harness.run();
+        let status = &harness.state().session.as_ref().unwrap().status;
+        assert_eq!(status.activity, crate::session::Activity::Pausing);
+    }
 
     #[test]
     fn a_failed_download_says_which_server_and_where_to_put_the_file_by_hand() {
