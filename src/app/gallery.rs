@@ -576,6 +576,10 @@ fn uv_rect(hit: &GalleryHit) -> egui::Rect {
 
 #[cfg(test)]
 mod tests {
+    use egui_kittest::Harness;
+    use egui_kittest::kittest::{NodeT, Queryable};
+
+    use super::super::test_support::app_with_three_clusters;
     use super::*;
 
     fn hit(similarity: f32) -> GalleryHit {
@@ -586,6 +590,61 @@ mod tests {
             similarity,
             cluster: 0,
         }
+    }
+
+    #[test]
+    fn a_cluster_gallery_pages_through_its_members() {
+        let run = tempfile::tempdir().unwrap();
+        let mut app = app_with_three_clusters(run.path());
+        let first_page = GalleryQuery::Cluster {
+            cluster: 1,
+            outliers: false,
+            offset: 0,
+        };
+        app.gallery.open = true;
+        app.gallery.query = Some(first_page.clone());
+        app.gallery.result = Some(GalleryResult {
+            query: first_page,
+            hits: vec![hit(0.97), hit(0.95), hit(0.90)],
+            total: Some(GALLERY_PAGE + 5),
+            milliseconds: 2.5,
+            bank_size: 1000,
+            index_probes: None,
+        });
+        let mut harness = Harness::new_ui_state(
+            |ui, app: &mut ExplorerApp| app.gallery_window(ui.ctx()),
+            app,
+        );
+        harness.get_by_label("cluster 1");
+        harness.get_by_label(&format!("1–{GALLERY_PAGE} of {}", GALLERY_PAGE + 5));
+        harness.get_by_label(
+            "exact search over 1000 patches in 2.5 ms; click a patch to open its image",
+        );
+        for rank in ["#1", "#2", "#3"] {
+            harness.get_by_label(rank);
+        }
+        assert!(
+            harness
+                .get_by_label("Previous")
+                .accesskit_node()
+                .is_disabled()
+        );
+        harness.get_by_label("Next").click();
+        // A spinner turns while the answer is awaited: step frames rather than settle.
+        harness.run_steps(2);
+        harness.get_by_label("Searching the feature bank…");
+        // The next page is asked of the search thread (this run has no bank: it will answer
+        // with an error the window shows).
+        let gallery = &harness.state().gallery;
+        assert_eq!(
+            gallery.query,
+            Some(GalleryQuery::Cluster {
+                cluster: 1,
+                outliers: false,
+                offset: GALLERY_PAGE,
+            })
+        );
+        assert!(gallery.pending);
     }
 
     #[test]
