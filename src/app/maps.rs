@@ -216,7 +216,7 @@ impl ExplorerApp {
                                     pan: egui::Vec2::ZERO,
                                 });
                                 if let Some(pointer) = response.interact_pointer_pos() {
-                                    let uv = (pointer - rect.min) / rect.size();
+                                    let uv = tile_uv(rect, pointer);
                                     self.query_similar_patches(&map.image_name, uv.x, uv.y);
                                 }
                             }
@@ -621,6 +621,13 @@ pub fn cell_at(map: &ClusterMap, rect: egui::Rect, pointer: egui::Pos2) -> Optio
     ))
 }
 
+/// Where a click on a map tile lies in the image, in `0..=1` per axis. egui counts clicks a few
+/// points outside a widget as its own (its interaction radius), so a click at the tile's edge
+/// may fall just outside: it asks for the edge patch, not for a point outside the image.
+fn tile_uv(rect: egui::Rect, pointer: egui::Pos2) -> egui::Vec2 {
+    ((pointer - rect.min) / rect.size()).clamp(egui::Vec2::ZERO, egui::Vec2::splat(1.0))
+}
+
 pub(super) fn map_key(snapshot: &Snapshot, map: &ClusterMap) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (
@@ -682,6 +689,20 @@ mod tests {
         harness.get_by_label("Latest").click();
         harness.run();
         harness.get_by_label("epoch 1, step 5  (3/3)");
+    }
+
+    #[test]
+    fn a_click_just_outside_a_tile_asks_for_its_edge() {
+        let tile = egui::Rect::from_min_size(egui::pos2(10.0, 20.0), egui::vec2(200.0, 200.0));
+        assert_eq!(
+            tile_uv(tile, egui::pos2(110.0, 70.0)),
+            egui::vec2(0.5, 0.25)
+        );
+        assert_eq!(
+            tile_uv(tile, egui::pos2(212.0, 174.0)),
+            egui::vec2(1.0, 0.77)
+        );
+        assert_eq!(tile_uv(tile, egui::pos2(8.0, 18.0)), egui::Vec2::ZERO);
     }
 
     #[test]
