@@ -1,6 +1,9 @@
 //! Live cluster maps: preview images with their maps as overlays (GPU shader or CPU
 //! fallback), hover read-outs, a large pan-and-zoom view, the cluster list with show/hide, and
 //! the timeline that scrubs through every kept snapshot.
+//!
+//! One concern, in one file: the maps tab and its zoom window (about 630 lines) and their
+//! panel tests (about 90).
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};

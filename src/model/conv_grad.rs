@@ -9,7 +9,7 @@
 //! Results do not depend on the number of threads: every sum runs in a fixed order (GEMMs
 //! split their output, never their depth; depthwise loops split channels or image planes).
 //!
-//! One concern, in one file: the host convolution gradients (about 750 lines) and their tests
+//! One concern, in one file: the host convolution gradients (about 800 lines) and their tests
 //! against a direct, loop-by-loop reference (about 240).
 
 use std::mem::MaybeUninit;
