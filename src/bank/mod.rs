@@ -268,11 +268,12 @@ impl FeatureBank {
         (patch / per_image, cell % grid, cell / grid)
     }
 
-    /// The patch of `image` at `(u, v)` in `[0, 1)` over its base square (`u` across), or
-    /// `None` outside the image or the bank.
+    /// The patch of `image` at `(u, v)` in `[0, 1]` over its base square (`u` across; the far
+    /// edges belong to the last row and column), or `None` outside the image or the bank.
     pub fn patch_at(&self, image: usize, u: f32, v: f32) -> Option<usize> {
         let grid = self.info.grid;
-        if image >= self.info.names.len() || !(0.0..1.0).contains(&u) || !(0.0..1.0).contains(&v) {
+        let inside = |t: f32| (0.0..=1.0).contains(&t);
+        if image >= self.info.names.len() || !inside(u) || !inside(v) {
             return None;
         }
         let cell = |t: f32| ((t * grid as f32) as usize).min(grid.saturating_sub(1));
@@ -354,7 +355,9 @@ pub(super) mod tests {
             assert_eq!(bank.patch_at(image, u, v), Some(patch));
         }
         assert_eq!(bank.patch_at(3, 0.5, 0.5), None);
-        assert_eq!(bank.patch_at(0, 1.0, 0.5), None);
+        // A click on the image's right edge is its last column's patch; past it, none.
+        assert_eq!(bank.patch_at(0, 1.0, 0.5), Some(2 * 4 + 3));
+        assert_eq!(bank.patch_at(0, 1.01, 0.5), None);
         assert_eq!(bank.patch_at(0, f32::NAN, 0.5), None);
         assert_eq!(bank.image_index("image-1"), Some(1));
         assert_eq!(bank.image_index("image-1.png"), Some(1));
