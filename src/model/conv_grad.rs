@@ -16,7 +16,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::linalg::{MatRef, Threads, matmul, matmul_strided};
+use crate::linalg::{MatRef, Threads, lane_sum, matmul, matmul_strided};
 
 /// im2col columns per GEMM the dense path aims for: deep layers have few output pixels per
 /// image, so several images share one GEMM to keep it large enough to run well in parallel.
@@ -569,26 +569,6 @@ fn scatter_add(dst: &mut [f32], start: usize, stride: usize, src: &[f32]) {
     }
 }
 
-/// `sum_k a[k] * b[k]` with eight partial sums, so the compiler vectorises it (a single
-/// running sum would pin the order of additions).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let b = &b[..a.len()];
-    let mut lanes = [0.0f32; 8];
-    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..8 {
-            lanes[lane] += x[lane] * y[lane];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// `dst[k] += scale * src[k]`.
 fn axpy(dst: &mut [f32], scale: f32, src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
@@ -766,7 +746,7 @@ fn depthwise_weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> V
                 for_each_tap(shape, |tap, valid_w, offset_w, o_row, in_row| {
                     let start = phases.start(in_row, &valid_w, offset_w, shape.padding[1]);
                     let g = &grad_plane[o_row * out_cols..][..out_cols][valid_w.clone()];
-                    taps[tap] += dot(g, &source[start..]);
+                    taps[tap] += lane_sum(g, &source[start..][..g.len()], |a, b| a * b);
                 });
             }
         });
