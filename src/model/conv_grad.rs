@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::conv_direct;
 use crate::linalg::{MatRef, Threads, lane_sum, matmul, matmul_strided};
 
 /// im2col columns per GEMM the dense path aims for: deep layers have few output pixels per
@@ -136,6 +137,9 @@ impl ConvShape {
 pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
     shape.check(Some(x), None, output_grad);
     match shape.kind() {
+        Some(ConvKind::Dense) if conv_direct::applies_to_weight_grad(shape) => {
+            conv_direct::weight_grad(shape, x, output_grad)
+        }
         Some(ConvKind::Dense) => dense_grads(shape, x, None, output_grad, true).1,
         Some(ConvKind::Depthwise) => depthwise_weight_grad(shape, x, output_grad),
         None => panic!(
@@ -152,6 +156,9 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
 pub fn input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec<f32> {
     shape.check(None, Some(weight), output_grad);
     match shape.kind() {
+        Some(ConvKind::Dense) if conv_direct::applies_to_input_grad(shape) => {
+            conv_direct::input_grad(shape, weight, output_grad)
+        }
         Some(ConvKind::Dense) => dense_grads(shape, &[], Some(weight), output_grad, false).0,
         Some(ConvKind::Depthwise) => depthwise_input_grad(shape, weight, output_grad),
         None => panic!(
@@ -173,6 +180,22 @@ pub fn input_and_weight_grads(
 ) -> (Vec<f32>, Vec<f32>) {
     shape.check(Some(x), Some(weight), output_grad);
     match shape.kind() {
+        Some(ConvKind::Dense)
+            if conv_direct::applies_to_input_grad(shape)
+                || conv_direct::applies_to_weight_grad(shape) =>
+        {
+            let input_grad = if conv_direct::applies_to_input_grad(shape) {
+                conv_direct::input_grad(shape, weight, output_grad)
+            } else {
+                dense_grads(shape, &[], Some(weight), output_grad, false).0
+            };
+            let weight_grad = if conv_direct::applies_to_weight_grad(shape) {
+                conv_direct::weight_grad(shape, x, output_grad)
+            } else {
+                dense_grads(shape, x, None, output_grad, true).1
+            };
+            (input_grad, weight_grad)
+        }
         Some(ConvKind::Dense) => dense_grads(shape, x, Some(weight), output_grad, true),
         Some(ConvKind::Depthwise) => (
             depthwise_input_grad(shape, weight, output_grad),
@@ -183,6 +206,26 @@ pub fn input_and_weight_grads(
             shape.groups
         ),
     }
+}
+
+/// Both gradients `(input, weight)` of a dense convolution by im2col + GEMM, whatever
+/// [`input_and_weight_grads`] would choose (for benchmarks and tests that compare the paths).
+///
+/// # Panics
+/// On slices that do not match `shape`, or a grouped shape.
+pub fn im2col_grads(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    output_grad: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    shape.check(Some(x), Some(weight), output_grad);
+    assert_eq!(
+        shape.kind(),
+        Some(ConvKind::Dense),
+        "im2col of a grouped convolution"
+    );
+    dense_grads(shape, x, Some(weight), output_grad, true)
 }
 
 /// Images per GEMM in the dense path.
@@ -297,6 +340,14 @@ pub fn dense_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
     );
     assert_eq!(x.len(), shape.input_len(), "input size");
     assert_eq!(weight.len(), shape.weight_len(), "weight size");
+    if conv_direct::applies_to_forward(shape) {
+        return conv_direct::forward(shape, x, weight);
+    }
+    im2col_forward(shape, x, weight)
+}
+
+/// [`dense_forward`] by im2col + GEMM (any dense shape).
+pub fn im2col_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let rows = shape.channels_in * shape.kernel_area();
     let pixels = shape.output_plane();
     let (channels_in, channels_out) = (shape.channels_in, shape.channels_out);
@@ -417,7 +468,13 @@ const TILE: usize = 32;
 /// Each tile is written one destination row at a time (a contiguous run of floats). Writing it
 /// source row by source row instead touches 32 destination rows per source row; when the
 /// destination stride is a multiple of 4 KiB those rows share cache sets and evict each other.
-fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
+pub(super) fn transpose_into(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+) {
     for row_start in (0..rows).step_by(TILE) {
         let row_end = (row_start + TILE).min(rows);
         for col_start in (0..cols).step_by(TILE) {
@@ -948,7 +1005,39 @@ mod tests {
         } else {
             depthwise_forward(&shape, &x, &weight)
         };
-        assert_close(&forward, &naive_forward(&shape, &x, &weight), "forward");
+        let expected_forward = naive_forward(&shape, &x, &weight);
+        assert_close(&forward, &expected_forward, "forward");
+        if conv_direct::supports(&shape) {
+            // The direct kernels, whether or not the shape takes them by default.
+            assert_close(
+                &conv_direct::forward(&shape, &x, &weight),
+                &expected_forward,
+                "direct forward",
+            );
+            assert_close(
+                &conv_direct::weight_grad(&shape, &x, &grad),
+                &dw,
+                "direct weight gradient",
+            );
+            if shape.stride == [1, 1] {
+                assert_close(
+                    &conv_direct::input_grad(&shape, &weight, &grad),
+                    &dx,
+                    "direct input gradient",
+                );
+            }
+        }
+        if shape.groups == 1 {
+            // Both dense paths, whichever of them the shape takes by default.
+            assert_close(
+                &im2col_forward(&shape, &x, &weight),
+                &expected_forward,
+                "im2col forward",
+            );
+            let (im2col_dx, im2col_dw) = im2col_grads(&shape, &x, &weight, &grad);
+            assert_close(&im2col_dx, &dx, "im2col input gradient");
+            assert_close(&im2col_dw, &dw, "im2col weight gradient");
+        }
         assert_close(&found_dx, &dx, "input gradient");
         assert_close(&found_dw, &dw, "weight gradient");
         assert_close(
@@ -978,6 +1067,37 @@ mod tests {
         // output (64x64 outputs), and one product for four 32x32 images, then a transpose.
         check(shape(2, [2, 3], [64, 64], 3, 1, [1, 1], 1));
         check(shape(4, [2, 5], [32, 32], 3, 1, [1, 1], 1));
+    }
+
+    #[test]
+    fn direct_kernels_match_the_definition() {
+        // Both orientations of the direct kernels (`check` runs them on every shape they can
+        // take): rows of exactly one vector, rows ending in a partial vector (20, 33),
+        // output channels that fill no tile (5, 11, 17), a depth that fills no weight-gradient
+        // tile (27), 5x5 and 7x7 kernels, strides of 2, one-sided padding, end padding.
+        check(shape(2, [3, 5], [16, 16], 3, 1, [1, 1], 1));
+        check(shape(3, [4, 11], [7, 33], 3, 1, [1, 1], 1));
+        check(shape(5, [3, 9], [20, 20], 3, 1, [1, 1], 1));
+        check(shape(1, [2, 17], [12, 21], 5, 1, [2, 2], 1));
+        check(shape(2, [3, 4], [10, 18], 3, 1, [0, 1], 1));
+        check(shape(2, [3, 8], [19, 16], 7, 2, [3, 3], 1));
+        let mut end_padded = shape(2, [3, 6], [9, 17], 3, 1, [1, 1], 1);
+        end_padded.output = [8, 16];
+        check(end_padded);
+        // Deep enough for the default choice to take them (depth 29 x 9 = 261: two passes
+        // over the depth), and two blocks of output channels (70 = 64 + 6).
+        let deep = shape(1, [29, 70], [10, 18], 3, 1, [1, 1], 1);
+        let deep_strided = shape(2, [29, 20], [11, 9], 3, 2, [1, 1], 1);
+        if conv_direct::cpu_supported() {
+            assert!(conv_direct::applies_to_forward(&deep));
+            assert!(conv_direct::applies_to_input_grad(&deep));
+            assert!(conv_direct::applies_to_weight_grad(&deep));
+            assert!(conv_direct::applies_to_forward(&deep_strided));
+            assert!(!conv_direct::applies_to_input_grad(&deep_strided));
+            assert!(conv_direct::applies_to_weight_grad(&deep_strided));
+        }
+        check(deep);
+        check(deep_strided);
     }
 
     #[test]
@@ -1015,7 +1135,18 @@ mod tests {
 
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
-        let shape = shape(4, [16, 32], [20, 20], 3, 1, [1, 1], 1);
+        // With AVX-512: the channel-vectorised kernels (depth 261), pixel vectors for the
+        // forward pass and im2col for the gradients (16x16, depth 144), im2col throughout.
+        for (channels, input) in [
+            ([29, 40], [20, 20]),
+            ([16, 32], [16, 16]),
+            ([16, 32], [14, 14]),
+        ] {
+            gradients_on_one_and_three_threads_agree(shape(4, channels, input, 3, 1, [1, 1], 1));
+        }
+    }
+
+    fn gradients_on_one_and_three_threads_agree(shape: ConvShape) {
         let x = values(shape.input_len(), 7);
         let weight = values(shape.weight_len(), 8);
         let grad = values(shape.output_len(), 9);
@@ -1024,7 +1155,12 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .expect("thread pool")
-                .install(|| input_and_weight_grads(&shape, &x, &weight, &grad))
+                .install(|| {
+                    (
+                        dense_forward(&shape, &x, &weight),
+                        input_and_weight_grads(&shape, &x, &weight, &grad),
+                    )
+                })
         };
         assert_eq!(run(1), run(3));
     }

@@ -1,6 +1,7 @@
 //! The networks: ResNet-18 and MobileNetV2 backbones (torchvision layout) with the PiCIE FPN.
 
 pub mod conv;
+pub mod conv_direct;
 pub mod conv_grad;
 pub mod elementwise;
 pub mod fpn;

@@ -1,0 +1,122 @@
+//! Host convolution kernels on ResNet-18's stride-1 3x3 layers: the direct kernels against
+//! im2col + GEMM, forward and both gradients. Prints figures, asserts nothing.
+//!
+//! `cargo bench --bench conv` (release profile). `PICIE_BENCH_RUNS` sets the runs per figure
+//! (best of them is printed; default 5).
+
+use std::time::Instant;
+
+use picie::model::conv_direct;
+use picie::model::conv_grad::{self, ConvShape};
+
+/// A convolution `[batch, channels_in, side, side] -> [batch, channels_out, ...]`.
+fn shape(
+    batch: usize,
+    channels: [usize; 2],
+    side: usize,
+    kernel: usize,
+    stride: usize,
+) -> ConvShape {
+    let padding = kernel / 2;
+    let output = (side + 2 * padding - kernel) / stride + 1;
+    ConvShape {
+        batch,
+        channels_in: channels[0],
+        channels_out: channels[1],
+        input: [side, side],
+        output: [output, output],
+        kernel: [kernel, kernel],
+        stride: [stride, stride],
+        padding: [padding, padding],
+        dilation: [1, 1],
+        groups: 1,
+    }
+}
+
+/// Best wall time of `runs` calls, in milliseconds.
+fn best_ms<T>(runs: usize, mut work: impl FnMut() -> T) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            std::hint::black_box(work());
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+        .collect()
+}
+
+fn main() {
+    let runs = std::env::var("PICIE_BENCH_RUNS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(5);
+    println!(
+        "threads: {}, direct kernels on this CPU: {}",
+        rayon::current_num_threads(),
+        conv_direct::cpu_supported()
+    );
+    println!(
+        "batch x channels in -> out, input side, kernel/stride | forward ms direct / im2col | \
+         gradients ms direct (strided input gradients: im2col) / im2col | chosen: forward, \
+         input gradient, weight gradient"
+    );
+    // ResNet-18's stride-1 3x3 layers, its stride-2 3x3 layers and its 7x7 stem, at 128 px
+    // (batch 16) and 320 px (batch 8).
+    let layers = [
+        (16, [3, 64], 128, 7, 2),
+        (16, [64, 64], 32, 3, 1),
+        (16, [64, 128], 32, 3, 2),
+        (16, [128, 128], 16, 3, 1),
+        (16, [128, 256], 16, 3, 2),
+        (16, [256, 256], 8, 3, 1),
+        (16, [256, 512], 8, 3, 2),
+        (16, [512, 512], 4, 3, 1),
+        (8, [3, 64], 320, 7, 2),
+        (8, [64, 64], 80, 3, 1),
+        (8, [128, 128], 40, 3, 1),
+        (8, [256, 256], 20, 3, 1),
+        (8, [512, 512], 10, 3, 1),
+    ];
+    for (batch, channels, side, kernel, stride) in layers {
+        let shape = shape(batch, channels, side, kernel, stride);
+        let x = values(shape.input_len(), 1);
+        let weight = values(shape.weight_len(), 2);
+        let grad = values(shape.output_len(), 3);
+        let gflop = 2.0 * (shape.output_len() * shape.weight_len() / channels[1]) as f64 / 1e9;
+        let im2col_forward = best_ms(runs, || conv_grad::im2col_forward(&shape, &x, &weight));
+        let im2col_grads = best_ms(runs, || conv_grad::im2col_grads(&shape, &x, &weight, &grad));
+        let (direct_forward, direct_grads) = if conv_direct::supports(&shape) {
+            (
+                best_ms(runs, || conv_direct::forward(&shape, &x, &weight)),
+                best_ms(runs, || {
+                    let input_grad = if shape.stride == [1, 1] {
+                        conv_direct::input_grad(&shape, &weight, &grad)
+                    } else {
+                        conv_grad::input_grad(&shape, &weight, &grad)
+                    };
+                    (input_grad, conv_direct::weight_grad(&shape, &x, &grad))
+                }),
+            )
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        let choice = |direct: bool| if direct { "direct" } else { "im2col" };
+        println!(
+            "{batch:>2} x {:>3} -> {:>3} {side:>3} {kernel}/{stride} | {direct_forward:7.2} / {im2col_forward:7.2} ({:5.1} / {:5.1} GFLOP/s) | {direct_grads:7.2} / {im2col_grads:7.2} ({:5.1} / {:5.1} GFLOP/s) | {}, {}, {}",
+            channels[0],
+            channels[1],
+            gflop / direct_forward * 1e3,
+            gflop / im2col_forward * 1e3,
+            2.0 * gflop / direct_grads * 1e3,
+            2.0 * gflop / im2col_grads * 1e3,
+            choice(conv_direct::applies_to_forward(&shape)),
+            choice(conv_direct::applies_to_input_grad(&shape)),
+            choice(conv_direct::applies_to_weight_grad(&shape)),
+        );
+    }
+}
