@@ -60,10 +60,10 @@ fn main() {
         rayon::current_num_threads(),
         conv_direct::cpu_supported()
     );
+    println!("ms direct / im2col (GFLOP/s direct / im2col), * where the direct kernels are chosen");
     println!(
-        "batch x channels in -> out, input side, kernel/stride | forward ms direct / im2col | \
-         gradients ms direct (strided input gradients: im2col) / im2col | chosen: forward, \
-         input gradient, weight gradient"
+        "batch x channels in -> out, input side, kernel/stride | forward | input gradient | \
+         weight gradient"
     );
     // ResNet-18's stride-1 3x3 layers, its stride-2 3x3 layers and its 7x7 stem, at 128 px
     // (batch 16) and 320 px (batch 8).
@@ -88,35 +88,38 @@ fn main() {
         let weight = values(shape.weight_len(), 2);
         let grad = values(shape.output_len(), 3);
         let gflop = 2.0 * (shape.output_len() * shape.weight_len() / channels[1]) as f64 / 1e9;
-        let im2col_forward = best_ms(runs, || conv_grad::im2col_forward(&shape, &x, &weight));
-        let im2col_grads = best_ms(runs, || conv_grad::im2col_grads(&shape, &x, &weight, &grad));
-        let (direct_forward, direct_grads) = if conv_direct::supports(&shape) {
-            (
-                best_ms(runs, || conv_direct::forward(&shape, &x, &weight)),
-                best_ms(runs, || {
-                    let input_grad = if shape.stride == [1, 1] {
-                        conv_direct::input_grad(&shape, &weight, &grad)
-                    } else {
-                        conv_grad::input_grad(&shape, &weight, &grad)
-                    };
-                    (input_grad, conv_direct::weight_grad(&shape, &x, &grad))
-                }),
+        let gflops = |ms: f64| gflop / ms * 1e3;
+        let direct = conv_direct::supports(&shape);
+        let pair = |direct_ms: Option<f64>, im2col_ms: f64, chosen: bool| {
+            let direct_ms = direct_ms.unwrap_or(f64::NAN);
+            format!(
+                "{direct_ms:6.2} / {im2col_ms:6.2} ({:3.0} / {:3.0}){}",
+                gflops(direct_ms),
+                gflops(im2col_ms),
+                if chosen { " *" } else { "  " }
             )
-        } else {
-            (f64::NAN, f64::NAN)
         };
-        let choice = |direct: bool| if direct { "direct" } else { "im2col" };
+        let forward = pair(
+            direct.then(|| best_ms(runs, || conv_direct::forward(&shape, &x, &weight))),
+            best_ms(runs, || conv_grad::im2col_forward(&shape, &x, &weight)),
+            conv_direct::applies_to_forward(&shape),
+        );
+        let input_grad = pair(
+            (direct && shape.stride == [1, 1])
+                .then(|| best_ms(runs, || conv_direct::input_grad(&shape, &weight, &grad))),
+            best_ms(runs, || {
+                conv_grad::im2col_input_grad(&shape, &weight, &grad)
+            }),
+            conv_direct::applies_to_input_grad(&shape),
+        );
+        let weight_grad = pair(
+            direct.then(|| best_ms(runs, || conv_direct::weight_grad(&shape, &x, &grad))),
+            best_ms(runs, || conv_grad::im2col_weight_grad(&shape, &x, &grad)),
+            conv_direct::applies_to_weight_grad(&shape),
+        );
         println!(
-            "{batch:>2} x {:>3} -> {:>3} {side:>3} {kernel}/{stride} | {direct_forward:7.2} / {im2col_forward:7.2} ({:5.1} / {:5.1} GFLOP/s) | {direct_grads:7.2} / {im2col_grads:7.2} ({:5.1} / {:5.1} GFLOP/s) | {}, {}, {}",
-            channels[0],
-            channels[1],
-            gflop / direct_forward * 1e3,
-            gflop / im2col_forward * 1e3,
-            2.0 * gflop / direct_grads * 1e3,
-            2.0 * gflop / im2col_grads * 1e3,
-            choice(conv_direct::applies_to_forward(&shape)),
-            choice(conv_direct::applies_to_input_grad(&shape)),
-            choice(conv_direct::applies_to_weight_grad(&shape)),
+            "{batch:>2} x {:>3} -> {:>3} {side:>3} {kernel}/{stride} | {forward} | {input_grad} | {weight_grad}",
+            channels[0], channels[1],
         );
     }
 }

@@ -208,24 +208,34 @@ pub fn input_and_weight_grads(
     }
 }
 
-/// Both gradients `(input, weight)` of a dense convolution by im2col + GEMM, whatever
-/// [`input_and_weight_grads`] would choose (for benchmarks and tests that compare the paths).
+/// The input gradient of a dense convolution by GEMM + col2im, whatever [`input_grad`] would
+/// choose (for benchmarks and tests that compare the paths).
 ///
 /// # Panics
 /// On slices that do not match `shape`, or a grouped shape.
-pub fn im2col_grads(
-    shape: &ConvShape,
-    x: &[f32],
-    weight: &[f32],
-    output_grad: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
-    shape.check(Some(x), Some(weight), output_grad);
+pub fn im2col_input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    shape.check(None, Some(weight), output_grad);
     assert_eq!(
         shape.kind(),
         Some(ConvKind::Dense),
         "im2col of a grouped convolution"
     );
-    dense_grads(shape, x, Some(weight), output_grad, true)
+    dense_grads(shape, &[], Some(weight), output_grad, false).0
+}
+
+/// The weight gradient of a dense convolution by im2col + GEMM, whatever [`weight_grad`]
+/// would choose.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a grouped shape.
+pub fn im2col_weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    shape.check(Some(x), None, output_grad);
+    assert_eq!(
+        shape.kind(),
+        Some(ConvKind::Dense),
+        "im2col of a grouped convolution"
+    );
+    dense_grads(shape, x, None, output_grad, true).1
 }
 
 /// Images per GEMM in the dense path.
@@ -1034,9 +1044,16 @@ mod tests {
                 &expected_forward,
                 "im2col forward",
             );
-            let (im2col_dx, im2col_dw) = im2col_grads(&shape, &x, &weight, &grad);
-            assert_close(&im2col_dx, &dx, "im2col input gradient");
-            assert_close(&im2col_dw, &dw, "im2col weight gradient");
+            assert_close(
+                &im2col_input_grad(&shape, &weight, &grad),
+                &dx,
+                "im2col input gradient",
+            );
+            assert_close(
+                &im2col_weight_grad(&shape, &x, &grad),
+                &dw,
+                "im2col weight gradient",
+            );
         }
         assert_close(&found_dx, &dx, "input gradient");
         assert_close(&found_dw, &dw, "weight gradient");
