@@ -65,8 +65,8 @@ fn main() {
         "batch x channels in -> out, input side, kernel/stride | forward | input gradient | \
          weight gradient"
     );
-    // ResNet-18's stride-1 3x3 layers, its stride-2 3x3 layers and its 7x7 stem, at 128 px
-    // (batch 16) and 320 px (batch 8).
+    // ResNet-18's 7x7 stem and 3x3 layers (stride 1 and 2) at 128 px, batch 16, its 1x1
+    // convolutions there, and its stem and stride-1 layers at 320 px, batch 8.
     let layers = [
         (16, [3, 64], 128, 7, 2),
         (16, [64, 64], 32, 3, 1),
@@ -76,6 +76,11 @@ fn main() {
         (16, [256, 256], 8, 3, 1),
         (16, [256, 512], 8, 3, 2),
         (16, [512, 512], 4, 3, 1),
+        // 1x1: downsampling shortcuts and the FPN's lateral convolutions.
+        (16, [64, 128], 32, 1, 2),
+        (16, [64, 128], 32, 1, 1),
+        (16, [128, 128], 16, 1, 1),
+        (16, [256, 128], 8, 1, 1),
         (8, [3, 64], 320, 7, 2),
         (8, [64, 64], 80, 3, 1),
         (8, [128, 128], 40, 3, 1),
