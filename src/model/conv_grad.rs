@@ -266,21 +266,37 @@ fn dense_grads(
     let image_in = shape.channels_in * shape.input_plane();
     // The GEMM runs `dW^T = cols x dY^T` (then one transpose) two to three times faster than
     // `dW = dY x cols^T` when few output channels make `dW` a short, wide matrix; with many,
-    // the direct form is as fast and saves the transpose. For 1x1 convolutions (a depth of
-    // `Ci` only) the direct form measured 1.5 times faster whatever the channels.
+    // the direct form is as fast and saves the transpose. For 1x1 convolutions the product
+    // whose result has more rows than columns ran 1.3-2.6 times faster (`benches/conv.rs`:
+    // MobileNetV2's expansions `16 -> 96` want `dW`, its projections `96 -> 24` `dW^T`).
+    let weight_grad_transposed = if shape.kernel == [1, 1] {
+        shape.channels_in >= channels_out
+    } else {
+        channels_out < 256
+    };
+    // 1x1, stride 1, no padding: the im2col columns are the images themselves.
     let pointwise = shape.kernel == [1, 1] && shape.stride == [1, 1] && shape.padding == [0, 0];
-    let weight_grad_transposed = channels_out < 256 && shape.kernel != [1, 1];
+    let input_grad_by_image = pointwise && shape.output_plane() >= POINTWISE_IMAGE_PIXELS;
     let process = |first: usize, count: usize, input_grad: Option<&mut [f32]>| {
-        if pointwise {
-            return pointwise_grads(
+        let pointwise_share = (pointwise && want_weight).then(|| {
+            pointwise_weight_share(
                 shape,
                 [first, count],
                 x,
-                weight,
                 output_grad,
-                input_grad,
-                want_weight.then_some(weight_grad_transposed),
-            );
+                weight_grad_transposed,
+            )
+        });
+        let input_grad = match (weight, input_grad) {
+            (Some(weight), Some(target)) if input_grad_by_image => {
+                pointwise_input_grad(shape, first, weight, output_grad, target);
+                None
+            }
+            (_, target) => target,
+        };
+        let columns_share = want_weight && !pointwise;
+        if !columns_share && (input_grad.is_none() || weight.is_none()) {
+            return pointwise_share;
         }
         let width = count * shape.output_plane();
         let grouped;
@@ -291,7 +307,7 @@ fn dense_grads(
             &grouped
         };
         let grad = MatRef::row_major(grad, channels_out, width);
-        let mut columns = if want_weight {
+        let mut columns = if columns_share {
             im2col(
                 shape,
                 &x[first * image_in..(first + count) * image_in],
@@ -300,7 +316,7 @@ fn dense_grads(
         } else {
             vec![0.0; rows * width]
         };
-        let share = want_weight.then(|| {
+        let share = columns_share.then(|| {
             let mut share = vec![0.0; rows * channels_out];
             let columns = MatRef::row_major(&columns, rows, width);
             if weight_grad_transposed {
@@ -315,7 +331,7 @@ fn dense_grads(
             matmul(&mut columns, weight_t, grad, false, Threads::Pool);
             col2im(shape, &columns, count, input_grad);
         }
-        share
+        pointwise_share.or(share)
     };
     let count_from = |first: usize| group.min(shape.batch - first);
     let mut input_grad = Vec::new();
@@ -350,70 +366,76 @@ fn dense_grads(
     (input_grad, weight_grad)
 }
 
-/// [`dense_grads`] for a group of images (`[first, count]`) of a 1x1, stride-1 convolution
-/// without padding, whose im2col columns are the images themselves: one product per image on
-/// the inputs and output gradients where they lie, the weight gradient's share summed over the
-/// images in order, the input gradient written straight into each image (no col2im). The
-/// copies this saves were most of the time of these layers' gradients (ResNet-18's FPN
-/// laterals: 50-60 GFLOP/s).
-fn pointwise_grads(
+/// Output pixels per image from which a 1x1 convolution's input gradient is one product per
+/// image, written in place; below it one product for a group of images and a copy ran faster
+/// (`benches/conv.rs`: MobileNetV2 at 10x10, `96 -> 576`, 1.2 against 2.0 ms).
+const POINTWISE_IMAGE_PIXELS: usize = 1024;
+
+/// The share of a group of images (`[first, count]`) in the weight gradient of a 1x1, stride-1
+/// convolution without padding, whose im2col columns are the images themselves: one product
+/// per image on the inputs and output gradients where they lie, summed in order (`dW^T` when
+/// `transposed`). Copying the columns first was most of these layers' gradient time
+/// (ResNet-18's FPN laterals ran at 50-60 GFLOP/s).
+fn pointwise_weight_share(
     shape: &ConvShape,
     [first, count]: [usize; 2],
     x: &[f32],
-    weight: Option<&[f32]>,
     output_grad: &[f32],
-    input_grad: Option<&mut [f32]>,
-    weight_grad_transposed: Option<bool>,
-) -> Option<Vec<f32>> {
+    transposed: bool,
+) -> Vec<f32> {
     let (channels_in, channels_out) = (shape.channels_in, shape.channels_out);
     let pixels = shape.output_plane();
     let image_in = channels_in * pixels;
-    let grad_of = |image: usize| {
-        MatRef::row_major(
+    let mut share = vec![0.0; channels_in * channels_out];
+    for image in first..first + count {
+        let input = MatRef::row_major(&x[image * image_in..][..image_in], channels_in, pixels);
+        let grad = MatRef::row_major(
             output_image(shape, output_grad, image),
             channels_out,
             pixels,
-        )
-    };
-    let share = weight_grad_transposed.map(|transposed| {
-        let mut share = vec![0.0; channels_in * channels_out];
-        for image in first..first + count {
-            let input = MatRef::row_major(&x[image * image_in..][..image_in], channels_in, pixels);
-            let grad = grad_of(image);
-            let accumulate = image > first;
-            if transposed {
-                matmul(
-                    &mut share,
-                    input,
-                    grad.transposed(),
-                    accumulate,
-                    Threads::Pool,
-                );
-            } else {
-                matmul(
-                    &mut share,
-                    grad,
-                    input.transposed(),
-                    accumulate,
-                    Threads::Pool,
-                );
-            }
-        }
-        share
-    });
-    if let (Some(weight), Some(input_grad)) = (weight, input_grad) {
-        let weight_t = MatRef::row_major(weight, channels_out, channels_in).transposed();
-        for (index, target) in input_grad.chunks_exact_mut(image_in).enumerate() {
+        );
+        let accumulate = image > first;
+        if transposed {
             matmul(
-                target,
-                weight_t,
-                grad_of(first + index),
-                false,
+                &mut share,
+                input,
+                grad.transposed(),
+                accumulate,
+                Threads::Pool,
+            );
+        } else {
+            matmul(
+                &mut share,
+                grad,
+                input.transposed(),
+                accumulate,
                 Threads::Pool,
             );
         }
     }
     share
+}
+
+/// The input gradient of the images of `target` (from `first`) for a 1x1, stride-1
+/// convolution without padding: `W^T x dY` per image, straight into its place (no col2im).
+fn pointwise_input_grad(
+    shape: &ConvShape,
+    first: usize,
+    weight: &[f32],
+    output_grad: &[f32],
+    target: &mut [f32],
+) {
+    let (channels_in, channels_out) = (shape.channels_in, shape.channels_out);
+    let pixels = shape.output_plane();
+    let weight_t = MatRef::row_major(weight, channels_out, channels_in).transposed();
+    for (index, image) in target.chunks_exact_mut(channels_in * pixels).enumerate() {
+        let grad = MatRef::row_major(
+            output_image(shape, output_grad, first + index),
+            channels_out,
+            pixels,
+        );
+        matmul(image, weight_t, grad, false, Threads::Pool);
+    }
 }
 
 /// The forward pass of a dense (one group) convolution without bias, `[N, Co, Ho, Wo]`: per
