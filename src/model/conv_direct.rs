@@ -23,6 +23,9 @@
 //! split outputs, never a sum, so results do not depend on the number of threads. Used when the
 //! CPU has AVX-512 and the layer runs faster so ([`applies_to_forward`],
 //! [`applies_to_input_grad`], [`applies_to_weight_grad`]); every other case keeps im2col.
+//!
+//! One concern, in one file: the direct kernels, their layouts (about 560 lines) and their
+//! AVX-512 tiles (about 330). Their tests sit with the other paths' in `conv_grad`.
 
 use rayon::prelude::*;
 
