@@ -63,13 +63,14 @@ const GRAD_BLOCK_PIXELS: usize = 256;
 /// Whether the direct kernels can take `shape` at all on this CPU (whether they are faster
 /// than im2col there is [`applies_to_forward`] and the like): one group, dilation 1, a kernel
 /// larger than 1x1 (pointwise convolutions are plain GEMMs already) and wider than its
-/// padding, and AVX-512 at run time.
+/// padding, at least one output pixel, and AVX-512 at run time.
 pub fn supports(shape: &ConvShape) -> bool {
     shape.kind() == Some(ConvKind::Dense)
         && shape.dilation == [1, 1]
         && shape.kernel != [1, 1]
         && shape.padding[0] < shape.kernel[0]
         && shape.padding[1] < shape.kernel[1]
+        && shape.batch > 0
         && shape.output[0] > 0
         && shape.output[1] > 0
         && cpu_supported()
