@@ -136,13 +136,12 @@ struct Correlation {
     stride: [usize; 2],
 }
 
-/// Up to 16 neighbouring output pixels of one row: where they start in the grid plane and in
-/// the output plane, and which lanes are pixels.
+/// 16 neighbouring output pixels of one row (one vector): where they start in the grid plane
+/// and in the output plane.
 #[derive(Debug, Clone, Copy, Default)]
 struct Segment {
     grid: usize,
     output: usize,
-    mask: u16,
 }
 
 impl Correlation {
@@ -207,27 +206,23 @@ impl Correlation {
             .collect()
     }
 
-    /// The output pixels, row by row, in segments of at most 16 (stride 1).
+    /// The output pixels, row by row, in segments of 16 (rows of whole vectors,
+    /// [`Self::by_pixels`]).
     fn segments(&self) -> Vec<Segment> {
-        assert_eq!(self.stride, [1, 1], "segments of a strided correlation");
+        assert!(
+            self.by_pixels(),
+            "segments of rows that are not whole vectors"
+        );
         let [_, grid_cols] = self.grid();
         let [rows, cols] = self.output;
-        let mut segments = Vec::with_capacity(rows * cols.div_ceil(LANES));
-        for row in 0..rows {
-            for start in (0..cols).step_by(LANES) {
-                let len = LANES.min(cols - start);
-                segments.push(Segment {
+        (0..rows)
+            .flat_map(|row| {
+                (0..cols).step_by(LANES).map(move |start| Segment {
                     grid: row * grid_cols + start,
                     output: row * cols + start,
-                    mask: if len == LANES {
-                        u16::MAX
-                    } else {
-                        (1u16 << len) - 1
-                    },
-                });
-            }
-        }
-        segments
+                })
+            })
+            .collect()
     }
 
     /// `count` images `[C, H, W]` copied into zero-padded grids `[count, C, grid]`.
@@ -570,11 +565,6 @@ mod kernels {
     };
     use std::arch::x86_64::*;
 
-    /// Last index a segment's lanes touch from `start`, plus one.
-    fn segment_end(start: usize, segment: &Segment) -> usize {
-        start + (LANES - segment.mask.leading_zeros() as usize)
-    }
-
     /// One tile of output channels (up to 8, the rows of `output`) x up to 3 segments:
     /// `output[c, p] = sum_k tile[k, c] * grid[offsets[k] + p]`.
     pub(super) fn forward_tile(
@@ -585,16 +575,16 @@ mod kernels {
         output: &mut [f32],
         out_plane: usize,
     ) {
-        assert!(segments.len() <= TILE_SEGMENTS);
+        assert!((1..=TILE_SEGMENTS).contains(&segments.len()));
         assert_eq!(tile.len(), offsets.len() * TILE_CHANNELS);
         let channels = output.len() / out_plane;
         assert!((1..=TILE_CHANNELS).contains(&channels));
         let max_offset = offsets.iter().copied().max().unwrap_or(0);
         for segment in segments {
-            assert!(segment_end(segment.grid + max_offset, segment) <= grid.len());
-            assert!(segment_end(segment.output, segment) <= out_plane);
+            assert!(segment.grid + max_offset + LANES <= grid.len());
+            assert!(segment.output + LANES <= out_plane);
         }
-        // SAFETY: `supports` checked AVX-512 before any caller got here, and every masked lane
+        // SAFETY: `supports` checked AVX-512 before any caller got here, and every vector
         // lies inside `grid` and `output` (asserted above).
         unsafe { forward_tile_avx512(tile, offsets, grid, segments, output, out_plane, channels) }
     }
@@ -609,11 +599,10 @@ mod kernels {
         out_plane: usize,
         channels: usize,
     ) {
+        // Missing segments repeat the last one; they are not stored.
         let mut bases = [0usize; TILE_SEGMENTS];
-        let mut masks = [0u16; TILE_SEGMENTS];
-        for (index, segment) in segments.iter().enumerate() {
-            bases[index] = segment.grid;
-            masks[index] = segment.mask;
+        for (index, base) in bases.iter_mut().enumerate() {
+            *base = segments[index.min(segments.len() - 1)].grid;
         }
         let grid = grid.as_ptr();
         let mut weights = tile.as_ptr();
@@ -621,8 +610,8 @@ mod kernels {
         for &offset in offsets {
             let mut inputs = [_mm512_setzero_ps(); TILE_SEGMENTS];
             for s in 0..TILE_SEGMENTS {
-                // SAFETY: lanes outside the mask are not read; the others are in `grid`.
-                inputs[s] = unsafe { _mm512_maskz_loadu_ps(masks[s], grid.add(bases[s] + offset)) };
+                // SAFETY: the vector is inside `grid` (asserted by the caller).
+                inputs[s] = unsafe { _mm512_loadu_ps(grid.add(bases[s] + offset)) };
             }
             for (c, row) in sums.iter_mut().enumerate() {
                 // SAFETY: the tile holds `TILE_CHANNELS` weights per offset.
@@ -637,14 +626,8 @@ mod kernels {
         let output = output.as_mut_ptr();
         for (c, row) in sums.iter().enumerate().take(channels) {
             for (s, segment) in segments.iter().enumerate() {
-                // SAFETY: channel `c` exists and the masked lanes are inside its plane.
-                unsafe {
-                    _mm512_mask_storeu_ps(
-                        output.add(c * out_plane + segment.output),
-                        segment.mask,
-                        row[s],
-                    );
-                }
+                // SAFETY: channel `c` exists and the vector is inside its plane.
+                unsafe { _mm512_storeu_ps(output.add(c * out_plane + segment.output), row[s]) };
             }
         }
     }
