@@ -149,7 +149,7 @@ pub fn time_training_step(
     steps: usize,
 ) -> TrainStepTiming {
     use burn::module::Module;
-    use burn::optim::{AdamConfig, GradientsParams};
+    use burn::optim::GradientsParams;
     use burn::tensor::{Distribution, Int, Tensor};
 
     use crate::data::views::{GeometricParams, geometric_on_features};
@@ -163,7 +163,7 @@ pub fn time_training_step(
         .fork(&training_device)
         .train();
     // PyTorch's epsilon, as the training it is compared with.
-    let mut optimizer = AdamConfig::new().with_epsilon(1e-8).init();
+    let mut optimizer = crate::train::FusedAdam::new(1e-8).init();
     let grid = size / FEATURE_STRIDE;
     let geometric: Vec<GeometricParams> = (0..batch)
         .map(|index| GeometricParams {

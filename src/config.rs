@@ -365,8 +365,8 @@ impl TrainConfig {
     }
 
     /// The Adam optimiser settings of the run.
-    pub fn adam(&self) -> burn::optim::AdamConfig {
-        burn::optim::AdamConfig::new().with_epsilon(self.adam_epsilon as f32)
+    pub fn adam(&self) -> crate::train::FusedAdam {
+        crate::train::FusedAdam::new(self.adam_epsilon as f32)
     }
 
     /// Side of the stride-4 feature grid of the training input.

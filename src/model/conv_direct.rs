@@ -29,7 +29,10 @@
 
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use super::conv_grad::{ConvKind, ConvShape, transpose_into};
+use super::host_buffers::{par_filled, par_zeros, write_copy};
 
 /// Pixels per vector (AVX-512, f32).
 const LANES: usize = 16;
@@ -225,29 +228,46 @@ impl Correlation {
             .collect()
     }
 
-    /// `count` images `[C, H, W]` copied into zero-padded grids `[count, C, grid]`.
+    /// `count` images `[C, H, W]` copied into zero-padded grids `[count, C, grid]`; each grid is
+    /// written once (zeros around the copied rows), never cleared first.
     fn pad(&self, images: &[f32], count: usize) -> Vec<f32> {
         let [in_rows, in_cols] = self.input;
-        let [grid_rows, grid_cols] = self.grid();
+        let [_, grid_cols] = self.grid();
         let [top, left] = self.offset;
         let in_plane = in_rows * in_cols;
-        // The input columns that land inside the grid.
+        // The input columns that land inside the grid (`left` is below the kernel width, so
+        // inside the grid too).
         let kept_cols = in_cols.min(grid_cols.saturating_sub(left));
-        let mut grids = vec![0.0f32; count * self.channels_in * self.grid_plane()];
-        grids
-            .par_chunks_mut(self.grid_plane())
-            .zip(images.par_chunks(in_plane))
-            .for_each(|(grid, plane)| {
-                for in_row in 0..in_rows {
-                    let grid_row = in_row + top;
-                    if grid_row >= grid_rows {
-                        break;
+        let zero = MaybeUninit::new(0.0);
+        let fill = |plane: usize, grid: &mut [MaybeUninit<f32>]| {
+            let plane = &images[plane * in_plane..][..in_plane];
+            for (grid_row, row) in grid.chunks_exact_mut(grid_cols).enumerate() {
+                match grid_row.checked_sub(top).filter(|&in_row| in_row < in_rows) {
+                    Some(in_row) => {
+                        let (before, rest) = row.split_at_mut(left);
+                        let (copied, after) = rest.split_at_mut(kept_cols);
+                        before.fill(zero);
+                        write_copy(copied, &plane[in_row * in_cols..][..kept_cols]);
+                        after.fill(zero);
                     }
-                    let source = &plane[in_row * in_cols..][..kept_cols];
-                    grid[grid_row * grid_cols + left..][..source.len()].copy_from_slice(source);
+                    None => row.fill(zero),
                 }
-            });
-        grids
+            }
+        };
+        assert_eq!(
+            images.len(),
+            count * self.channels_in * in_plane,
+            "input size"
+        );
+        // SAFETY: the grid plane is whole rows of `grid_cols`, and `fill` writes every value of
+        // every row (zeros, copied columns, zeros).
+        unsafe {
+            par_filled(
+                count * self.channels_in * self.grid_plane(),
+                self.grid_plane(),
+                fill,
+            )
+        }
     }
 
     /// Whether rows are whole vectors of pixels (stride 1).
@@ -301,7 +321,7 @@ impl Correlation {
         let pixels = bases.len();
         let tasks = 2 * rayon::current_num_threads();
         let per_task = pixels.div_ceil(tasks).next_multiple_of(BROADCAST_PIXELS);
-        let mut output_t = vec![0.0f32; pixels * width];
+        let mut output_t = par_zeros(pixels * width);
         output_t
             .par_chunks_mut(per_task * width)
             .zip(bases.par_chunks(per_task))
@@ -329,7 +349,7 @@ impl Correlation {
                 }
             });
         let out_plane = self.output_plane();
-        let mut output = vec![0.0f32; count * channels_out * out_plane];
+        let mut output = par_zeros(count * channels_out * out_plane);
         output
             .par_chunks_mut(channels_out * out_plane)
             .zip(output_t.par_chunks(out_plane * width))
@@ -365,7 +385,7 @@ impl Correlation {
         let segments = self.segments();
         let out_plane = self.output_plane();
         let image_grid = self.channels_in * self.grid_plane();
-        let mut output = vec![0.0f32; count * channels_out * out_plane];
+        let mut output = par_zeros(count * channels_out * out_plane);
         output
             .par_chunks_mut(channels_out * out_plane)
             .enumerate()
@@ -465,7 +485,7 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
     let pixels = shape.batch * out_plane;
     // dY^T in blocks of 64 output channels, `[block, pixel, 64]`, zero past the last channel:
     // a pixel's gradients are one contiguous 256-byte run.
-    let mut grads_t = vec![0.0f32; blocks * pixels * CHANNEL_BLOCK];
+    let mut grads_t = par_zeros(blocks * pixels * CHANNEL_BLOCK);
     grads_t
         .par_chunks_mut(out_plane * CHANNEL_BLOCK)
         .enumerate()

@@ -21,6 +21,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::conv_direct;
+use super::host_buffers::par_zeros;
 use crate::linalg::{MatRef, Threads, lane_sum, matmul, matmul_strided};
 
 /// im2col columns per GEMM the dense path aims for: deep layers have few output pixels per
@@ -318,7 +319,7 @@ fn dense_grads(
                 count,
             )
         } else {
-            vec![0.0; rows * width]
+            par_zeros(rows * width)
         };
         let share = columns_share.then(|| {
             let mut share = vec![0.0; rows * channels_out];
@@ -340,7 +341,7 @@ fn dense_grads(
     let count_from = |first: usize| group.min(shape.batch - first);
     let mut input_grad = Vec::new();
     let shares: Vec<Option<Vec<f32>>> = if weight.is_some() {
-        input_grad = vec![0.0; shape.input_len()];
+        input_grad = par_zeros(shape.input_len());
         input_grad
             .par_chunks_mut(group * image_in)
             .enumerate()
@@ -471,7 +472,7 @@ pub fn im2col_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> 
     let group = images_per_group(shape);
     let pointwise = shape.kernel == [1, 1] && shape.stride == [1, 1] && shape.padding == [0, 0];
     let weight = MatRef::row_major(weight, channels_out, rows);
-    let mut output = vec![0.0; shape.output_len()];
+    let mut output = par_zeros(shape.output_len());
     if pointwise {
         // No unfolding at all: `Y_n = W x X_n` per image, the images spread over the threads
         // (each product on one thread) when there are enough of them.
@@ -536,7 +537,7 @@ pub fn im2col_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> 
                 matmul(output, weight, columns, false, Threads::Pool);
                 return;
             }
-            let mut grouped = vec![0.0; channels_out * width];
+            let mut grouped = par_zeros(channels_out * width);
             matmul(&mut grouped, weight, columns, false, Threads::Pool);
             // [Co, g*P] -> g images of [Co, P]
             for (channel, row) in grouped.chunks_exact(width).enumerate() {
@@ -854,7 +855,7 @@ pub fn depthwise_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f3
     let out_cols = shape.output[1];
     let phases = Phases::new(width, shape.stride[1]);
     let plane = shape.input_plane();
-    let mut output = vec![0.0; shape.output_len()];
+    let mut output = par_zeros(shape.output_len());
     output
         .par_chunks_mut(shape.output_plane().max(1))
         .enumerate()
@@ -901,7 +902,7 @@ fn depthwise_weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> V
     let out_cols = shape.output[1];
     let phases = Phases::new(width, shape.stride[1]);
     let (plane, pixels) = (shape.input_plane(), shape.output_plane());
-    let mut grad = vec![0.0; channels * area];
+    let mut grad = par_zeros(channels * area);
     grad.par_chunks_mut(area)
         .enumerate()
         .for_each_init(Vec::new, |phased, (channel, taps)| {
@@ -934,7 +935,7 @@ fn depthwise_input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) 
     let out_cols = shape.output[1];
     let phases = Phases::new(width, shape.stride[1]);
     let pixels = shape.output_plane();
-    let mut grad = vec![0.0; shape.input_len()];
+    let mut grad = par_zeros(shape.input_len());
     grad.par_chunks_mut(shape.input_plane().max(1))
         .enumerate()
         .for_each_init(Vec::new, |phased, (plane_index, plane)| {

@@ -1,36 +1,38 @@
 //! Element-wise activations on host memory (f32), for burn's Flex backend: one pass forward
 //! and one backward, in parallel chunks.
 
-use rayon::prelude::*;
+use super::host_buffers::par_filled;
 
 /// Values per parallel task: large enough to amortise scheduling, small enough to share.
 const CHUNK: usize = 1 << 16;
 
 /// `x` clamped to `[min, max]`.
 pub fn clamp(x: &[f32], min: f32, max: f32) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(out, x)| {
+    // SAFETY: every value of every chunk is written (the chunks of `x` have the same lengths).
+    unsafe {
+        par_filled(x.len(), CHUNK, |index, out| {
+            let x = &x[index * CHUNK..][..out.len()];
             for (out, &value) in out.iter_mut().zip(x) {
-                *out = value.max(min).min(max);
+                out.write(value.max(min).min(max));
             }
-        });
-    out
+        })
+    }
 }
 
 /// The gradient of [`clamp`]: `grad` where `min <= x <= max`, zero elsewhere.
 pub fn clamp_grad(x: &[f32], grad: &[f32], min: f32, max: f32) -> Vec<f32> {
     assert_eq!(x.len(), grad.len(), "gradient size");
-    let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)))
-        .for_each(|(out, (x, grad))| {
+    // SAFETY: every value of every chunk is written (the chunks of `x` and `grad` have the
+    // same lengths).
+    unsafe {
+        par_filled(x.len(), CHUNK, |index, out| {
+            let x = &x[index * CHUNK..][..out.len()];
+            let grad = &grad[index * CHUNK..][..out.len()];
             for ((out, &value), &g) in out.iter_mut().zip(x).zip(grad) {
-                *out = if (min..=max).contains(&value) { g } else { 0.0 };
+                out.write(if (min..=max).contains(&value) { g } else { 0.0 });
             }
-        });
-    out
+        })
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod conv_direct;
 pub mod conv_grad;
 pub mod elementwise;
 pub mod fpn;
+mod host_buffers;
 pub mod layers;
 pub mod mobilenet;
 pub mod norm_host;

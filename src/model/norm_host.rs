@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use super::host_buffers::par_filled;
+
 /// An activation `[N, C, plane]` (plane = product of the spatial sizes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NormShape {
@@ -77,18 +79,18 @@ pub fn batch_statistics(shape: &NormShape, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
 pub fn scale_shift(shape: &NormShape, x: &[f32], scale: &[f32], shift: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), shape.len(), "activation size");
     assert!(scale.len() == shape.channels && shift.len() == shape.channels);
-    let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(shape.plane.max(1))
-        .zip(x.par_chunks(shape.plane.max(1)))
-        .enumerate()
-        .for_each(|(index, (out, input))| {
+    let plane = shape.plane.max(1);
+    // SAFETY: the chunks of `y` and `x` have the same lengths, and every value is written.
+    unsafe {
+        par_filled(x.len(), plane, |index, out| {
+            let input = &x[index * plane..][..out.len()];
             let channel = index % shape.channels;
             let (a, b) = (scale[channel], shift[channel]);
             for (out, &value) in out.iter_mut().zip(input) {
-                *out = value * a + b;
+                out.write(value * a + b);
             }
-        });
-    y
+        })
+    }
 }
 
 /// The per-channel `(scale, shift)` that normalise with `mean`, `variance` and apply `gamma`,
@@ -168,18 +170,19 @@ pub fn train_backward(
             )
         })
         .collect();
-    let mut input_grad = vec![0.0; x.len()];
-    input_grad
-        .par_chunks_mut(shape.plane.max(1))
-        .zip(x.par_chunks(shape.plane.max(1)))
-        .zip(output_grad.par_chunks(shape.plane.max(1)))
-        .enumerate()
-        .for_each(|(index, ((out, input), grad))| {
+    let plane = shape.plane.max(1);
+    // SAFETY: the chunks of `input_grad`, `x` and `output_grad` have the same lengths, and
+    // every value is written.
+    let input_grad = unsafe {
+        par_filled(x.len(), plane, |index, out| {
+            let input = &x[index * plane..][..out.len()];
+            let grad = &output_grad[index * plane..][..out.len()];
             let [a, b, c] = per_channel[index % shape.channels].2;
             for ((out, &value), &dy) in out.iter_mut().zip(input).zip(grad) {
-                *out = a * dy + b * value + c;
+                out.write(a * dy + b * value + c);
             }
-        });
+        })
+    };
     let gamma_grad = per_channel.iter().map(|entry| entry.0).collect();
     let beta_grad = per_channel.iter().map(|entry| entry.1).collect();
     (input_grad, gamma_grad, beta_grad)

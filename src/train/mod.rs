@@ -7,6 +7,7 @@
 //! with the PiCIE loss. Observers get progress, the four loss terms, centroid statistics and
 //! preview cluster maps; a [`TrainControl`] pauses, resumes or stops at batch boundaries.
 
+mod adam;
 mod control;
 mod events;
 mod prefetch;
@@ -15,6 +16,7 @@ mod trainer;
 pub use crate::data::TrainingData;
 pub use crate::run;
 pub use crate::run::{ExistingRun, RunError, RunFolder, RunLock};
+pub use adam::{AdamCoefficients, AdamOps, FusedAdam};
 pub use control::{ControlState, TrainControl};
 pub use events::{
     ClusterMap, ClusterStatistics, EpochRecord, LossTerms, NullObserver, StepProgress, TrainEvent,
