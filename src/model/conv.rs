@@ -18,17 +18,19 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::ops::{BoolTensorOps, FloatTensorOps};
 use burn::backend::ops::{ConvOptions, ModuleOps};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Backend, Cube, Dispatch, Flex, TensorMetadata, backend_extension, get_or_init_device_settings,
 };
 use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::{Bytes, DType, Shape, Tensor};
 
 use super::conv_grad::{self, ConvKind, ConvShape};
 use super::elementwise;
 use super::norm_host::{self, NormShape};
+use super::pool_host::{self, PoolShape};
 
 /// Convolution with gradients a backend may provide itself.
 #[cfg_attr(feature = "remote", backend_extension(Flex, Cube, Remote, Autodiff))]
@@ -138,6 +140,50 @@ pub trait ConvGradOps: Backend {
         epsilon: f64,
     ) -> FloatTensor<Self> {
         Self::batch_norm(x, gamma, beta, mean, variance, epsilon)
+    }
+
+    /// Max pooling (dilation 1, output size rounded down); under autodiff its backward calls
+    /// [`ConvGradOps::max_pool2d_grad`].
+    fn max_pool2d_with_grads(x: FloatTensor<Self>, pool: PoolOptions) -> FloatTensor<Self> {
+        Self::max_pool2d(x, pool.kernel, pool.stride, pool.padding, [1, 1], false)
+    }
+
+    /// Max pooling with the position of each window's maximum, for the gradient.
+    fn max_pool2d_indexed(
+        x: FloatTensor<Self>,
+        pool: PoolOptions,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let int_dtype = get_or_init_device_settings::<Self>(&x.device()).int_dtype;
+        let pooled = Self::max_pool2d_with_indices(
+            x,
+            pool.kernel,
+            pool.stride,
+            pool.padding,
+            [1, 1],
+            false,
+            int_dtype,
+        );
+        (pooled.output, pooled.indices)
+    }
+
+    /// The input gradient of [`ConvGradOps::max_pool2d_indexed`].
+    fn max_pool2d_grad(
+        x: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        pool: PoolOptions,
+    ) -> FloatTensor<Self> {
+        Self::max_pool2d_with_indices_backward(
+            x,
+            pool.kernel,
+            pool.stride,
+            pool.padding,
+            [1, 1],
+            false,
+            output_grad,
+            indices,
+        )
+        .x_grad
     }
 }
 
@@ -419,6 +465,99 @@ impl ConvGradOps for Flex {
         let grad = elementwise::clamp_grad(values(&x_values), values(&grad_values), min, max);
         flex_tensor(grad, x.shape())
     }
+
+    fn max_pool2d_with_grads(x: FloatTensor<Self>, pool: PoolOptions) -> FloatTensor<Self> {
+        Self::max_pool2d_indexed(x, pool).0
+    }
+
+    fn max_pool2d_indexed(
+        x: FloatTensor<Self>,
+        pool: PoolOptions,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let Some((shape, output_shape)) = flex_pool_shape(&x, pool) else {
+            let int_dtype = get_or_init_device_settings::<Self>(&x.device()).int_dtype;
+            let pooled = Flex::max_pool2d_with_indices(
+                x,
+                pool.kernel,
+                pool.stride,
+                pool.padding,
+                [1, 1],
+                false,
+                int_dtype,
+            );
+            return (pooled.output, pooled.indices);
+        };
+        let x_values = host_values(&x);
+        let (output, indices) = pool_host::forward(&shape, values(&x_values));
+        let indices = FlexTensor::new(
+            Bytes::from_elems(indices),
+            Layout::contiguous(output_shape.clone()),
+            DType::U32,
+        );
+        (flex_tensor(output, output_shape), indices)
+    }
+
+    fn max_pool2d_grad(
+        x: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        pool: PoolOptions,
+    ) -> FloatTensor<Self> {
+        let shape = flex_pool_shape(&x, pool).map(|(shape, _)| shape);
+        match (shape, indices.dtype(), output_grad.dtype()) {
+            (Some(shape), DType::U32, DType::F32) => {
+                let grad_values = host_values(&output_grad);
+                let indices = indices.to_contiguous();
+                let indices = indices
+                    .as_slice::<u32>()
+                    .unwrap_or_else(|| unreachable!("contiguous u32 indices"));
+                let grad = pool_host::backward(&shape, values(&grad_values), indices);
+                flex_tensor(grad, x.shape())
+            }
+            _ => {
+                Flex::max_pool2d_with_indices_backward(
+                    x,
+                    pool.kernel,
+                    pool.stride,
+                    pool.padding,
+                    [1, 1],
+                    false,
+                    output_grad,
+                    indices,
+                )
+                .x_grad
+            }
+        }
+    }
+}
+
+/// A max pooling's window, stride and padding (dilation 1, output size rounded down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Window `[height, width]`.
+    pub kernel: [usize; 2],
+    /// Step between windows.
+    pub stride: [usize; 2],
+    /// Border on each side.
+    pub padding: [usize; 2],
+}
+
+/// The host pooling's shape of an f32 Flex activation `[N, C, H, W]` and its output shape, if
+/// a window fits.
+fn flex_pool_shape(x: &FlexTensor, pool: PoolOptions) -> Option<(PoolShape, Shape)> {
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    let [batch, channels, height, width] = x.shape().dims();
+    let shape = PoolShape {
+        planes: batch * channels,
+        input: [height, width],
+        kernel: pool.kernel,
+        stride: pool.stride,
+        padding: pool.padding,
+    };
+    let [rows, cols] = shape.output()?;
+    Some((shape, Shape::new([batch, channels, rows, cols])))
 }
 
 /// The `[N, C, plane]` shape of a Flex activation for the host BatchNorm, if it is f32 with
@@ -538,6 +677,28 @@ impl<B: Backend + ConvGradOps> Backward<B, 1> for ClampWithGrads {
     }
 }
 
+#[derive(Debug)]
+struct MaxPoolWithGrads;
+
+impl<B: Backend + ConvGradOps> Backward<B, 1> for MaxPoolWithGrads {
+    type State = (NodeId, IntTensor<B>, PoolOptions);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let output_grad = grads.consume::<B>(&ops.node);
+        let (x_state, indices, pool) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::max_pool2d_grad(x, output_grad, indices, pool));
+        }
+    }
+}
+
 impl<B: Backend + ConvGradOps, C: CheckpointStrategy> ConvGradOps for Autodiff<B, C> {
     fn conv2d_with_grads(
         x: FloatTensor<Self>,
@@ -630,6 +791,23 @@ impl<B: Backend + ConvGradOps, C: CheckpointStrategy> ConvGradOps for Autodiff<B
             }
         }
     }
+
+    fn max_pool2d_with_grads(x: FloatTensor<Self>, pool: PoolOptions) -> FloatTensor<Self> {
+        match MaxPoolWithGrads
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let (output, indices) = B::max_pool2d_indexed(x.into_primitive(), pool);
+                prep.finish((x_state, indices, pool), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::max_pool2d_with_grads(x.into_primitive(), pool))
+            }
+        }
+    }
 }
 
 /// `layer.forward(input)` with the gradients of [`ConvGradOps`]: the same options as burn's
@@ -701,6 +879,30 @@ pub fn clamp_forward(input: Tensor<4>, min: f32, max: f32) -> Tensor<4> {
         input.into_dispatch(),
         min,
         max,
+    ))
+}
+
+/// `layer.forward(input)` with the pooling of [`ConvGradOps`] (one pass per plane on Flex,
+/// 32-bit indices). Dilated, ceil-mode or `Same`-padded pools keep burn's path.
+pub fn max_pool_forward(layer: &MaxPool2d, input: Tensor<4>) -> Tensor<4> {
+    let padding = match layer.padding {
+        PaddingConfig2d::Valid => [0, 0],
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            [top, left]
+        }
+        _ => return layer.forward(input),
+    };
+    if layer.dilation != [1, 1] || layer.ceil_mode {
+        return layer.forward(input);
+    }
+    let pool = PoolOptions {
+        kernel: layer.kernel_size,
+        stride: layer.stride,
+        padding,
+    };
+    Tensor::<4>::from_dispatch(<Dispatch as ConvGradOps>::max_pool2d_with_grads(
+        input.into_dispatch(),
+        pool,
     ))
 }
 
@@ -856,5 +1058,50 @@ mod tests {
             flat(burns_eval.forward(x)),
             "inference output",
         );
+    }
+
+    /// ResNet's pooling (3x3, stride 2, padding 1) and an unpadded 2x2 one on odd sizes, through
+    /// [`max_pool_forward`] and burn's `MaxPool2d` on the Flex autodiff device: same output,
+    /// same input gradient; and without autodiff.
+    #[test]
+    fn max_pool_matches_burns_on_flex() {
+        use burn::nn::pool::MaxPool2dConfig;
+        let device = Device::flex().autodiff();
+        device.seed(11);
+        let pools = [
+            MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(),
+            MaxPool2dConfig::new([2, 2]).init(),
+        ];
+        for pool in &pools {
+            let x = Tensor::<4>::random([2, 3, 9, 11], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
+            let weights = Tensor::<4>::random([2, 3, 9, 11], Distribution::Default, &device);
+            let run = |ours: bool| {
+                let output = if ours {
+                    max_pool_forward(pool, x.clone())
+                } else {
+                    pool.forward(x.clone())
+                };
+                let [_, _, rows, cols] = output.dims();
+                let weights = weights.clone().slice([0..2, 0..3, 0..rows, 0..cols]);
+                let grads = (output.clone() * weights).sum().backward();
+                (
+                    flat(output.inner()),
+                    flat(x.grad(&grads).expect("input grad")),
+                )
+            };
+            let (ours, burns) = (run(true), run(false));
+            assert_close(ours.0, burns.0, "output");
+            assert_close(ours.1, burns.1, "input gradient");
+            let x = x.inner();
+            assert_close(
+                flat(max_pool_forward(pool, x.clone())),
+                flat(pool.forward(x)),
+                "output without autodiff",
+            );
+        }
     }
 }

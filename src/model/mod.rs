@@ -9,6 +9,7 @@ mod host_buffers;
 pub mod layers;
 pub mod mobilenet;
 pub mod norm_host;
+pub mod pool_host;
 pub mod resize;
 pub mod resnet;
 mod torch_zip;

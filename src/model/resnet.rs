@@ -111,7 +111,7 @@ impl ResNet18 {
 
     /// The four taps for an input `[B, 3, H, W]`: strides 4, 8, 16, 32.
     pub fn forward(&self, input: Tensor<4>) -> BackboneTaps {
-        let mut x = self.max_pool.forward(relu(self.stem.forward(input)));
+        let mut x = super::conv::max_pool_forward(&self.max_pool, relu(self.stem.forward(input)));
         let mut taps = Vec::with_capacity(4);
         for layer in &self.layers {
             for block in layer {

@@ -1,0 +1,182 @@
+//! Max pooling on host memory (f32, NCHW), for burn's Flex backend: ResNet's 3x3, stride-2
+//! pooling after the stem.
+//!
+//! Flex pools through its 3-D kernel (bounds worked out per output pixel and tap, 64-bit
+//! indices, then a cast to the index type the device asks for). Here each plane is pooled in
+//! one pass with plane-local 32-bit indices, and the gradient is scattered back plane by
+//! plane, in order (results do not depend on the number of threads).
+
+use rayon::prelude::*;
+
+use super::host_buffers::par_filled;
+
+/// A max pooling of `planes` planes (batch x channels), dilation 1, output size rounded down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShape {
+    /// Batch x channels.
+    pub planes: usize,
+    /// Input `[height, width]`.
+    pub input: [usize; 2],
+    /// Window `[height, width]`.
+    pub kernel: [usize; 2],
+    /// Step between windows.
+    pub stride: [usize; 2],
+    /// Implicit `-inf` border on each side.
+    pub padding: [usize; 2],
+}
+
+impl PoolShape {
+    /// Output `[height, width]` (PyTorch's floor mode), `None` when no window fits.
+    pub fn output(&self) -> Option<[usize; 2]> {
+        let side = |axis: usize| {
+            (self.input[axis] + 2 * self.padding[axis])
+                .checked_sub(self.kernel[axis])
+                .map(|reach| reach / self.stride[axis] + 1)
+        };
+        match (side(0), side(1)) {
+            (Some(rows), Some(cols)) if self.stride.iter().all(|&step| step > 0) => {
+                Some([rows, cols])
+            }
+            _ => None,
+        }
+    }
+
+    fn input_plane(&self) -> usize {
+        self.input[0] * self.input[1]
+    }
+}
+
+/// Input positions `[start, end)` a window covers along one axis.
+fn window(out: usize, kernel: usize, stride: usize, padding: usize, size: usize) -> [usize; 2] {
+    let start = (out * stride).saturating_sub(padding);
+    let end = (out * stride + kernel).saturating_sub(padding).min(size);
+    [start, end]
+}
+
+/// `(output, indices)`: each window's largest value and its plane-local position (the first
+/// largest; a NaN wins, as in PyTorch).
+///
+/// # Panics
+/// If `x` does not match `shape`, no window fits, or a plane has more than `u32::MAX` values.
+pub fn forward(shape: &PoolShape, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
+    let [out_rows, out_cols] = shape.output().expect("a pooling window that fits");
+    let in_plane = shape.input_plane();
+    assert_eq!(x.len(), shape.planes * in_plane, "input size");
+    assert!(
+        u32::try_from(in_plane).is_ok(),
+        "plane too large for 32-bit indices"
+    );
+    let [in_rows, in_cols] = shape.input;
+    let out_plane = out_rows * out_cols;
+    let mut output = vec![0.0; shape.planes * out_plane];
+    let mut indices = vec![0u32; shape.planes * out_plane];
+    output
+        .par_chunks_mut(out_plane.max(1))
+        .zip(indices.par_chunks_mut(out_plane.max(1)))
+        .zip(x.par_chunks(in_plane.max(1)))
+        .for_each(|((values, at), plane)| {
+            for oy in 0..out_rows {
+                let [y0, y1] = window(
+                    oy,
+                    shape.kernel[0],
+                    shape.stride[0],
+                    shape.padding[0],
+                    in_rows,
+                );
+                for ox in 0..out_cols {
+                    let [x0, x1] = window(
+                        ox,
+                        shape.kernel[1],
+                        shape.stride[1],
+                        shape.padding[1],
+                        in_cols,
+                    );
+                    let mut best = f32::NEG_INFINITY;
+                    let mut best_at = y0 * in_cols + x0;
+                    for y in y0..y1 {
+                        let row = &plane[y * in_cols..][x0..x1];
+                        for (x, &value) in (x0..).zip(row) {
+                            if value > best || value.is_nan() {
+                                best = value;
+                                best_at = y * in_cols + x;
+                            }
+                        }
+                    }
+                    values[oy * out_cols + ox] = best;
+                    // In range: asserted above.
+                    at[oy * out_cols + ox] = best_at as u32;
+                }
+            }
+        });
+    (output, indices)
+}
+
+/// The input gradient: each output gradient added at its window's index, plane by plane in
+/// output order.
+///
+/// # Panics
+/// If the slices do not match `shape`, or an index lies outside its plane.
+pub fn backward(shape: &PoolShape, output_grad: &[f32], indices: &[u32]) -> Vec<f32> {
+    let [out_rows, out_cols] = shape.output().expect("a pooling window that fits");
+    let (in_plane, out_plane) = (shape.input_plane(), out_rows * out_cols);
+    assert_eq!(output_grad.len(), shape.planes * out_plane, "gradient size");
+    assert_eq!(indices.len(), output_grad.len(), "index count");
+    let fill = |plane: usize, grad: &mut [std::mem::MaybeUninit<f32>]| {
+        grad.fill(std::mem::MaybeUninit::new(0.0));
+        let range = plane * out_plane..(plane + 1) * out_plane;
+        for (&at, &value) in indices[range.clone()].iter().zip(&output_grad[range]) {
+            // SAFETY: the whole plane was initialised just above.
+            unsafe { *grad[at as usize].assume_init_mut() += value };
+        }
+    };
+    // SAFETY: `fill` writes every value of its plane before adding to any.
+    unsafe { par_filled(shape.planes * in_plane, in_plane, fill) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pooling by its definition (every window, `-inf` padding) on odd sizes, with ties
+    /// and a NaN; the gradient by finite sums of the output gradients per input position.
+    #[test]
+    fn pooling_matches_the_definition() {
+        let shape = PoolShape {
+            planes: 3,
+            input: [7, 9],
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        };
+        let [rows, cols] = shape.output().expect("fits");
+        assert_eq!([rows, cols], [4, 5]);
+        let mut x: Vec<f32> = (0..3 * 63).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        x[70] = f32::NAN;
+        let (output, indices) = forward(&shape, &x);
+        for plane in 0..3 {
+            for oy in 0..rows {
+                for ox in 0..cols {
+                    let mut best = (f32::NEG_INFINITY, 0);
+                    for y in (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(7) {
+                        for x_ in (ox * 2).saturating_sub(1)..(ox * 2 + 2).min(9) {
+                            let value = x[plane * 63 + y * 9 + x_];
+                            if value > best.0 || value.is_nan() {
+                                best = (value, y * 9 + x_);
+                            }
+                        }
+                    }
+                    let at = plane * rows * cols + oy * cols + ox;
+                    assert_eq!(indices[at] as usize, best.1, "index of {at}");
+                    assert!(output[at] == best.0 || output[at].is_nan() && best.0.is_nan());
+                }
+            }
+        }
+        let grad: Vec<f32> = (0..output.len()).map(|i| i as f32 * 0.5).collect();
+        let input_grad = backward(&shape, &grad, &indices);
+        let mut expected = vec![0.0f32; x.len()];
+        for (at, &index) in indices.iter().enumerate() {
+            expected[at / (rows * cols) * 63 + index as usize] += grad[at];
+        }
+        assert_eq!(input_grad, expected);
+    }
+}
