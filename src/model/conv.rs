@@ -677,6 +677,7 @@ impl<B: Backend + ConvGradOps> Backward<B, 1> for ClampWithGrads {
     }
 }
 
+/// The autodiff node of [`ConvGradOps::max_pool2d_with_grads`].
 #[derive(Debug)]
 struct MaxPoolWithGrads;
 

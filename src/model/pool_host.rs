@@ -44,13 +44,17 @@ impl PoolShape {
     fn input_plane(&self) -> usize {
         self.input[0] * self.input[1]
     }
-}
 
-/// Input positions `[start, end)` a window covers along one axis.
-fn window(out: usize, kernel: usize, stride: usize, padding: usize, size: usize) -> [usize; 2] {
-    let start = (out * stride).saturating_sub(padding);
-    let end = (out * stride + kernel).saturating_sub(padding).min(size);
-    [start, end]
+    /// Input positions `[start, end)` that output position `out` covers along `axis`.
+    fn window(&self, axis: usize, out: usize) -> [usize; 2] {
+        let (padding, start) = (self.padding[axis], out * self.stride[axis]);
+        [
+            start.saturating_sub(padding),
+            (start + self.kernel[axis])
+                .saturating_sub(padding)
+                .min(self.input[axis]),
+        ]
+    }
 }
 
 /// `(output, indices)`: each window's largest value and its plane-local position (the first
@@ -66,7 +70,7 @@ pub fn forward(shape: &PoolShape, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
         u32::try_from(in_plane).is_ok(),
         "plane too large for 32-bit indices"
     );
-    let [in_rows, in_cols] = shape.input;
+    let [_, in_cols] = shape.input;
     let out_plane = out_rows * out_cols;
     let mut output = vec![0.0; shape.planes * out_plane];
     let mut indices = vec![0u32; shape.planes * out_plane];
@@ -76,21 +80,9 @@ pub fn forward(shape: &PoolShape, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
         .zip(x.par_chunks(in_plane.max(1)))
         .for_each(|((values, at), plane)| {
             for oy in 0..out_rows {
-                let [y0, y1] = window(
-                    oy,
-                    shape.kernel[0],
-                    shape.stride[0],
-                    shape.padding[0],
-                    in_rows,
-                );
+                let [y0, y1] = shape.window(0, oy);
                 for ox in 0..out_cols {
-                    let [x0, x1] = window(
-                        ox,
-                        shape.kernel[1],
-                        shape.stride[1],
-                        shape.padding[1],
-                        in_cols,
-                    );
+                    let [x0, x1] = shape.window(1, ox);
                     let mut best = f32::NEG_INFINITY;
                     let mut best_at = y0 * in_cols + x0;
                     for y in y0..y1 {
