@@ -543,7 +543,7 @@ pub struct PoolOptions {
 }
 
 /// The host pooling's shape of an f32 Flex activation `[N, C, H, W]` and its output shape, if
-/// a window fits.
+/// a window fits and the padding is at most half the window.
 fn flex_pool_shape(x: &FlexTensor, pool: PoolOptions) -> Option<(PoolShape, Shape)> {
     if x.dtype() != DType::F32 {
         return None;

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 
 use super::host_buffers::par_filled;
 
-/// A max pooling of `planes` planes (batch x channels), dilation 1, output size rounded down.
+/// A max pooling of `planes` planes (batch x channels), dilation 1, output size rounded down,
+/// padding at most half the window (so that every window covers some input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolShape {
     /// Batch x channels.
@@ -26,8 +27,13 @@ pub struct PoolShape {
 }
 
 impl PoolShape {
-    /// Output `[height, width]` (PyTorch's floor mode), `None` when no window fits.
+    /// Output `[height, width]` (PyTorch's floor mode), `None` when no window fits or the
+    /// padding is more than half the window (PyTorch's rule, which keeps every window on the
+    /// input: an empty window would have no index to pass its gradient to).
     pub fn output(&self) -> Option<[usize; 2]> {
+        if (0..2).any(|axis| 2 * self.padding[axis] > self.kernel[axis]) {
+            return None;
+        }
         let side = |axis: usize| {
             (self.input[axis] + 2 * self.padding[axis])
                 .checked_sub(self.kernel[axis])
@@ -142,6 +148,11 @@ mod tests {
         };
         let [rows, cols] = shape.output().expect("fits");
         assert_eq!([rows, cols], [4, 5]);
+        let overpadded = PoolShape {
+            padding: [2, 1],
+            ..shape
+        };
+        assert_eq!(overpadded.output(), None, "padding over half the window");
         let mut x: Vec<f32> = (0..3 * 63).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
         x[70] = f32::NAN;
         let (output, indices) = forward(&shape, &x);
