@@ -69,7 +69,9 @@ pub fn time_forward(
     for run in 0..=runs {
         let started = Instant::now();
         // Reading the result back waits for the device to finish.
-        let _ = net.forward(input.clone()).into_data();
+        crate::parallel::on_pool_thread(|| {
+            let _ = net.forward(input.clone()).into_data();
+        });
         let seconds = started.elapsed().as_secs_f64();
         if run == 0 {
             warm_up_seconds = seconds;
@@ -201,22 +203,25 @@ pub fn time_training_step(
             )
         };
         let started = Instant::now();
-        let features_first = network.forward(view());
-        let features_second = geometric_on_features(network.forward(view()), &geometric);
-        let loss = picie_loss(
-            features_first,
-            features_second,
-            mu_first.clone(),
-            mu_second.clone(),
-            labels(),
-            labels(),
-            None,
-            None,
-        );
-        let gradients = GradientsParams::from_grads(loss.total.backward(), &network);
-        network = optimizer.step(1e-4, network.clone(), gradients);
-        // Reading a value waits for the device.
-        let _ = loss.terms();
+        // As the trainer runs its steps.
+        crate::parallel::on_pool_thread(|| {
+            let features_first = network.forward(view());
+            let features_second = geometric_on_features(network.forward(view()), &geometric);
+            let loss = picie_loss(
+                features_first,
+                features_second,
+                mu_first.clone(),
+                mu_second.clone(),
+                labels(),
+                labels(),
+                None,
+                None,
+            );
+            let gradients = GradientsParams::from_grads(loss.total.backward(), &network);
+            network = optimizer.step(1e-4, network.clone(), gradients);
+            // Reading a value waits for the device.
+            let _ = loss.terms();
+        });
         let seconds = started.elapsed().as_secs_f64();
         if step == 0 {
             warm_up_seconds = seconds;

@@ -23,6 +23,7 @@ pub mod linalg;
 pub mod loss;
 pub mod model;
 pub mod palette;
+pub mod parallel;
 pub mod run;
 pub mod segment;
 #[cfg(feature = "remote")]

@@ -230,45 +230,38 @@ impl Trainer {
             let range = offset * cells..(offset + batch.len()) * cells;
             offset += batch.len();
 
-            let features_first = model.network.forward(view_first);
-            let features_second =
-                views::geometric_on_features(model.network.forward(view_second), &geometric);
-            let mut loss = None;
-            for ((head, tensors), &weight) in std::iter::once(clusters)
+            // From the epoch number, so a resumed run continues the same schedule.
+            let progress = ((epoch - 1) as f64 + step as f64 / batches.len() as f64)
+                / self.config.epochs as f64;
+            let learning_rate = self
+                .config
+                .learning_rate_schedule
+                .rate(self.config.learning_rate, progress);
+            let step_heads: Vec<StepHead> = std::iter::once(clusters)
                 .chain(clusters.overclustering.as_deref())
                 .zip(&heads)
                 .zip(&head_weights)
-            {
-                let labels = |labels: &PixelLabels| -> Result<Tensor<3, Int>, TrainError> {
-                    let slice: Vec<i64> = labels
-                        .slice_usize(range.clone())
-                        .map_err(cluster_error)?
-                        .into_iter()
-                        .map(|label| label as i64)
-                        .collect();
-                    Ok(Tensor::<3, Int>::from_data(
-                        TensorData::new(slice, [batch.len(), grid, grid]),
-                        device,
-                    ))
-                };
-                let head_loss = picie_loss(
-                    features_first.clone(),
-                    features_second.clone(),
-                    tensors.mu_first.clone(),
-                    tensors.mu_second.clone(),
-                    labels(&head.labels_first)?,
-                    labels(&head.labels_second)?,
-                    tensors.weights_first.clone(),
-                    tensors.weights_second.clone(),
+                .map(|((clusters, tensors), &weight)| StepHead {
+                    clusters,
+                    tensors,
+                    weight,
+                })
+                .collect();
+            let labels = StepLabels {
+                range,
+                shape: [batch.len(), grid, grid],
+                device,
+            };
+            let terms = crate::parallel::on_pool_thread(|| {
+                train_step(
+                    model,
+                    (view_first, view_second),
+                    &geometric,
+                    &step_heads,
+                    &labels,
+                    learning_rate,
                 )
-                .scaled(weight);
-                loss = Some(match loss {
-                    None => head_loss,
-                    Some(sum) => head_loss.combined(sum),
-                });
-            }
-            let loss = loss.ok_or_else(|| TrainError::Cluster("no clustering head".into()))?;
-            let terms = loss.terms();
+            })?;
             if !terms.total.is_finite() {
                 return Err(TrainError::Diverged {
                     epoch,
@@ -277,18 +270,6 @@ impl Trainer {
                     learning_rate: self.config.learning_rate,
                 });
             }
-            let gradients = GradientsParams::from_grads(loss.total.backward(), &model.network);
-            // From the epoch number, so a resumed run continues the same schedule.
-            let progress = ((epoch - 1) as f64 + step as f64 / batches.len() as f64)
-                / self.config.epochs as f64;
-            let learning_rate = self
-                .config
-                .learning_rate_schedule
-                .rate(self.config.learning_rate, progress);
-            // Parameters are shared handles, so the clone is cheap; the step returns the update.
-            model.network = model
-                .optimizer
-                .step(learning_rate, model.network.clone(), gradients);
 
             images_done += batch.len();
             sums = sums + terms;
@@ -326,4 +307,80 @@ impl Trainer {
         });
         Ok((sums.divided_by(batches.len()), true))
     }
+}
+
+/// One clustering head as a training step sees it: its pseudo-labels, their centroids and
+/// class weights as tensors, and its weight in the loss.
+struct StepHead<'a> {
+    clusters: &'a EpochClusters,
+    tensors: &'a HeadTensors,
+    weight: f32,
+}
+
+/// Where a training step finds its pseudo-labels: the batch's pixel cells in the epoch's
+/// label arrays, as tensors of `shape` on `device`.
+struct StepLabels<'a> {
+    range: std::ops::Range<usize>,
+    shape: [usize; 3],
+    device: &'a Device,
+}
+
+impl StepLabels<'_> {
+    fn tensor(&self, labels: &PixelLabels) -> Result<Tensor<3, Int>, TrainError> {
+        let slice: Vec<i64> = labels
+            .slice_usize(self.range.clone())
+            .map_err(cluster_error)?
+            .into_iter()
+            .map(|label| label as i64)
+            .collect();
+        Ok(Tensor::<3, Int>::from_data(
+            TensorData::new(slice, self.shape),
+            self.device,
+        ))
+    }
+}
+
+/// One training step: both views through the network, every head's loss and, when the loss is
+/// finite, the backward pass and the optimiser's step at `learning_rate`. Returns the loss
+/// terms; when they are not finite, nothing was updated.
+fn train_step(
+    model: &mut Model,
+    (view_first, view_second): (Tensor<4>, Tensor<4>),
+    geometric: &[views::GeometricParams],
+    heads: &[StepHead],
+    labels: &StepLabels,
+    learning_rate: f64,
+) -> Result<LossTerms, TrainError> {
+    let features_first = model.network.forward(view_first);
+    let features_second =
+        views::geometric_on_features(model.network.forward(view_second), geometric);
+    let mut loss = None;
+    for head in heads {
+        let head_loss = picie_loss(
+            features_first.clone(),
+            features_second.clone(),
+            head.tensors.mu_first.clone(),
+            head.tensors.mu_second.clone(),
+            labels.tensor(&head.clusters.labels_first)?,
+            labels.tensor(&head.clusters.labels_second)?,
+            head.tensors.weights_first.clone(),
+            head.tensors.weights_second.clone(),
+        )
+        .scaled(head.weight);
+        loss = Some(match loss {
+            None => head_loss,
+            Some(sum) => head_loss.combined(sum),
+        });
+    }
+    let loss = loss.ok_or_else(|| TrainError::Cluster("no clustering head".into()))?;
+    let terms = loss.terms();
+    if !terms.total.is_finite() {
+        return Ok(terms);
+    }
+    let gradients = GradientsParams::from_grads(loss.total.backward(), &model.network);
+    // Parameters are shared handles, so the clone is cheap; the step returns the update.
+    model.network = model
+        .optimizer
+        .step(learning_rate, model.network.clone(), gradients);
+    Ok(terms)
 }
