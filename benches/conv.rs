@@ -1,13 +1,18 @@
 //! Host convolution kernels on ResNet-18's stride-1 3x3 layers: the direct kernels against
-//! im2col + GEMM, forward and both gradients. Prints figures, asserts nothing.
+//! im2col + GEMM, forward and both gradients, and Winograd's forward and input gradient where
+//! it applies. Prints figures, asserts nothing.
 //!
 //! `cargo bench --bench conv` (release profile). `PICIE_BENCH_RUNS` sets the runs per figure
 //! (best of them is printed; default 5).
 
 use std::time::Instant;
 
-use picie::model::conv_direct;
+// The binaries' allocator and settings, so that buffers are recycled as in training.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use picie::model::conv_grad::{self, ConvShape};
+use picie::model::{conv_direct, conv_winograd};
 
 /// A convolution `[batch, channels_in, side, side] -> [batch, channels_out, ...]`.
 fn shape(
@@ -51,6 +56,7 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
 }
 
 fn main() {
+    picie::allocator::configure();
     let runs = std::env::var("PICIE_BENCH_RUNS")
         .ok()
         .and_then(|value| value.parse().ok())
@@ -145,5 +151,15 @@ fn main() {
             "{batch:>2} x {:>3} -> {:>3} {side:>3} {kernel}/{stride} | {forward} | {input_grad} | {weight_grad}",
             channels[0], channels[1],
         );
+        if conv_winograd::applies(&shape) {
+            let forward_ms = best_ms(runs, || conv_winograd::forward(&shape, &x, &weight));
+            let input_grad_ms = best_ms(runs, || conv_winograd::input_grad(&shape, &weight, &grad));
+            println!(
+                "            Winograd F(2x2, 3x3) | {forward_ms:6.2} ({:3.0}) | {input_grad_ms:6.2} ({:3.0}) \
+                 (GFLOP/s of the direct sum's work)",
+                gflops(forward_ms),
+                gflops(input_grad_ms),
+            );
+        }
     }
 }

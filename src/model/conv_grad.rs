@@ -21,6 +21,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::conv_direct;
+use super::conv_winograd;
 use super::host_buffers::par_zeros;
 use crate::linalg::{MatRef, Threads, lane_sum, matmul, matmul_strided};
 
@@ -161,6 +162,9 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
 pub fn input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec<f32> {
     shape.check(None, Some(weight), output_grad);
     match shape.kind() {
+        Some(ConvKind::Dense) if conv_winograd::applies(shape) => {
+            conv_winograd::input_grad(shape, weight, output_grad)
+        }
         Some(ConvKind::Dense) if conv_direct::applies_to_input_grad(shape) => {
             conv_direct::input_grad(shape, weight, output_grad)
         }
@@ -186,10 +190,13 @@ pub fn input_and_weight_grads(
     shape.check(Some(x), Some(weight), output_grad);
     match shape.kind() {
         Some(ConvKind::Dense)
-            if conv_direct::applies_to_input_grad(shape)
+            if conv_winograd::applies(shape)
+                || conv_direct::applies_to_input_grad(shape)
                 || conv_direct::applies_to_weight_grad(shape) =>
         {
-            let input_grad = if conv_direct::applies_to_input_grad(shape) {
+            let input_grad = if conv_winograd::applies(shape) {
+                conv_winograd::input_grad(shape, weight, output_grad)
+            } else if conv_direct::applies_to_input_grad(shape) {
                 conv_direct::input_grad(shape, weight, output_grad)
             } else {
                 dense_grads(shape, &[], Some(weight), output_grad, false).0
@@ -456,6 +463,9 @@ pub fn dense_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
     );
     assert_eq!(x.len(), shape.input_len(), "input size");
     assert_eq!(weight.len(), shape.weight_len(), "weight size");
+    if conv_winograd::applies(shape) {
+        return conv_winograd::forward(shape, x, weight);
+    }
     if conv_direct::applies_to_forward(shape) {
         return conv_direct::forward(shape, x, weight);
     }
@@ -1143,6 +1153,18 @@ mod tests {
                 );
             }
         }
+        if conv_winograd::applies(&shape) {
+            assert_close(
+                &conv_winograd::forward(&shape, &x, &weight),
+                &expected_forward,
+                "Winograd forward",
+            );
+            assert_close(
+                &conv_winograd::input_grad(&shape, &weight, &grad),
+                &dx,
+                "Winograd input gradient",
+            );
+        }
         if shape.groups == 1 {
             // Both dense paths, whichever of them the shape takes by default.
             assert_close(
@@ -1224,6 +1246,52 @@ mod tests {
         }
         check(deep);
         check(deep_strided);
+    }
+
+    #[test]
+    fn winograd_matches_the_definition() {
+        // Odd sides (tiles cut by the image's edge), 1x1 and 2x1 images, tile blocks that cross
+        // rows and images (3 x 17 x 16 tiles in blocks of 128), output channels that do not
+        // split evenly (130 = 65 + 65 with 1 block of 128 tiles), and 192 output channels in
+        // slices of 32.
+        let shapes = [
+            shape(7, [128, 128], [9, 7], 3, 1, [1, 1], 1),
+            shape(128, [128, 130], [1, 1], 3, 1, [1, 1], 1),
+            shape(128, [130, 128], [2, 1], 3, 1, [1, 1], 1),
+            shape(3, [128, 128], [33, 31], 3, 1, [1, 1], 1),
+            shape(2, [160, 192], [16, 16], 3, 1, [1, 1], 1),
+        ];
+        for shape in shapes {
+            assert!(conv_winograd::applies(&shape), "{shape:?}");
+            check(shape);
+        }
+        // Few channels or few tiles keep the direct kernels or im2col.
+        assert!(!conv_winograd::applies(&shape(
+            16,
+            [64, 128],
+            [8, 8],
+            3,
+            1,
+            [1, 1],
+            1
+        )));
+        assert!(!conv_winograd::applies(&shape(
+            16,
+            [512, 512],
+            [4, 4],
+            3,
+            1,
+            [1, 1],
+            1
+        )));
+        // Strided, unpadded and 5x5 convolutions keep the other kernels.
+        let deep = |kernel, stride, padding, groups| {
+            shape(16, [128, 128], [16, 16], kernel, stride, padding, groups)
+        };
+        assert!(!conv_winograd::applies(&deep(3, 2, [1, 1], 1)));
+        assert!(!conv_winograd::applies(&deep(3, 1, [0, 0], 1)));
+        assert!(!conv_winograd::applies(&deep(5, 1, [1, 1], 1)));
+        assert!(!conv_winograd::applies(&deep(3, 1, [1, 1], 2)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod conv;
 pub mod conv_direct;
 pub mod conv_grad;
+pub mod conv_winograd;
 pub mod elementwise;
 pub mod fpn;
 mod host_buffers;
