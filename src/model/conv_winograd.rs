@@ -126,35 +126,50 @@ impl TransformedKernel {
         let len = POSITIONS * matrix;
         let mut values: Vec<f32> = Vec::with_capacity(len);
         let target = OutputPtr(values.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        // Tasks by blocks of output channels: a task reads its kernels in order and writes
-        // runs of the block's width into every position's rows.
+        // Tasks by blocks of output channels: for each input channel, the block's kernels are
+        // gathered tap by tap, transformed as vectors along the output channels, and written as
+        // one run per position.
         (0..channels_out.div_ceil(KERNEL_BLOCK))
             .into_par_iter()
             .for_each(|block| {
-                let outputs = block * KERNEL_BLOCK..((block + 1) * KERNEL_BLOCK).min(channels_out);
+                let first = block * KERNEL_BLOCK;
+                let width = KERNEL_BLOCK.min(channels_out - first);
+                let mut taps = [[0.0f32; KERNEL_BLOCK]; 9];
                 for ci in 0..channels_in {
-                    for co in outputs.clone() {
-                        let g = &weight[(co * channels_in + ci) * 9..][..9];
-                        // G g: 4 rows of 3.
-                        let mut left = [[0.0f32; 3]; 4];
-                        for j in 0..3 {
-                            let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
-                            left[0][j] = g0;
-                            left[1][j] = 0.5 * (g0 + g1 + g2);
-                            left[2][j] = 0.5 * (g0 - g1 + g2);
-                            left[3][j] = g2;
+                    for lane in 0..width {
+                        let g = &weight[((first + lane) * channels_in + ci) * 9..][..9];
+                        for (tap, &value) in g.iter().enumerate() {
+                            taps[tap][lane] = value;
                         }
-                        // (G g) Gᵀ: 4 x 4.
-                        for (a, taps) in left.iter().enumerate() {
-                            let [t0, t1, t2] = *taps;
-                            let transformed = [t0, 0.5 * (t0 + t1 + t2), 0.5 * (t0 - t1 + t2), t2];
-                            for (b, value) in transformed.into_iter().enumerate() {
-                                // SAFETY: inside `len`; this task alone writes these output
-                                // channels.
-                                unsafe {
-                                    *target.at((4 * a + b) * matrix + ci * channels_out + co) =
-                                        value;
-                                }
+                    }
+                    // G g: 4 rows of 3 taps.
+                    let mut left = [[[0.0f32; KERNEL_BLOCK]; 3]; 4];
+                    for j in 0..3 {
+                        for lane in 0..KERNEL_BLOCK {
+                            let (g0, g1, g2) =
+                                (taps[j][lane], taps[3 + j][lane], taps[6 + j][lane]);
+                            left[0][j][lane] = g0;
+                            left[1][j][lane] = 0.5 * (g0 + g1 + g2);
+                            left[2][j][lane] = 0.5 * (g0 - g1 + g2);
+                            left[3][j][lane] = g2;
+                        }
+                    }
+                    // (G g) Gᵀ: 4 x 4.
+                    for (a, [t0, t1, t2]) in left.iter().enumerate() {
+                        let mut rows = [[0.0f32; KERNEL_BLOCK]; 4];
+                        for lane in 0..KERNEL_BLOCK {
+                            let (t0, t1, t2) = (t0[lane], t1[lane], t2[lane]);
+                            rows[0][lane] = t0;
+                            rows[1][lane] = 0.5 * (t0 + t1 + t2);
+                            rows[2][lane] = 0.5 * (t0 - t1 + t2);
+                            rows[3][lane] = t2;
+                        }
+                        for (b, row) in rows.iter().enumerate() {
+                            let at = (4 * a + b) * matrix + ci * channels_out + first;
+                            // SAFETY: `width` values from `at` stay inside row `ci` of the
+                            // position's matrix; this task alone writes these output channels.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), target.at(at), width);
                             }
                         }
                     }
