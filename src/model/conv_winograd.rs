@@ -43,12 +43,13 @@ const MIN_SLICE_CHANNELS: usize = 32;
 /// channel).
 const KERNEL_BLOCK: usize = 16;
 /// Fewest input and output channels: at 64 channels the transforms' memory traffic outweighs
-/// the saved multiply-adds (`benches/conv.rs`: 10.1 ms against the direct kernel's 6.2 for
-/// ResNet-18's 64-channel layer at 128 px, batch 16; 5.5 against 6.8 at 128 channels).
+/// the saved multiply-adds (`benches/conv.rs`, ResNet-18 at 128 px, batch 16: 10.1 ms against
+/// the direct kernel's 6.2 at 64 channels, before the transforms were vectorised; 5.0 against
+/// 6.8 at 128 channels).
 const MIN_CHANNELS: usize = 128;
 /// Fewest tiles: with fewer, the GEMMs are too small to pay for the transforms (512 channels on
-/// 4x4 images, batch 16: 10.6 ms against im2col's 7.0; on 10x10 images, batch 8: 19.9 against
-/// 24.3).
+/// 4x4 images, batch 16, 64 tiles: 10.6 ms against im2col's 7.0, before the transforms were
+/// vectorised; on 10x10 images, batch 8, 200 tiles: 16.3 against 19.8).
 const MIN_TILES: usize = 128;
 /// `P`: the transformed position of row (or column) `a` once the kernel is flipped.
 const FLIPPED: [usize; 4] = [3, 1, 2, 0];
