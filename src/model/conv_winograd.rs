@@ -19,7 +19,8 @@
 //! The input gradient of such a convolution is the same correlation of the output gradient
 //! with the kernel flipped and its channel axes swapped; flipping the kernel permutes the
 //! transformed positions (`G R = P G`, `R` reversing the three taps and `P` swapping rows 0
-//! and 3), so both passes share one weight transform.
+//! and 3), so the input gradient reads the forward's transformed kernels with its positions
+//! permuted (each call transforms the kernels afresh: they change with every step).
 
 use std::mem::MaybeUninit;
 
