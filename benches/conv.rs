@@ -154,11 +154,13 @@ fn main() {
         if conv_winograd::applies(&shape) {
             let forward_ms = best_ms(runs, || conv_winograd::forward(&shape, &x, &weight));
             let input_grad_ms = best_ms(runs, || conv_winograd::input_grad(&shape, &weight, &grad));
+            let weight_grad_ms = best_ms(runs, || conv_winograd::weight_grad(&shape, &x, &grad));
             println!(
                 "            Winograd F(2x2, 3x3) | {forward_ms:6.2} ({:3.0}) | {input_grad_ms:6.2} ({:3.0}) \
-                 (GFLOP/s of the direct sum's work)",
+                 | {weight_grad_ms:6.2} ({:3.0}) (GFLOP/s of the direct sum's work)",
                 gflops(forward_ms),
                 gflops(input_grad_ms),
+                gflops(weight_grad_ms),
             );
         }
     }

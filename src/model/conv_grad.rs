@@ -143,6 +143,9 @@ impl ConvShape {
 pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
     shape.check(Some(x), None, output_grad);
     match shape.kind() {
+        Some(ConvKind::Dense) if conv_winograd::applies_to_weight_grad(shape) => {
+            conv_winograd::weight_grad(shape, x, output_grad)
+        }
         Some(ConvKind::Dense) if conv_direct::applies_to_weight_grad(shape) => {
             conv_direct::weight_grad(shape, x, output_grad)
         }
@@ -201,7 +204,9 @@ pub fn input_and_weight_grads(
             } else {
                 dense_grads(shape, &[], Some(weight), output_grad, false).0
             };
-            let weight_grad = if conv_direct::applies_to_weight_grad(shape) {
+            let weight_grad = if conv_winograd::applies_to_weight_grad(shape) {
+                conv_winograd::weight_grad(shape, x, output_grad)
+            } else if conv_direct::applies_to_weight_grad(shape) {
                 conv_direct::weight_grad(shape, x, output_grad)
             } else {
                 dense_grads(shape, x, None, output_grad, true).1
@@ -1164,6 +1169,11 @@ mod tests {
                 &dx,
                 "Winograd input gradient",
             );
+            assert_close(
+                &conv_winograd::weight_grad(&shape, &x, &grad),
+                &dw,
+                "Winograd weight gradient",
+            );
         }
         if shape.groups == 1 {
             // Both dense paths, whichever of them the shape takes by default.
@@ -1260,15 +1270,20 @@ mod tests {
             shape(128, [130, 128], [2, 1], 3, 1, [1, 1], 1),
             shape(3, [128, 128], [33, 31], 3, 1, [1, 1], 1),
             shape(2, [160, 192], [16, 16], 3, 1, [1, 1], 1),
+            // Eight blocks (the last of 124 tiles): each task transforms its own block.
+            shape(4, [64, 72], [30, 34], 3, 1, [1, 1], 1),
         ];
         for shape in shapes {
             assert!(conv_winograd::applies(&shape), "{shape:?}");
             check(shape);
         }
+        // The weight gradient from 128 channels in and out.
+        assert!(!conv_winograd::applies_to_weight_grad(&shapes[5]));
+        assert!(conv_winograd::applies_to_weight_grad(&shapes[3]));
         // Few channels or few tiles keep the direct kernels or im2col.
         assert!(!conv_winograd::applies(&shape(
             16,
-            [64, 128],
+            [32, 128],
             [8, 8],
             3,
             1,
@@ -1330,11 +1345,15 @@ mod tests {
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
         // With AVX-512: the channel-vectorised kernels (depth 261), pixel vectors for the
-        // forward pass and im2col for the gradients (16x16, depth 144), im2col throughout.
+        // forward pass and im2col for the gradients (16x16, depth 144), im2col throughout;
+        // then Winograd with a task per block (8 blocks, the weight gradient's chunks following
+        // the thread count) and with channel slices (2 blocks).
         for (channels, input) in [
             ([29, 40], [20, 20]),
             ([16, 32], [16, 16]),
             ([16, 32], [14, 14]),
+            ([128, 128], [30, 34]),
+            ([128, 128], [16, 16]),
         ] {
             gradients_on_one_and_three_threads_agree(shape(4, channels, input, 3, 1, [1, 1], 1));
         }

@@ -1,5 +1,5 @@
 //! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions with padding 1 (most of ResNet-18's
-//! multiply-adds): the forward pass and the input gradient.
+//! multiply-adds): the forward pass, the input gradient and the weight gradient.
 //!
 //! Each 2x2 block of output pixels ("tile") comes from a 4x4 patch of input. Transformed,
 //! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, the patch and kernel meet in 16 element-wise products
@@ -8,19 +8,23 @@
 //! than any direct kernel for the price of the transforms, which are additions only (the
 //! constants are 0, ±1 and ±1/2, so f32 rounding stays at the level of a direct sum).
 //!
-//! Tiles go in blocks of [`BLOCK_TILES`]. Every block's input is transformed once (blocks in
-//! parallel); then each task, a block and a slice of the output channels (slices only where
-//! there are few blocks), runs the 16 GEMMs on its own thread and transforms its products
-//! straight into the output. The transforms are written as loops along the tiles, which the
-//! compiler vectorises. Blocks and slices follow the shape only, never the number of threads,
-//! so the results do not depend on it. `benches/conv.rs` prints the figures beside the direct
-//! kernels and im2col.
+//! Tiles go in blocks of [`BLOCK_TILES`]. Where there are enough blocks, each task transforms
+//! one block's input and runs its 16 GEMMs while the block is still in the core's cache; where
+//! there are few, every block is transformed once and tasks take a block and a slice of the
+//! output channels. Either way a task transforms its products straight into the output. The
+//! transforms are written as loops along the tiles, which the compiler vectorises. Blocks and
+//! slices follow the shape only, never the number of threads, so the results do not depend on
+//! it. `benches/conv.rs` prints the figures beside the direct kernels and im2col.
 //!
 //! The input gradient of such a convolution is the same correlation of the output gradient
 //! with the kernel flipped and its channel axes swapped; flipping the kernel permutes the
 //! transformed positions (`G R = P G`, `R` reversing the three taps and `P` swapping rows 0
 //! and 3), so the input gradient reads the forward's transformed kernels with its positions
 //! permuted (each call transforms the kernels afresh: they change with every step).
+//!
+//! The weight gradient is the gradient of the transformed form: each position's `dU_p` is a
+//! GEMM summing, over the tiles, the transformed input times the lifted output gradient
+//! `A dY Aᵀ`, and `Gᵀ dU G` folds the 16 positions back into the 3x3 taps.
 
 use std::mem::MaybeUninit;
 
@@ -43,11 +47,14 @@ const MIN_SLICE_CHANNELS: usize = 32;
 /// Output channels per task of the weight transform (one 64-byte run per position and input
 /// channel).
 const KERNEL_BLOCK: usize = 16;
-/// Fewest input and output channels: at 64 channels the transforms' memory traffic outweighs
-/// the saved multiply-adds (`benches/conv.rs`, ResNet-18 at 128 px, batch 16: 10.1 ms against
-/// the direct kernel's 6.2 at 64 channels, before the transforms were vectorised; 5.0 against
-/// 6.8 at 128 channels).
-const MIN_CHANNELS: usize = 128;
+/// Fewest input and output channels of the forward pass and input gradient (`benches/conv.rs`,
+/// ResNet-18's first layer at 128 px, batch 16: 5.5-6.0 ms against the direct kernels'
+/// 6.2-6.5; before each task transformed its own block, 6.2 against 6.3).
+const MIN_CHANNELS: usize = 64;
+/// Fewest input and output channels of the weight gradient: its 16 GEMMs sum over the tiles
+/// into `[Ci, Co]` matrices, too small at 64 channels (6.4-12.5 ms against the direct
+/// kernel's 6.9-7.9 there; 5.1-5.5 against 6.0 at 128 channels on 16x16 images).
+const MIN_WEIGHT_GRAD_CHANNELS: usize = 128;
 /// Fewest tiles: with fewer, the GEMMs are too small to pay for the transforms (512 channels on
 /// 4x4 images, batch 16, 64 tiles: 10.6 ms against im2col's 7.0, before the transforms were
 /// vectorised; on 10x10 images, batch 8, 200 tiles: 16.3 against 19.8).
@@ -73,6 +80,14 @@ pub fn applies(shape: &ConvShape) -> bool {
         && shape.channels_out >= MIN_CHANNELS
         && shape.batch * shape.input[0].div_ceil(2) * shape.input[1].div_ceil(2) >= MIN_TILES
         && enabled()
+}
+
+/// Whether [`weight_grad`] is the fastest weight gradient for `shape`: [`applies`] and at
+/// least [`MIN_WEIGHT_GRAD_CHANNELS`] channels in and out.
+pub fn applies_to_weight_grad(shape: &ConvShape) -> bool {
+    applies(shape)
+        && shape.channels_in >= MIN_WEIGHT_GRAD_CHANNELS
+        && shape.channels_out >= MIN_WEIGHT_GRAD_CHANNELS
 }
 
 fn enabled() -> bool {
@@ -112,6 +127,161 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec
         ..*shape
     };
     correlate(&swapped, output_grad, &kernel, true)
+}
+
+/// The weight gradient, `[Co, Ci, 3, 3]`: the gradient of the Winograd form itself, which
+/// equals the convolution's. With `dM = A dY Aᵀ` the output gradient of each tile lifted to
+/// the 16 positions, `dU_p = V_pᵀ dM_p` summed over the tiles (16 GEMMs `[Ci, tiles] x
+/// [tiles, Co]`, 2.25 times fewer multiply-adds than the direct sum) and `dg = Gᵀ dU G`.
+///
+/// # Panics
+/// On slices that do not match `shape`, or a shape these kernels do not take ([`applies`]).
+pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
+    assert!(applies(shape), "no Winograd kernel for {shape:?}");
+    assert_eq!(x.len(), shape.input_len(), "input size");
+    assert_eq!(
+        output_grad.len(),
+        shape.output_len(),
+        "output gradient size"
+    );
+    let (depth, channels) = (shape.channels_in, shape.channels_out);
+    let [height, width] = shape.input;
+    let grid = Grid {
+        batch: shape.batch,
+        depth,
+        height,
+        width,
+        tiles_h: height.div_ceil(2),
+        tiles_w: width.div_ceil(2),
+    };
+    let gradient_grid = Grid {
+        depth: channels,
+        ..grid
+    };
+    let tiles = grid.tiles();
+    let block = BLOCK_TILES.min(tiles);
+    let blocks = tiles.div_ceil(block);
+    let matrix = depth * channels;
+    let mut transformed = vec![0.0f32; POSITIONS * matrix];
+    // Blocks transformed together (one per thread), then added into `dU` while they are still
+    // in the caches. The sums do not depend on it: each position adds its blocks in order.
+    let chunk_blocks = rayon::current_num_threads().clamp(1, blocks);
+    let mut input_buffer =
+        vec![MaybeUninit::<f32>::uninit(); POSITIONS * depth * block * chunk_blocks];
+    let mut gradient_buffer =
+        vec![MaybeUninit::<f32>::uninit(); POSITIONS * channels * block * chunk_blocks];
+    for chunk_start in (0..blocks).step_by(chunk_blocks) {
+        let chunk_end = blocks.min(chunk_start + chunk_blocks);
+        let first_tile = chunk_start * block;
+        let chunk_tiles = tiles.min(chunk_end * block) - first_tile;
+        rayon::join(
+            || {
+                input_buffer[..POSITIONS * depth * chunk_tiles]
+                    .par_chunks_mut(POSITIONS * depth * block)
+                    .enumerate()
+                    .for_each(|(index, values)| {
+                        let first = first_tile + index * block;
+                        grid.transform_input(x, first, block.min(tiles - first), values);
+                    })
+            },
+            || {
+                gradient_buffer[..POSITIONS * channels * chunk_tiles]
+                    .par_chunks_mut(POSITIONS * channels * block)
+                    .enumerate()
+                    .for_each(|(index, values)| {
+                        let first = first_tile + index * block;
+                        gradient_grid.transform_gradient(
+                            output_grad,
+                            first,
+                            block.min(tiles - first),
+                            values,
+                        );
+                    })
+            },
+        );
+        // SAFETY: the transforms wrote the chunk's every value.
+        let inputs: &[f32] = unsafe {
+            std::slice::from_raw_parts(
+                input_buffer.as_ptr().cast(),
+                POSITIONS * depth * chunk_tiles,
+            )
+        };
+        // SAFETY: as above.
+        let gradients: &[f32] = unsafe {
+            std::slice::from_raw_parts(
+                gradient_buffer.as_ptr().cast(),
+                POSITIONS * channels * chunk_tiles,
+            )
+        };
+        transformed
+            .par_chunks_mut(matrix)
+            .enumerate()
+            .for_each(|(position, sum)| {
+                for index in 0..chunk_end - chunk_start {
+                    let first = index * block;
+                    let count = block.min(chunk_tiles - first);
+                    let lhs = MatRef::strided(
+                        &inputs[POSITIONS * depth * first + position * depth * count..]
+                            [..depth * count],
+                        depth,
+                        count,
+                        count,
+                        1,
+                    );
+                    let rhs = MatRef::strided(
+                        &gradients[POSITIONS * channels * first + position * channels * count..]
+                            [..channels * count],
+                        count,
+                        channels,
+                        1,
+                        count,
+                    );
+                    matmul_strided(
+                        sum,
+                        [channels, 1],
+                        lhs,
+                        rhs,
+                        chunk_start + index > 0,
+                        Threads::Current,
+                    );
+                }
+            });
+    }
+    // dg = Gᵀ dU G, by blocks of output channels (vectors along them).
+    let mut weight_grad = vec![0.0f32; shape.weight_len()];
+    weight_grad
+        .par_chunks_mut(KERNEL_BLOCK * depth * 9)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            let first = block * KERNEL_BLOCK;
+            let width = KERNEL_BLOCK.min(channels - first);
+            for ci in 0..depth {
+                let u: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
+                    &transformed[position * matrix + ci * channels + first..][..width]
+                });
+                // Gᵀ along the rows: 3 rows of 4 positions.
+                let mut left = [[[0.0f32; KERNEL_BLOCK]; 4]; 3];
+                for b in 0..4 {
+                    for lane in 0..width {
+                        let (u0, u1, u2, u3) =
+                            (u[b][lane], u[4 + b][lane], u[8 + b][lane], u[12 + b][lane]);
+                        left[0][b][lane] = u0 + 0.5 * (u1 + u2);
+                        left[1][b][lane] = 0.5 * (u1 - u2);
+                        left[2][b][lane] = 0.5 * (u1 + u2) + u3;
+                    }
+                }
+                for (i, [t0, t1, t2, t3]) in left.iter().enumerate() {
+                    for lane in 0..width {
+                        let (t0, t1, t2, t3) = (t0[lane], t1[lane], t2[lane], t3[lane]);
+                        let taps = &mut rows[(lane * depth + ci) * 9 + 3 * i..][..3];
+                        taps[0] = t0 + 0.5 * (t1 + t2);
+                        taps[1] = 0.5 * (t1 - t2);
+                        taps[2] = 0.5 * (t1 + t2) + t3;
+                    }
+                }
+            }
+        });
+    weight_grad
 }
 
 /// `U = G g Gᵀ` of every kernel `g = weight[co, ci]`, laid out `[position][ci][co]`: each
@@ -260,50 +430,82 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
         .max(1);
     let slice = channels.div_ceil(slices);
     let len = shape.batch * channels * height * width;
-    // Every block's transformed input once (`[block][position][channel][tile]`), then the
-    // products and output transforms, by block and slice of output channels.
-    let block_len = POSITIONS * depth * block;
-    // SAFETY: `transform_input` writes every value of its block's chunk (16 positions x
-    // `depth` channels x the block's tiles; the chunks follow the blocks).
-    let transformed = unsafe {
-        par_filled(
-            POSITIONS * depth * tiles,
-            block_len,
-            |block_index, values| {
-                let first = block_index * block;
-                grid.transform_input(x, first, block.min(tiles - first), values);
-            },
-        )
-    };
     let mut output: Vec<f32> = Vec::with_capacity(len);
     let target = OutputPtr(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    (0..blocks * slices)
-        .into_par_iter()
-        .for_each_init(Vec::new, |products, task| {
-            let (block_index, slice_index) = (task / slices, task % slices);
-            let first = block_index * block;
-            let count = block.min(tiles - first);
-            let out = slice_index * slice..((slice_index + 1) * slice).min(channels);
-            if out.is_empty() {
-                return;
-            }
-            let transformed = &transformed[block_index * block_len..];
-            products.resize(POSITIONS * out.len() * count, 0.0);
-            for position in 0..POSITIONS {
-                let lhs = MatRef::strided(
-                    &transformed[position * depth * count..][..depth * count],
-                    count,
-                    depth,
-                    1,
-                    count,
-                );
-                let rhs = kernel.matrix(position, flipped, out.clone());
-                let dst = &mut products[position * out.len() * count..][..out.len() * count];
-                matmul_strided(dst, [1, count], lhs, rhs, false, Threads::Current);
-            }
-            // SAFETY: see `OutputPtr`; `transform_output` writes inside `len` elements.
-            unsafe { grid.transform_output(products, first, count, &out, channels, target) };
-        });
+    let block_len = POSITIONS * depth * block;
+    // The products and output transform of one task: a block's transformed input
+    // (`[position][channel][tile]`) and a slice of the output channels.
+    let products_of = |transformed: &[f32],
+                       block_index: usize,
+                       out: std::ops::Range<usize>,
+                       products: &mut Vec<f32>| {
+        let first = block_index * block;
+        let count = block.min(tiles - first);
+        products.resize(POSITIONS * out.len() * count, 0.0);
+        for position in 0..POSITIONS {
+            let lhs = MatRef::strided(
+                &transformed[position * depth * count..][..depth * count],
+                count,
+                depth,
+                1,
+                count,
+            );
+            let rhs = kernel.matrix(position, flipped, out.clone());
+            let dst = &mut products[position * out.len() * count..][..out.len() * count];
+            matmul_strided(dst, [1, count], lhs, rhs, false, Threads::Current);
+        }
+        // SAFETY: see `OutputPtr`; `transform_output` writes inside `len` elements.
+        unsafe { grid.transform_output(products, first, count, &out, channels, target) };
+    };
+    if slices == 1 {
+        // Enough blocks: each task transforms its own block, which its GEMMs then read while
+        // it is still in the core's cache.
+        (0..blocks).into_par_iter().for_each_init(
+            || (Vec::<f32>::new(), Vec::new()),
+            |(transformed, products), block_index| {
+                let first = block_index * block;
+                let count = block.min(tiles - first);
+                let values = POSITIONS * depth * count;
+                transformed.reserve(values);
+                let spare = &mut transformed.spare_capacity_mut()[..values];
+                grid.transform_input(x, first, count, spare);
+                // SAFETY: `transform_input` wrote all `values` (16 positions x `depth`
+                // channels x the block's tiles).
+                let block_values: &[f32] =
+                    unsafe { std::slice::from_raw_parts(spare.as_ptr().cast(), values) };
+                products_of(block_values, block_index, 0..channels, products);
+            },
+        );
+    } else {
+        // Few blocks: every block's input is transformed once, then read by the tasks of
+        // all its channel slices.
+        // SAFETY: `transform_input` writes every value of its block's chunk (16 positions x
+        // `depth` channels x the block's tiles; the chunks follow the blocks).
+        let transformed = unsafe {
+            par_filled(
+                POSITIONS * depth * tiles,
+                block_len,
+                |block_index, values| {
+                    let first = block_index * block;
+                    grid.transform_input(x, first, block.min(tiles - first), values);
+                },
+            )
+        };
+        (0..blocks * slices)
+            .into_par_iter()
+            .for_each_init(Vec::new, |products, task| {
+                let (block_index, slice_index) = (task / slices, task % slices);
+                let out = slice_index * slice..((slice_index + 1) * slice).min(channels);
+                if !out.is_empty() {
+                    products_of(
+                        &transformed[block_index * block_len..],
+                        block_index,
+                        out,
+                        products,
+                    );
+                }
+            });
+    }
     // SAFETY: every output element belongs to one tile and one channel slice, and the task of
     // that pair wrote it.
     unsafe { output.set_len(len) };
@@ -418,6 +620,71 @@ impl Grid {
                         out1[t] = MaybeUninit::new(o0[t] + e1[t]);
                         out2[t] = MaybeUninit::new(e1[t] - o0[t]);
                         out3[t] = MaybeUninit::new(o0[t] - o1[t]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `A dY Aᵀ` of every tile's 2x2 output gradient (zeros outside the image), into
+    /// `transformed[position][channel][tile]`.
+    fn transform_gradient(
+        &self,
+        output_grad: &[f32],
+        first: usize,
+        count: usize,
+        transformed: &mut [MaybeUninit<f32>],
+    ) {
+        let (height, width) = (self.height, self.width);
+        let plane = height * width;
+        let padded = 2 * self.tiles_w;
+        let (mut top, mut bottom) = (vec![0.0f32; padded], vec![0.0f32; padded]);
+        let mut combined = vec![0.0f32; 4 * padded];
+        let (mut even, mut odd) = (vec![0.0f32; self.tiles_w], vec![0.0f32; self.tiles_w]);
+        let position_stride = self.depth * count;
+        for (image, row, column, columns, offset) in self.runs(first, count) {
+            let y0 = 2 * row;
+            for channel in 0..self.depth {
+                let source = &output_grad[(image * self.depth + channel) * plane..][..plane];
+                top[..width].copy_from_slice(&source[y0 * width..][..width]);
+                if y0 + 1 < height {
+                    bottom[..width].copy_from_slice(&source[(y0 + 1) * width..][..width]);
+                } else {
+                    bottom[..width].fill(0.0);
+                }
+                // Past the right edge (odd widths) the gradient is zero.
+                top[width..].fill(0.0);
+                bottom[width..].fill(0.0);
+                let target = &mut transformed[channel * count + offset..];
+                // A along the rows: y0, y0 + y1, y0 - y1, -y1; then along the columns.
+                let (t, b) = (&top[..padded], &bottom[..padded]);
+                for p in 0..padded {
+                    combined[p] = t[p];
+                    combined[padded + p] = t[p] + b[p];
+                    combined[2 * padded + p] = t[p] - b[p];
+                    combined[3 * padded + p] = -b[p];
+                }
+                for (a, q) in combined.chunks_exact(padded).enumerate() {
+                    for (j, pair) in q[2 * column..][..2 * columns].chunks_exact(2).enumerate() {
+                        even[j] = pair[0];
+                        odd[j] = pair[1];
+                    }
+                    let rows = &mut target[4 * a * position_stride..];
+                    let (out0, rest) = rows.split_at_mut(position_stride);
+                    let (out1, rest) = rest.split_at_mut(position_stride);
+                    let (out2, out3) = rest.split_at_mut(position_stride);
+                    let (out0, out1, out2) = (
+                        &mut out0[..columns],
+                        &mut out1[..columns],
+                        &mut out2[..columns],
+                    );
+                    let out3 = &mut out3[..columns];
+                    let (e, o) = (&even[..columns], &odd[..columns]);
+                    for t in 0..columns {
+                        out0[t] = MaybeUninit::new(e[t]);
+                        out1[t] = MaybeUninit::new(e[t] + o[t]);
+                        out2[t] = MaybeUninit::new(e[t] - o[t]);
+                        out3[t] = MaybeUninit::new(-o[t]);
                     }
                 }
             }
