@@ -512,6 +512,35 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
     output
 }
 
+/// Splits `pairs` into its even and odd values, so that each step of a transform along the
+/// tiles reads contiguous vectors.
+fn deinterleave(pairs: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    for (j, pair) in pairs.chunks_exact(2).enumerate() {
+        even[j] = pair[0];
+        odd[j] = pair[1];
+    }
+}
+
+/// The first `columns` values of the rows of positions `4 a .. 4 a + 3` of a block's
+/// transformed values (`[position][channel][tile]`, positions `position_stride` apart).
+fn position_rows(
+    target: &mut [MaybeUninit<f32>],
+    a: usize,
+    position_stride: usize,
+    columns: usize,
+) -> [&mut [MaybeUninit<f32>]; 4] {
+    let rows = &mut target[4 * a * position_stride..];
+    let (row0, rest) = rows.split_at_mut(position_stride);
+    let (row1, rest) = rest.split_at_mut(position_stride);
+    let (row2, row3) = rest.split_at_mut(position_stride);
+    [
+        &mut row0[..columns],
+        &mut row1[..columns],
+        &mut row2[..columns],
+        &mut row3[..columns],
+    ]
+}
+
 /// The tiling of a batch of `[depth, height, width]` inputs into 2x2 output tiles.
 struct Grid {
     batch: usize,
@@ -598,23 +627,11 @@ impl Grid {
                 let target = &mut transformed[channel * count + offset..];
                 let position_stride = self.depth * count;
                 for (a, q) in [&*q0, &*q1, &*q2, &*q3].into_iter().enumerate() {
-                    let q = &q[2 * column..][..2 * columns + 2];
-                    for (j, pair) in q.chunks_exact(2).enumerate() {
-                        even[j] = pair[0];
-                        odd[j] = pair[1];
-                    }
+                    deinterleave(&q[2 * column..][..2 * columns + 2], &mut even, &mut odd);
                     let (e0, e1) = (&even[..columns], &even[1..=columns]);
                     let (o0, o1) = (&odd[..columns], &odd[1..=columns]);
-                    let rows = &mut target[4 * a * position_stride..];
-                    let (out0, rest) = rows.split_at_mut(position_stride);
-                    let (out1, rest) = rest.split_at_mut(position_stride);
-                    let (out2, out3) = rest.split_at_mut(position_stride);
-                    let (out0, out1, out2) = (
-                        &mut out0[..columns],
-                        &mut out1[..columns],
-                        &mut out2[..columns],
-                    );
-                    let out3 = &mut out3[..columns];
+                    let [out0, out1, out2, out3] =
+                        position_rows(target, a, position_stride, columns);
                     for t in 0..columns {
                         out0[t] = MaybeUninit::new(e0[t] - e1[t]);
                         out1[t] = MaybeUninit::new(o0[t] + e1[t]);
@@ -665,20 +682,9 @@ impl Grid {
                     combined[3 * padded + p] = -b[p];
                 }
                 for (a, q) in combined.chunks_exact(padded).enumerate() {
-                    for (j, pair) in q[2 * column..][..2 * columns].chunks_exact(2).enumerate() {
-                        even[j] = pair[0];
-                        odd[j] = pair[1];
-                    }
-                    let rows = &mut target[4 * a * position_stride..];
-                    let (out0, rest) = rows.split_at_mut(position_stride);
-                    let (out1, rest) = rest.split_at_mut(position_stride);
-                    let (out2, out3) = rest.split_at_mut(position_stride);
-                    let (out0, out1, out2) = (
-                        &mut out0[..columns],
-                        &mut out1[..columns],
-                        &mut out2[..columns],
-                    );
-                    let out3 = &mut out3[..columns];
+                    deinterleave(&q[2 * column..][..2 * columns], &mut even, &mut odd);
+                    let [out0, out1, out2, out3] =
+                        position_rows(target, a, position_stride, columns);
                     let (e, o) = (&even[..columns], &odd[..columns]);
                     for t in 0..columns {
                         out0[t] = MaybeUninit::new(e[t]);
