@@ -145,15 +145,7 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
         "output gradient size"
     );
     let (depth, channels) = (shape.channels_in, shape.channels_out);
-    let [height, width] = shape.input;
-    let grid = Grid {
-        batch: shape.batch,
-        depth,
-        height,
-        width,
-        tiles_h: height.div_ceil(2),
-        tiles_w: width.div_ceil(2),
-    };
+    let grid = Grid::new(shape);
     let gradient_grid = Grid {
         depth: channels,
         ..grid
@@ -413,15 +405,7 @@ unsafe impl Sync for OutputPtr {}
 /// output channels, H, W]`.
 fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: bool) -> Vec<f32> {
     let (depth, channels) = (shape.channels_in, shape.channels_out);
-    let [height, width] = shape.input;
-    let grid = Grid {
-        batch: shape.batch,
-        depth,
-        height,
-        width,
-        tiles_h: height.div_ceil(2),
-        tiles_w: width.div_ceil(2),
-    };
+    let grid = Grid::new(shape);
     let tiles = grid.tiles();
     let block = BLOCK_TILES.min(tiles);
     let blocks = tiles.div_ceil(block);
@@ -429,7 +413,7 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
         .min(channels / MIN_SLICE_CHANNELS)
         .max(1);
     let slice = channels.div_ceil(slices);
-    let len = shape.batch * channels * height * width;
+    let len = shape.batch * channels * grid.height * grid.width;
     let mut output: Vec<f32> = Vec::with_capacity(len);
     let target = OutputPtr(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let block_len = POSITIONS * depth * block;
@@ -552,6 +536,19 @@ struct Grid {
 }
 
 impl Grid {
+    /// The tiling of `shape`'s input.
+    fn new(shape: &ConvShape) -> Self {
+        let [height, width] = shape.input;
+        Self {
+            batch: shape.batch,
+            depth: shape.channels_in,
+            height,
+            width,
+            tiles_h: height.div_ceil(2),
+            tiles_w: width.div_ceil(2),
+        }
+    }
+
     fn tiles(&self) -> usize {
         self.batch * self.tiles_h * self.tiles_w
     }
