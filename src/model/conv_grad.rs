@@ -143,7 +143,7 @@ impl ConvShape {
 pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
     shape.check(Some(x), None, output_grad);
     match shape.kind() {
-        Some(ConvKind::Dense) if conv_winograd::applies_to_weight_grad(shape) => {
+        Some(ConvKind::Dense) if conv_winograd::applies(shape) => {
             conv_winograd::weight_grad(shape, x, output_grad)
         }
         Some(ConvKind::Dense) if conv_direct::applies_to_weight_grad(shape) => {
@@ -204,7 +204,7 @@ pub fn input_and_weight_grads(
             } else {
                 dense_grads(shape, &[], Some(weight), output_grad, false).0
             };
-            let weight_grad = if conv_winograd::applies_to_weight_grad(shape) {
+            let weight_grad = if conv_winograd::applies(shape) {
                 conv_winograd::weight_grad(shape, x, output_grad)
             } else if conv_direct::applies_to_weight_grad(shape) {
                 conv_direct::weight_grad(shape, x, output_grad)
@@ -1277,9 +1277,6 @@ mod tests {
             assert!(conv_winograd::applies(&shape), "{shape:?}");
             check(shape);
         }
-        // The weight gradient from 128 channels in and out.
-        assert!(!conv_winograd::applies_to_weight_grad(&shapes[5]));
-        assert!(conv_winograd::applies_to_weight_grad(&shapes[3]));
         // Few channels or few tiles keep the direct kernels or im2col.
         assert!(!conv_winograd::applies(&shape(
             16,

@@ -47,14 +47,10 @@ const MIN_SLICE_CHANNELS: usize = 32;
 /// Output channels per task of the weight transform (one 64-byte run per position and input
 /// channel).
 const KERNEL_BLOCK: usize = 16;
-/// Fewest input and output channels of the forward pass and input gradient (`benches/conv.rs`,
-/// ResNet-18's first layer at 128 px, batch 16: 5.5-6.0 ms against the direct kernels'
-/// 6.2-6.5; before each task transformed its own block, 6.2 against 6.3).
+/// Fewest input and output channels (`benches/conv.rs`, ResNet-18's first layer at 128 px,
+/// batch 16: forward 5.4-5.5 ms against the direct kernel's 6.1, weight gradient 6.1-6.4
+/// against 6.8; when every block was transformed before the GEMMs, 6.2 against 6.3 forward).
 const MIN_CHANNELS: usize = 64;
-/// Fewest input and output channels of the weight gradient: its 16 GEMMs sum over the tiles
-/// into `[Ci, Co]` matrices, too small at 64 channels (6.4-12.5 ms against the direct
-/// kernel's 6.9-7.9 there; 5.1-5.5 against 6.0 at 128 channels on 16x16 images).
-const MIN_WEIGHT_GRAD_CHANNELS: usize = 128;
 /// Fewest tiles: with fewer, the GEMMs are too small to pay for the transforms (512 channels on
 /// 4x4 images, batch 16, 64 tiles: 10.6 ms against im2col's 7.0, before the transforms were
 /// vectorised; on 10x10 images, batch 8, 200 tiles: 16.3 against 19.8).
@@ -80,14 +76,6 @@ pub fn applies(shape: &ConvShape) -> bool {
         && shape.channels_out >= MIN_CHANNELS
         && shape.batch * shape.input[0].div_ceil(2) * shape.input[1].div_ceil(2) >= MIN_TILES
         && enabled()
-}
-
-/// Whether [`weight_grad`] is the fastest weight gradient for `shape`: [`applies`] and at
-/// least [`MIN_WEIGHT_GRAD_CHANNELS`] channels in and out.
-pub fn applies_to_weight_grad(shape: &ConvShape) -> bool {
-    applies(shape)
-        && shape.channels_in >= MIN_WEIGHT_GRAD_CHANNELS
-        && shape.channels_out >= MIN_WEIGHT_GRAD_CHANNELS
 }
 
 fn enabled() -> bool {
@@ -594,8 +582,10 @@ impl Grid {
         // Bᵀ d: the four combined rows.
         let mut combined = vec![0.0f32; 4 * padded];
         let (mut even, mut odd) = (vec![0.0f32; padded / 2], vec![0.0f32; padded / 2]);
-        for (image, row, column, columns, offset) in self.runs(first, count) {
-            for channel in 0..self.depth {
+        // Channel by channel, so that each position's row of the block is written in order.
+        let runs: Vec<_> = self.runs(first, count).collect();
+        for channel in 0..self.depth {
+            for &(image, row, column, columns, offset) in &runs {
                 let source = &x[(image * self.depth + channel) * plane..][..plane];
                 for (r, line) in patch_rows.chunks_exact_mut(padded).enumerate() {
                     let y = (2 * row + r).wrapping_sub(1);
@@ -656,9 +646,10 @@ impl Grid {
         let mut combined = vec![0.0f32; 4 * padded];
         let (mut even, mut odd) = (vec![0.0f32; self.tiles_w], vec![0.0f32; self.tiles_w]);
         let position_stride = self.depth * count;
-        for (image, row, column, columns, offset) in self.runs(first, count) {
-            let y0 = 2 * row;
-            for channel in 0..self.depth {
+        let runs: Vec<_> = self.runs(first, count).collect();
+        for channel in 0..self.depth {
+            for &(image, row, column, columns, offset) in &runs {
+                let y0 = 2 * row;
                 let source = &output_grad[(image * self.depth + channel) * plane..][..plane];
                 top[..width].copy_from_slice(&source[y0 * width..][..width]);
                 if y0 + 1 < height {
@@ -715,11 +706,14 @@ impl Grid {
         // The two output rows of a run of tiles, their columns interleaved.
         let mut top = vec![0.0f32; 2 * self.tiles_w];
         let mut bottom = vec![0.0f32; 2 * self.tiles_w];
-        for (image, row, column, columns, offset) in self.runs(first, count) {
-            let (y0, second_row) = (2 * row, 2 * row + 1 < height);
-            let x0 = 2 * column;
-            let written = (2 * columns).min(width - x0);
-            for (slot, channel) in out.clone().enumerate() {
+        // Channel by channel, so that the products are read and the output planes written in
+        // order.
+        let runs: Vec<_> = self.runs(first, count).collect();
+        for (slot, channel) in out.clone().enumerate() {
+            for &(image, row, column, columns, offset) in &runs {
+                let (y0, second_row) = (2 * row, 2 * row + 1 < height);
+                let x0 = 2 * column;
+                let written = (2 * columns).min(width - x0);
                 let m: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
                     &products[position * stride + slot * count + offset..][..columns]
                 });
