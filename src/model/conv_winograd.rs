@@ -44,6 +44,9 @@ const BLOCK_TILES: usize = 128;
 const MIN_TASKS: usize = 8;
 /// Fewest output channels in a task's slice.
 const MIN_SLICE_CHANNELS: usize = 32;
+/// Fewest `Ci x Co` products a thread takes in each chunk of the weight gradient (in units of
+/// 128 tiles): 4 blocks a thread at 64 channels, 1 from 128.
+const MIN_CHUNK_PRODUCTS: usize = 128 * 128;
 /// Output channels per task of the weight transform (one 64-byte run per position and input
 /// channel).
 const KERNEL_BLOCK: usize = 16;
@@ -143,9 +146,12 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
     let blocks = tiles.div_ceil(block);
     let matrix = depth * channels;
     let mut transformed = vec![0.0f32; POSITIONS * matrix];
-    // Blocks transformed together (one per thread), then added into `dU` while they are still
-    // in the caches. The sums do not depend on it: each position adds its blocks in order.
-    let chunk_blocks = rayon::current_num_threads().clamp(1, blocks);
+    // Blocks transformed together (one per thread, more where the channels are few), then
+    // added into `dU` while they are still in the caches. Each chunk brings the threads
+    // together twice, so a chunk's products must outweigh that. The sums do not depend on the
+    // chunks: each position adds its blocks in order.
+    let per_thread = (MIN_CHUNK_PRODUCTS / (depth * channels)).max(1);
+    let chunk_blocks = (rayon::current_num_threads() * per_thread).clamp(1, blocks);
     let mut input_buffer =
         vec![MaybeUninit::<f32>::uninit(); POSITIONS * depth * block * chunk_blocks];
     let mut gradient_buffer =
