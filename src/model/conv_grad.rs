@@ -192,26 +192,17 @@ pub fn input_and_weight_grads(
 ) -> (Vec<f32>, Vec<f32>) {
     shape.check(Some(x), Some(weight), output_grad);
     match shape.kind() {
+        // Where either gradient has its own kernel, each takes its own path (im2col shares
+        // nothing with them).
         Some(ConvKind::Dense)
             if conv_winograd::applies(shape)
                 || conv_direct::applies_to_input_grad(shape)
                 || conv_direct::applies_to_weight_grad(shape) =>
         {
-            let input_grad = if conv_winograd::applies(shape) {
-                conv_winograd::input_grad(shape, weight, output_grad)
-            } else if conv_direct::applies_to_input_grad(shape) {
-                conv_direct::input_grad(shape, weight, output_grad)
-            } else {
-                dense_grads(shape, &[], Some(weight), output_grad, false).0
-            };
-            let weight_grad = if conv_winograd::applies(shape) {
-                conv_winograd::weight_grad(shape, x, output_grad)
-            } else if conv_direct::applies_to_weight_grad(shape) {
-                conv_direct::weight_grad(shape, x, output_grad)
-            } else {
-                dense_grads(shape, x, None, output_grad, true).1
-            };
-            (input_grad, weight_grad)
+            (
+                input_grad(shape, weight, output_grad),
+                weight_grad(shape, x, output_grad),
+            )
         }
         Some(ConvKind::Dense) => dense_grads(shape, x, Some(weight), output_grad, true),
         Some(ConvKind::Depthwise) => (
@@ -874,13 +865,18 @@ impl SameGrid {
         (tap / self.kernel_w) * self.wide + tap % self.kernel_w
     }
 
-    /// `plane` inside a zero border (and enough zeros after it for the last tap's pass).
-    fn bordered(&self, plane: &[f32], grid: &mut Vec<f32>) {
+    /// A grid of zeros (with enough zeros after it for the last tap's pass).
+    fn zeros(&self, grid: &mut Vec<f32>) {
         grid.clear();
         grid.resize(
             (self.height + 2 * self.padding[0]) * self.wide + 2 * self.padding[1],
             0.0,
         );
+    }
+
+    /// `plane` inside a zero border.
+    fn bordered(&self, plane: &[f32], grid: &mut Vec<f32>) {
+        self.zeros(grid);
         for (y, row) in plane.chunks_exact(self.width).enumerate() {
             grid[(y + self.padding[0]) * self.wide + self.padding[1]..][..self.width]
                 .copy_from_slice(row);
@@ -941,32 +937,36 @@ pub fn depthwise_forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f3
     output
         .par_chunks_mut(shape.output_plane().max(1))
         .enumerate()
-        .for_each_init(Vec::new, |phased, (plane_index, out)| {
-            let taps = &weight[(plane_index % channels) * area..][..area];
-            if let Some(grid) = &same {
-                grid.bordered(&x[plane_index * plane..][..plane], phased);
-                let mut sums = vec![0.0f32; grid.span()];
-                for (tap, &scale) in taps.iter().enumerate() {
-                    axpy(&mut sums, scale, &phased[grid.offset(tap)..][..grid.span()]);
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(phased, sums), (plane_index, out)| {
+                let taps = &weight[(plane_index % channels) * area..][..area];
+                if let Some(grid) = &same {
+                    grid.bordered(&x[plane_index * plane..][..plane], phased);
+                    sums.clear();
+                    sums.resize(grid.span(), 0.0);
+                    for (tap, &scale) in taps.iter().enumerate() {
+                        axpy(sums, scale, &phased[grid.offset(tap)..][..grid.span()]);
+                    }
+                    for (row, sums) in out.chunks_exact_mut(width).zip(sums.chunks(grid.wide)) {
+                        row.copy_from_slice(&sums[..width]);
+                    }
+                    return;
                 }
-                for (row, sums) in out.chunks_exact_mut(width).zip(sums.chunks(grid.wide)) {
-                    row.copy_from_slice(&sums[..width]);
-                }
-                return;
-            }
-            let source = phased_plane(
-                &phases,
-                &x[plane_index * plane..][..plane],
-                height,
-                width,
-                phased,
-            );
-            for_each_tap(shape, |tap, valid_w, offset_w, o_row, in_row| {
-                let start = phases.start(in_row, &valid_w, offset_w, shape.padding[1]);
-                let out_row = &mut out[o_row * out_cols..][..out_cols][valid_w.clone()];
-                axpy(out_row, taps[tap], &source[start..start + out_row.len()]);
-            });
-        });
+                let source = phased_plane(
+                    &phases,
+                    &x[plane_index * plane..][..plane],
+                    height,
+                    width,
+                    phased,
+                );
+                for_each_tap(shape, |tap, valid_w, offset_w, o_row, in_row| {
+                    let start = phases.start(in_row, &valid_w, offset_w, shape.padding[1]);
+                    let out_row = &mut out[o_row * out_cols..][..out_cols][valid_w.clone()];
+                    axpy(out_row, taps[tap], &source[start..start + out_row.len()]);
+                });
+            },
+        );
     output
 }
 
@@ -1054,7 +1054,7 @@ fn depthwise_input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) 
                 if let Some(grid) = &same {
                     grid.widened(grad_plane, widened);
                     // The gradient of the bordered grid, then its inside.
-                    grid.bordered(&[], phased);
+                    grid.zeros(phased);
                     for (tap, &scale) in taps.iter().enumerate() {
                         axpy(
                             &mut phased[grid.offset(tap)..][..grid.span()],
