@@ -151,12 +151,12 @@ fn main() {
             "{batch:>2} x {:>3} -> {:>3} {side:>3} {kernel}/{stride} | {forward} | {input_grad} | {weight_grad}",
             channels[0], channels[1],
         );
-        if conv_winograd::applies(&shape) {
+        if let Some(tile) = conv_winograd::tile_side(&shape) {
             let forward_ms = best_ms(runs, || conv_winograd::forward(&shape, &x, &weight));
             let input_grad_ms = best_ms(runs, || conv_winograd::input_grad(&shape, &weight, &grad));
             let weight_grad_ms = best_ms(runs, || conv_winograd::weight_grad(&shape, &x, &grad));
             println!(
-                "            Winograd F(2x2, 3x3) | {forward_ms:6.2} ({:3.0}) | {input_grad_ms:6.2} ({:3.0}) \
+                "            Winograd F({tile}x{tile}, 3x3) | {forward_ms:6.2} ({:3.0}) | {input_grad_ms:6.2} ({:3.0}) \
                  | {weight_grad_ms:6.2} ({:3.0}) (GFLOP/s of the direct sum's work)",
                 gflops(forward_ms),
                 gflops(input_grad_ms),

@@ -1374,21 +1374,22 @@ mod tests {
 
     #[test]
     fn winograd_matches_the_definition() {
-        // Odd sides (tiles cut by the image's edge), 1x1 and 2x1 images, tile blocks that cross
-        // rows and images (3 x 17 x 16 tiles in blocks of 128), output channels that do not
-        // split evenly (130 = 65 + 65 with 1 block of 128 tiles), and 192 output channels in
-        // slices of 32.
+        // Both tilings (F(4x4, 3x3) from 128 of its tiles, else F(2x2, 3x3) from 128 of
+        // its): odd sides (tiles cut by the image's edge), 1x1 and 2x1 images, tile blocks that
+        // cross rows and images (F2: 11 x 5 x 4 tiles in blocks of 128; F4: 3 x 9 x 8 in
+        // blocks of 64), output channels that do not split evenly (130 = 3 x 33 + 31 with 2
+        // blocks of 64 tiles), and 192 output channels in slices of 32.
         let shapes = [
-            shape(7, [128, 128], [9, 7], 3, 1, [1, 1], 1),
-            shape(128, [128, 130], [1, 1], 3, 1, [1, 1], 1),
-            shape(128, [130, 128], [2, 1], 3, 1, [1, 1], 1),
-            shape(3, [128, 128], [33, 31], 3, 1, [1, 1], 1),
-            shape(2, [160, 192], [16, 16], 3, 1, [1, 1], 1),
-            // Eight blocks (the last of 124 tiles): each task transforms its own block.
-            shape(4, [64, 72], [30, 34], 3, 1, [1, 1], 1),
+            (shape(11, [128, 128], [9, 7], 3, 1, [1, 1], 1), 2),
+            (shape(128, [128, 130], [1, 1], 3, 1, [1, 1], 1), 4),
+            (shape(128, [130, 128], [2, 1], 3, 1, [1, 1], 1), 4),
+            (shape(3, [128, 128], [33, 31], 3, 1, [1, 1], 1), 4),
+            (shape(4, [160, 192], [16, 16], 3, 1, [1, 1], 1), 2),
+            // Eight blocks (the last of 42 tiles): each task transforms its own block.
+            (shape(14, [64, 72], [20, 26], 3, 1, [1, 1], 1), 4),
         ];
-        for shape in shapes {
-            assert!(conv_winograd::applies(&shape), "{shape:?}");
+        for (shape, side) in shapes {
+            assert_eq!(conv_winograd::tile_side(&shape), Some(side), "{shape:?}");
             check(shape);
         }
         // Few channels or few tiles keep the direct kernels or im2col.
@@ -1472,17 +1473,20 @@ mod tests {
     fn gradients_do_not_depend_on_the_thread_count() {
         // With AVX-512: the channel-vectorised kernels (depth 261), pixel vectors for the
         // forward pass and im2col for the gradients (16x16, depth 144), im2col throughout;
-        // then Winograd with a task per block (8 blocks, the weight gradient's chunks following
-        // the thread count) and with channel slices (2 blocks).
+        // then Winograd F(4x4, 3x3) with a task per block (8 blocks, the weight gradient's
+        // chunks following the thread count) and F(2x2, 3x3) with channel slices (2 blocks).
         for (channels, input) in [
             ([29, 40], [20, 20]),
             ([16, 32], [16, 16]),
             ([16, 32], [14, 14]),
-            ([128, 128], [30, 34]),
+            ([128, 128], [52, 34]),
             ([128, 128], [16, 16]),
         ] {
             gradients_on_one_and_three_threads_agree(shape(4, channels, input, 3, 1, [1, 1], 1));
         }
+        let deep = |input| shape(4, [128, 128], input, 3, 1, [1, 1], 1);
+        assert_eq!(conv_winograd::tile_side(&deep([52, 34])), Some(4));
+        assert_eq!(conv_winograd::tile_side(&deep([16, 16])), Some(2));
     }
 
     fn gradients_on_one_and_three_threads_agree(shape: ConvShape) {

@@ -1,30 +1,34 @@
-//! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions with padding 1 (most of ResNet-18's
-//! multiply-adds): the forward pass, the input gradient and the weight gradient.
+//! Winograd convolutions for stride-1 3x3 layers with padding 1 (most of ResNet-18's
+//! multiply-adds): the forward pass, the input gradient and the weight gradient, in two
+//! tilings.
 //!
-//! Each 2x2 block of output pixels ("tile") comes from a 4x4 patch of input. Transformed,
-//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, the patch and kernel meet in 16 element-wise products
-//! where the direct correlation takes 36; summed over input channels, each of the 16 positions
-//! is a plain GEMM `V_p [tiles, Ci] x U_p [Ci, Co]`. That is 2.25 times fewer multiply-adds
-//! than any direct kernel for the price of the transforms, which are additions only (the
-//! constants are 0, ±1 and ±1/2, so f32 rounding stays at the level of a direct sum).
+//! Each `m x m` block of output pixels ("tile") comes from an `(m + 2) x (m + 2)` patch of
+//! input. Transformed, `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, the patch and kernel meet in `(m + 2)²`
+//! element-wise products where the direct correlation takes `9 m²`; summed over input channels,
+//! each position is a plain GEMM `V_p [tiles, Ci] x U_p [Ci, Co]`. F(4x4, 3x3) ([`F4`], 36
+//! positions) does 4 times fewer multiply-adds than any direct kernel, F(2x2, 3x3) ([`F2`], 16
+//! positions) 2.25 times fewer. F4 takes the larger images; on small ones (few tiles, deep
+//! layers) its kernel transform, 36 values per weight triple, outweighs its savings and F2 runs
+//! instead (`benches/conv.rs`: ResNet-18 at 128 px, batch 16, 64 channels on 32x32 forward 4.5
+//! ms against F2's 5.4, 128 on 16x16 3.5 against 4.3, 256 on 8x8 4.7-5.0 against 4.5). The
+//! constants are small (the points 0, ±1, ±2 and infinity for F4, 0, ±1 and infinity for F2),
+//! so the f32 rounding stays within a few units of the direct sum's (the tests hold every pass
+//! to 1e-4 of the largest value, as the direct kernels).
 //!
-//! Tiles go in blocks of [`BLOCK_TILES`]. Where there are enough blocks, each task transforms
-//! one block's input and runs its 16 GEMMs while the block is still in the core's cache; where
-//! there are few, every block is transformed once and tasks take a block and a slice of the
-//! output channels. Either way a task transforms its products straight into the output. The
-//! transforms are written as loops along the tiles, which the compiler vectorises. Blocks and
-//! slices follow the shape only, never the number of threads, so the results do not depend on
-//! it. `benches/conv.rs` prints the figures beside the direct kernels and im2col.
+//! Tiles go in blocks. Where there are enough blocks, each task transforms one block's input
+//! and runs its GEMMs while the block is still in the core's cache; where there are few, every
+//! block is transformed once and tasks take a block and a slice of the output channels. Either
+//! way a task transforms its products straight into the output. The transforms are written as
+//! loops along the tiles, which the compiler vectorises. Blocks and slices follow the shape
+//! only, never the number of threads, so the results do not depend on it.
 //!
 //! The input gradient of such a convolution is the same correlation of the output gradient
-//! with the kernel flipped and its channel axes swapped; flipping the kernel permutes the
-//! transformed positions (`G R = P G`, `R` reversing the three taps and `P` swapping rows 0
-//! and 3), so the input gradient reads the forward's transformed kernels with its positions
-//! permuted (each call transforms the kernels afresh: they change with every step).
+//! with the kernel flipped and its channel axes swapped: it transforms the flipped kernels
+//! (each call transforms the kernels afresh: they change with every step).
 //!
 //! The weight gradient is the gradient of the transformed form: each position's `dU_p` is a
 //! GEMM summing, over the tiles, the transformed input times the lifted output gradient
-//! `A dY Aᵀ`, and `Gᵀ dU G` folds the 16 positions back into the 3x3 taps.
+//! `A dY Aᵀ`, and `Gᵀ dU G` folds the positions back into the 3x3 taps.
 
 use std::mem::MaybeUninit;
 
@@ -34,39 +38,30 @@ use super::conv_grad::{ConvKind, ConvShape};
 use super::host_buffers::par_filled;
 use crate::linalg::{MatRef, Threads, matmul_strided};
 
-/// Positions of a transformed 4x4 tile.
-const POSITIONS: usize = 16;
-/// Tiles (2x2 output pixels) per block: the GEMMs' rows. A block's transformed input (`16 x Ci
-/// x 128` values, 1 MiB at 128 channels) and products stay in L2 and L3 while a task uses
-/// them.
-const BLOCK_TILES: usize = 128;
 /// Parallel tasks to aim for: with fewer tile blocks, output channels are split too.
 const MIN_TASKS: usize = 8;
 /// Fewest output channels in a task's slice.
 const MIN_SLICE_CHANNELS: usize = 32;
 /// Fewest `Ci x Co` products a thread takes in each chunk of the weight gradient (in units of
-/// 128 tiles): 4 blocks a thread at 64 channels, 1 from 128.
+/// a block of tiles): 4 blocks a thread at 64 channels, 1 from 128.
 const MIN_CHUNK_PRODUCTS: usize = 128 * 128;
 /// Output channels per task of the weight transform (one 64-byte run per position and input
 /// channel).
 const KERNEL_BLOCK: usize = 16;
 /// Fewest input and output channels (`benches/conv.rs`, ResNet-18's first layer at 128 px,
-/// batch 16: forward 5.4-5.5 ms against the direct kernel's 6.1, weight gradient 6.1-6.4
-/// against 6.8; when every block was transformed before the GEMMs, 6.2 against 6.3 forward).
+/// batch 16, beats the direct kernels from 64).
 const MIN_CHANNELS: usize = 64;
-/// Fewest tiles: with fewer, the GEMMs are too small to pay for the transforms (512 channels on
-/// 4x4 images, batch 16, 64 tiles: 10.6 ms against im2col's 7.0, before the transforms were
-/// vectorised; on 10x10 images, batch 8, 200 tiles: 16.3 against 19.8).
+/// Fewest tiles of either tiling: with fewer, the GEMMs are too small to pay for the
+/// transforms (512 channels on 4x4 images, batch 16, F2's 64 tiles: 20.8 ms for the three
+/// passes against im2col's 22.0, too close to call; on 10x10 images, batch 8, 200 tiles: 44.7
+/// against 60.4).
 const MIN_TILES: usize = 128;
-/// `P`: the transformed position of row (or column) `a` once the kernel is flipped.
-const FLIPPED: [usize; 4] = [3, 1, 2, 0];
 
-/// Whether these kernels compute `shape`: one group, 3x3, stride 1, padding 1, dilation 1, the
-/// output the size of the input, at least [`MIN_CHANNELS`] channels in and out and
-/// [`MIN_TILES`] tiles (where they run faster than the direct kernels and im2col), and not
-/// switched off with `PICIE_WINOGRAD=0` (which benchmarks use to compare).
-pub fn applies(shape: &ConvShape) -> bool {
-    shape.kind() == Some(ConvKind::Dense)
+/// The output tile side of the Winograd kernels that compute `shape`: 4 (F(4x4, 3x3)) where
+/// its tiles number at least [`MIN_TILES`], else 2 where those do, `None` where these kernels
+/// do not take it ([`applies`]).
+pub fn tile_side(shape: &ConvShape) -> Option<usize> {
+    let eligible = shape.kind() == Some(ConvKind::Dense)
         && shape.kernel == [3, 3]
         && shape.stride == [1, 1]
         && shape.padding == [1, 1]
@@ -77,8 +72,20 @@ pub fn applies(shape: &ConvShape) -> bool {
         && shape.input[1] > 0
         && shape.channels_in >= MIN_CHANNELS
         && shape.channels_out >= MIN_CHANNELS
-        && shape.batch * shape.input[0].div_ceil(2) * shape.input[1].div_ceil(2) >= MIN_TILES
-        && enabled()
+        && enabled();
+    let tiles =
+        |side: usize| shape.batch * shape.input[0].div_ceil(side) * shape.input[1].div_ceil(side);
+    [4, 2]
+        .into_iter()
+        .find(|&side| eligible && tiles(side) >= MIN_TILES)
+}
+
+/// Whether these kernels compute `shape`: one group, 3x3, stride 1, padding 1, dilation 1, the
+/// output the size of the input, at least [`MIN_CHANNELS`] channels in and out and
+/// [`MIN_TILES`] tiles (where they run faster than the direct kernels and im2col), and not
+/// switched off with `PICIE_WINOGRAD=0` (which benchmarks use to compare).
+pub fn applies(shape: &ConvShape) -> bool {
+    tile_side(shape).is_some()
 }
 
 fn enabled() -> bool {
@@ -91,11 +98,17 @@ fn enabled() -> bool {
 /// # Panics
 /// On slices that do not match `shape`, or a shape these kernels do not take ([`applies`]).
 pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
-    assert!(applies(shape), "no Winograd kernel for {shape:?}");
+    let side = tile_side(shape);
+    assert!(side.is_some(), "no Winograd kernel for {shape:?}");
     assert_eq!(x.len(), shape.input_len(), "input size");
     assert_eq!(weight.len(), shape.weight_len(), "weight size");
-    let kernel = TransformedKernel::new(weight, shape.channels_out, shape.channels_in);
-    correlate(shape, x, &kernel, false)
+    if side == Some(4) {
+        let kernel = TransformedKernel::new::<F4, 4, 6>(weight, shape, false);
+        correlate::<F4, 4, 6>(shape, x, &kernel)
+    } else {
+        let kernel = TransformedKernel::new::<F2, 2, 4>(weight, shape, false);
+        correlate::<F2, 2, 4>(shape, x, &kernel)
+    }
 }
 
 /// The input gradient, `[N, Ci, H, W]`: the output gradient correlated with the flipped
@@ -104,48 +117,188 @@ pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32]) -> Vec<f32> {
 /// # Panics
 /// On slices that do not match `shape`, or a shape these kernels do not take ([`applies`]).
 pub fn input_grad(shape: &ConvShape, weight: &[f32], output_grad: &[f32]) -> Vec<f32> {
-    assert!(applies(shape), "no Winograd kernel for {shape:?}");
+    let side = tile_side(shape);
+    assert!(side.is_some(), "no Winograd kernel for {shape:?}");
     assert_eq!(
         output_grad.len(),
         shape.output_len(),
         "output gradient size"
     );
     assert_eq!(weight.len(), shape.weight_len(), "weight size");
-    let kernel = TransformedKernel::new(weight, shape.channels_out, shape.channels_in);
     let swapped = ConvShape {
         channels_in: shape.channels_out,
         channels_out: shape.channels_in,
         ..*shape
     };
-    correlate(&swapped, output_grad, &kernel, true)
+    if side == Some(4) {
+        let kernel = TransformedKernel::new::<F4, 4, 6>(weight, shape, true);
+        correlate::<F4, 4, 6>(&swapped, output_grad, &kernel)
+    } else {
+        let kernel = TransformedKernel::new::<F2, 2, 4>(weight, shape, true);
+        correlate::<F2, 2, 4>(&swapped, output_grad, &kernel)
+    }
 }
 
 /// The weight gradient, `[Co, Ci, 3, 3]`: the gradient of the Winograd form itself, which
 /// equals the convolution's. With `dM = A dY Aᵀ` the output gradient of each tile lifted to
-/// the 16 positions, `dU_p = V_pᵀ dM_p` summed over the tiles (16 GEMMs `[Ci, tiles] x
-/// [tiles, Co]`, 2.25 times fewer multiply-adds than the direct sum) and `dg = Gᵀ dU G`.
+/// the positions, `dU_p = V_pᵀ dM_p` summed over the tiles (a GEMM `[Ci, tiles] x [tiles, Co]`
+/// a position) and `dg = Gᵀ dU G`.
 ///
 /// # Panics
 /// On slices that do not match `shape`, or a shape these kernels do not take ([`applies`]).
 pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32> {
-    assert!(applies(shape), "no Winograd kernel for {shape:?}");
+    let side = tile_side(shape);
+    assert!(side.is_some(), "no Winograd kernel for {shape:?}");
     assert_eq!(x.len(), shape.input_len(), "input size");
     assert_eq!(
         output_grad.len(),
         shape.output_len(),
         "output gradient size"
     );
+    if side == Some(4) {
+        weight_grad_tiled::<F4, 4, 6>(shape, x, output_grad)
+    } else {
+        weight_grad_tiled::<F2, 2, 4>(shape, x, output_grad)
+    }
+}
+
+/// A Winograd tiling F(TILE x TILE, 3x3), patches `PATCH = TILE + 2` wide: its transforms
+/// along one axis, which the two-dimensional ones apply along rows, then columns.
+trait Tiling<const TILE: usize, const PATCH: usize> {
+    /// Tiles per block, the GEMMs' rows: a block's transformed input (`PATCH² x Ci x
+    /// BLOCK_TILES` values, about 1 MiB at 128 channels) and products stay in L2 and L3 while
+    /// a task uses them.
+    const BLOCK_TILES: usize;
+    /// `Bᵀ d`: a patch's row (or column) at the interpolation points.
+    fn input(d: [f32; PATCH]) -> [f32; PATCH];
+    /// `A y`: a tile's row of output gradient lifted to the points (the gradient of
+    /// [`Tiling::output`]).
+    fn gradient(y: [f32; TILE]) -> [f32; PATCH];
+    /// `Aᵀ m`: a tile's row of outputs from the products at the points.
+    fn output(m: [f32; PATCH]) -> [f32; TILE];
+    /// `G g`: a kernel row at the points, scaled so that [`Tiling::output`] divides by
+    /// nothing.
+    fn kernel(g: [f32; 3]) -> [f32; PATCH];
+    /// `Gᵀ u`: the gradient of [`Tiling::kernel`].
+    fn fold(u: [f32; PATCH]) -> [f32; 3];
+}
+
+/// F(2x2, 3x3): the points 0, 1, -1 and infinity.
+struct F2;
+
+impl Tiling<2, 4> for F2 {
+    const BLOCK_TILES: usize = 128;
+
+    #[inline(always)]
+    fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    }
+
+    #[inline(always)]
+    fn gradient([y0, y1]: [f32; 2]) -> [f32; 4] {
+        [y0, y0 + y1, y0 - y1, -y1]
+    }
+
+    #[inline(always)]
+    fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+        [m0 + m1 + m2, m1 - m2 - m3]
+    }
+
+    #[inline(always)]
+    fn kernel([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+        [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+    }
+
+    #[inline(always)]
+    fn fold([u0, u1, u2, u3]: [f32; 4]) -> [f32; 3] {
+        let half_sum = 0.5 * (u1 + u2);
+        [u0 + half_sum, 0.5 * (u1 - u2), half_sum + u3]
+    }
+}
+
+/// F(4x4, 3x3): the points 0, 1, -1, 2, -2 and infinity.
+struct F4;
+
+impl Tiling<4, 6> for F4 {
+    const BLOCK_TILES: usize = 64;
+
+    #[inline(always)]
+    fn input([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+        let (p, q) = (d4 - 4.0 * d2, d3 - 4.0 * d1);
+        let (r, s) = (d4 - d2, 2.0 * (d3 - d1));
+        [
+            4.0 * d0 - 5.0 * d2 + d4,
+            p + q,
+            p - q,
+            r + s,
+            r - s,
+            4.0 * d1 - 5.0 * d3 + d5,
+        ]
+    }
+
+    #[inline(always)]
+    fn gradient([y0, y1, y2, y3]: [f32; 4]) -> [f32; 6] {
+        let (even, odd) = (y0 + y2, y1 + y3);
+        let (even2, odd2) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+        [y0, even + odd, even - odd, even2 + odd2, even2 - odd2, y3]
+    }
+
+    #[inline(always)]
+    fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+        let (sum12, difference12) = (m1 + m2, m1 - m2);
+        let (sum34, difference34) = (m3 + m4, m3 - m4);
+        [
+            m0 + sum12 + sum34,
+            difference12 + 2.0 * difference34,
+            sum12 + 4.0 * sum34,
+            difference12 + 8.0 * difference34 + m5,
+        ]
+    }
+
+    #[inline(always)]
+    fn kernel([g0, g1, g2]: [f32; 3]) -> [f32; 6] {
+        let even = g0 + g2;
+        let quarter = 0.25 * g0 + g2;
+        [
+            0.25 * g0,
+            -(even + g1) / 6.0,
+            (g1 - even) / 6.0,
+            (quarter + 0.5 * g1) / 6.0,
+            (quarter - 0.5 * g1) / 6.0,
+            g2,
+        ]
+    }
+
+    #[inline(always)]
+    fn fold([u0, u1, u2, u3, u4, u5]: [f32; 6]) -> [f32; 3] {
+        let (sum12, difference12) = (u1 + u2, u2 - u1);
+        let (sum34, difference34) = (u3 + u4, u3 - u4);
+        [
+            0.25 * u0 - sum12 / 6.0 + sum34 / 24.0,
+            difference12 / 6.0 + difference34 / 12.0,
+            (sum34 - sum12) / 6.0 + u5,
+        ]
+    }
+}
+
+/// [`weight_grad`] in the tiling `W`.
+fn weight_grad_tiled<W: Tiling<T, P>, const T: usize, const P: usize>(
+    shape: &ConvShape,
+    x: &[f32],
+    output_grad: &[f32],
+) -> Vec<f32> {
+    let positions = P * P;
     let (depth, channels) = (shape.channels_in, shape.channels_out);
-    let grid = Grid::new(shape);
+    let grid = Grid::new(shape, T);
     let gradient_grid = Grid {
         depth: channels,
         ..grid
     };
     let tiles = grid.tiles();
-    let block = BLOCK_TILES.min(tiles);
+    let block = W::BLOCK_TILES.min(tiles);
     let blocks = tiles.div_ceil(block);
     let matrix = depth * channels;
-    let mut transformed = vec![0.0f32; POSITIONS * matrix];
+    let mut transformed = vec![0.0f32; positions * matrix];
     // Blocks transformed together (one per thread, more where the channels are few), then
     // added into `dU` while they are still in the caches. Each chunk brings the threads
     // together twice, so a chunk's products must outweigh that. The sums do not depend on the
@@ -153,30 +306,30 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
     let per_thread = (MIN_CHUNK_PRODUCTS / (depth * channels)).max(1);
     let chunk_blocks = (rayon::current_num_threads() * per_thread).clamp(1, blocks);
     let mut input_buffer =
-        vec![MaybeUninit::<f32>::uninit(); POSITIONS * depth * block * chunk_blocks];
+        vec![MaybeUninit::<f32>::uninit(); positions * depth * block * chunk_blocks];
     let mut gradient_buffer =
-        vec![MaybeUninit::<f32>::uninit(); POSITIONS * channels * block * chunk_blocks];
+        vec![MaybeUninit::<f32>::uninit(); positions * channels * block * chunk_blocks];
     for chunk_start in (0..blocks).step_by(chunk_blocks) {
         let chunk_end = blocks.min(chunk_start + chunk_blocks);
         let first_tile = chunk_start * block;
         let chunk_tiles = tiles.min(chunk_end * block) - first_tile;
         rayon::join(
             || {
-                input_buffer[..POSITIONS * depth * chunk_tiles]
-                    .par_chunks_mut(POSITIONS * depth * block)
+                input_buffer[..positions * depth * chunk_tiles]
+                    .par_chunks_mut(positions * depth * block)
                     .enumerate()
                     .for_each(|(index, values)| {
                         let first = first_tile + index * block;
-                        grid.transform_input(x, first, block.min(tiles - first), values);
+                        grid.transform_input::<W, T, P>(x, first, block.min(tiles - first), values);
                     })
             },
             || {
-                gradient_buffer[..POSITIONS * channels * chunk_tiles]
-                    .par_chunks_mut(POSITIONS * channels * block)
+                gradient_buffer[..positions * channels * chunk_tiles]
+                    .par_chunks_mut(positions * channels * block)
                     .enumerate()
                     .for_each(|(index, values)| {
                         let first = first_tile + index * block;
-                        gradient_grid.transform_gradient(
+                        gradient_grid.transform_gradient::<W, T, P>(
                             output_grad,
                             first,
                             block.min(tiles - first),
@@ -189,14 +342,14 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
         let inputs: &[f32] = unsafe {
             std::slice::from_raw_parts(
                 input_buffer.as_ptr().cast(),
-                POSITIONS * depth * chunk_tiles,
+                positions * depth * chunk_tiles,
             )
         };
         // SAFETY: as above.
         let gradients: &[f32] = unsafe {
             std::slice::from_raw_parts(
                 gradient_buffer.as_ptr().cast(),
-                POSITIONS * channels * chunk_tiles,
+                positions * channels * chunk_tiles,
             )
         };
         transformed
@@ -207,7 +360,7 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
                     let first = index * block;
                     let count = block.min(chunk_tiles - first);
                     let lhs = MatRef::strided(
-                        &inputs[POSITIONS * depth * first + position * depth * count..]
+                        &inputs[positions * depth * first + position * depth * count..]
                             [..depth * count],
                         depth,
                         count,
@@ -215,7 +368,7 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
                         1,
                     );
                     let rhs = MatRef::strided(
-                        &gradients[POSITIONS * channels * first + position * channels * count..]
+                        &gradients[positions * channels * first + position * channels * count..]
                             [..channels * count],
                         count,
                         channels,
@@ -242,27 +395,24 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
             let first = block * KERNEL_BLOCK;
             let width = KERNEL_BLOCK.min(channels - first);
             for ci in 0..depth {
-                let u: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
+                let u = |position: usize| {
                     &transformed[position * matrix + ci * channels + first..][..width]
-                });
-                // Gᵀ along the rows: 3 rows of 4 positions.
-                let mut left = [[[0.0f32; KERNEL_BLOCK]; 4]; 3];
-                for b in 0..4 {
+                };
+                // Gᵀ along the rows: 3 rows of P positions.
+                let mut left = [[[0.0f32; KERNEL_BLOCK]; P]; 3];
+                for b in 0..P {
+                    let column: [&[f32]; P] = std::array::from_fn(|a| u(P * a + b));
                     for lane in 0..width {
-                        let (u0, u1, u2, u3) =
-                            (u[b][lane], u[4 + b][lane], u[8 + b][lane], u[12 + b][lane]);
-                        left[0][b][lane] = u0 + 0.5 * (u1 + u2);
-                        left[1][b][lane] = 0.5 * (u1 - u2);
-                        left[2][b][lane] = 0.5 * (u1 + u2) + u3;
+                        let taps = W::fold(std::array::from_fn(|a| column[a][lane]));
+                        for (i, tap) in taps.into_iter().enumerate() {
+                            left[i][b][lane] = tap;
+                        }
                     }
                 }
-                for (i, [t0, t1, t2, t3]) in left.iter().enumerate() {
+                for (i, row) in left.iter().enumerate() {
                     for lane in 0..width {
-                        let (t0, t1, t2, t3) = (t0[lane], t1[lane], t2[lane], t3[lane]);
                         let taps = &mut rows[(lane * depth + ci) * 9 + 3 * i..][..3];
-                        taps[0] = t0 + 0.5 * (t1 + t2);
-                        taps[1] = 0.5 * (t1 - t2);
-                        taps[2] = 0.5 * (t1 + t2) + t3;
+                        taps.copy_from_slice(&W::fold(std::array::from_fn(|b| row[b][lane])));
                     }
                 }
             }
@@ -270,61 +420,79 @@ pub fn weight_grad(shape: &ConvShape, x: &[f32], output_grad: &[f32]) -> Vec<f32
     weight_grad
 }
 
-/// `U = G g Gᵀ` of every kernel `g = weight[co, ci]`, laid out `[position][ci][co]`: each
-/// position's `[Ci, Co]` matrix is contiguous.
+/// `U = G g Gᵀ` of every kernel `g = weight[co, ci]`, laid out `[position][ci][co]` (each
+/// position's `[Ci, Co]` matrix contiguous), or of the flipped kernels laid out
+/// `[position][co][ci]` for the input gradient.
 struct TransformedKernel {
     values: Vec<f32>,
-    channels_out: usize,
-    channels_in: usize,
+    /// The correlation's input channels: `Ci`, or `Co` when flipped.
+    depth: usize,
+    /// The correlation's output channels: `Co`, or `Ci` when flipped.
+    out: usize,
 }
 
 impl TransformedKernel {
-    fn new(weight: &[f32], channels_out: usize, channels_in: usize) -> Self {
-        let matrix = channels_in * channels_out;
-        let len = POSITIONS * matrix;
+    /// The kernels of `shape`'s `weight` in the tiling `W`.
+    fn new<W: Tiling<T, P>, const T: usize, const P: usize>(
+        weight: &[f32],
+        shape: &ConvShape,
+        flipped: bool,
+    ) -> Self {
+        let (channels_out, channels_in) = (shape.channels_out, shape.channels_in);
+        let (depth, out) = if flipped {
+            (channels_out, channels_in)
+        } else {
+            (channels_in, channels_out)
+        };
+        let matrix = depth * out;
+        let len = P * P * matrix;
         let mut values: Vec<f32> = Vec::with_capacity(len);
         let target = OutputPtr(values.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        // Tasks by blocks of output channels: for each input channel, the block's kernels are
-        // gathered tap by tap, transformed as vectors along the output channels, and written as
-        // one run per position.
-        (0..channels_out.div_ceil(KERNEL_BLOCK))
+        // Tasks by blocks of the correlation's output channels: for each of its input
+        // channels, the block's kernels are gathered tap by tap, transformed as vectors along
+        // the output channels, and written as one run per position.
+        (0..out.div_ceil(KERNEL_BLOCK))
             .into_par_iter()
             .for_each(|block| {
                 let first = block * KERNEL_BLOCK;
-                let width = KERNEL_BLOCK.min(channels_out - first);
+                let width = KERNEL_BLOCK.min(out - first);
                 let mut taps = [[0.0f32; KERNEL_BLOCK]; 9];
-                for ci in 0..channels_in {
+                for channel in 0..depth {
                     for lane in 0..width {
-                        let g = &weight[((first + lane) * channels_in + ci) * 9..][..9];
+                        let (co, ci) = if flipped {
+                            (channel, first + lane)
+                        } else {
+                            (first + lane, channel)
+                        };
+                        let g = &weight[(co * channels_in + ci) * 9..][..9];
                         for (tap, &value) in g.iter().enumerate() {
-                            taps[tap][lane] = value;
+                            // Flipping reverses both axes: tap `k` takes `8 - k`.
+                            taps[if flipped { 8 - tap } else { tap }][lane] = value;
                         }
                     }
-                    // G g: 4 rows of 3 taps.
-                    let mut left = [[[0.0f32; KERNEL_BLOCK]; 3]; 4];
+                    // G g: P rows of 3 taps.
+                    let mut left = [[[0.0f32; KERNEL_BLOCK]; 3]; P];
                     for j in 0..3 {
                         for lane in 0..KERNEL_BLOCK {
-                            let (g0, g1, g2) =
-                                (taps[j][lane], taps[3 + j][lane], taps[6 + j][lane]);
-                            left[0][j][lane] = g0;
-                            left[1][j][lane] = 0.5 * (g0 + g1 + g2);
-                            left[2][j][lane] = 0.5 * (g0 - g1 + g2);
-                            left[3][j][lane] = g2;
+                            let points =
+                                W::kernel([taps[j][lane], taps[3 + j][lane], taps[6 + j][lane]]);
+                            for (a, point) in points.into_iter().enumerate() {
+                                left[a][j][lane] = point;
+                            }
                         }
                     }
-                    // (G g) Gᵀ: 4 x 4.
+                    // (G g) Gᵀ: P x P.
                     for (a, [t0, t1, t2]) in left.iter().enumerate() {
-                        let mut rows = [[0.0f32; KERNEL_BLOCK]; 4];
+                        let mut rows = [[0.0f32; KERNEL_BLOCK]; P];
                         for lane in 0..KERNEL_BLOCK {
-                            let (t0, t1, t2) = (t0[lane], t1[lane], t2[lane]);
-                            rows[0][lane] = t0;
-                            rows[1][lane] = 0.5 * (t0 + t1 + t2);
-                            rows[2][lane] = 0.5 * (t0 - t1 + t2);
-                            rows[3][lane] = t2;
+                            let points = W::kernel([t0[lane], t1[lane], t2[lane]]);
+                            for (b, point) in points.into_iter().enumerate() {
+                                rows[b][lane] = point;
+                            }
                         }
                         for (b, row) in rows.iter().enumerate() {
-                            let at = (4 * a + b) * matrix + ci * channels_out + first;
-                            // SAFETY: `width` values from `at` stay inside row `ci` of the
+                            let at = (P * a + b) * matrix + channel * out + first;
+                            // SAFETY: `width` values from `at` stay inside row `channel` of the
                             // position's matrix; this task alone writes these output channels.
                             unsafe {
                                 std::ptr::copy_nonoverlapping(row.as_ptr(), target.at(at), width);
@@ -333,44 +501,23 @@ impl TransformedKernel {
                     }
                 }
             });
-        // SAFETY: every (position, ci, co) was written by the task of `co`'s block.
+        // SAFETY: every (position, channel, output channel) was written by the task of the
+        // output channel's block.
         unsafe { values.set_len(len) };
-        Self {
-            values,
-            channels_out,
-            channels_in,
-        }
+        Self { values, depth, out }
     }
 
     /// `U_p` as the `[depth, out]` right-hand matrix of a correlation, for the output channels
-    /// `out_channels`: `[Ci, Co]` forward, `[Co, Ci]` of the flipped kernel when `flipped`.
-    fn matrix(
-        &self,
-        position: usize,
-        flipped: bool,
-        out_channels: std::ops::Range<usize>,
-    ) -> MatRef<'_> {
-        let matrix = self.channels_in * self.channels_out;
-        if flipped {
-            let position = 4 * FLIPPED[position / 4] + FLIPPED[position % 4];
-            let start = position * matrix + out_channels.start * self.channels_out;
-            MatRef::strided(
-                &self.values[start..],
-                self.channels_out,
-                out_channels.len(),
-                1,
-                self.channels_out,
-            )
-        } else {
-            let start = position * matrix + out_channels.start;
-            MatRef::strided(
-                &self.values[start..],
-                self.channels_in,
-                out_channels.len(),
-                self.channels_out,
-                1,
-            )
-        }
+    /// `out_channels`.
+    fn matrix(&self, position: usize, out_channels: std::ops::Range<usize>) -> MatRef<'_> {
+        let start = position * self.depth * self.out + out_channels.start;
+        MatRef::strided(
+            &self.values[start..],
+            self.depth,
+            out_channels.len(),
+            self.out,
+            1,
+        )
     }
 }
 
@@ -395,13 +542,18 @@ unsafe impl Send for OutputPtr {}
 unsafe impl Sync for OutputPtr {}
 
 /// The 3x3, stride-1, padding-1 correlation of `x` (`shape`'s input channels) with `kernel`
-/// (its forward orientation, or flipped with swapped channels when `flipped`): `[N, shape
-/// output channels, H, W]`.
-fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: bool) -> Vec<f32> {
+/// (its forward orientation, or flipped with swapped channels): `[N, shape output channels, H,
+/// W]`.
+fn correlate<W: Tiling<T, P>, const T: usize, const P: usize>(
+    shape: &ConvShape,
+    x: &[f32],
+    kernel: &TransformedKernel,
+) -> Vec<f32> {
+    let positions = P * P;
     let (depth, channels) = (shape.channels_in, shape.channels_out);
-    let grid = Grid::new(shape);
+    let grid = Grid::new(shape, T);
     let tiles = grid.tiles();
-    let block = BLOCK_TILES.min(tiles);
+    let block = W::BLOCK_TILES.min(tiles);
     let blocks = tiles.div_ceil(block);
     let slices = (MIN_TASKS.div_ceil(blocks))
         .min(channels / MIN_SLICE_CHANNELS)
@@ -410,7 +562,7 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
     let len = shape.batch * channels * grid.height * grid.width;
     let mut output: Vec<f32> = Vec::with_capacity(len);
     let target = OutputPtr(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    let block_len = POSITIONS * depth * block;
+    let block_len = positions * depth * block;
     // The products and output transform of one task: a block's transformed input
     // (`[position][channel][tile]`) and a slice of the output channels.
     let products_of = |transformed: &[f32],
@@ -419,8 +571,8 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
                        products: &mut Vec<f32>| {
         let first = block_index * block;
         let count = block.min(tiles - first);
-        products.resize(POSITIONS * out.len() * count, 0.0);
-        for position in 0..POSITIONS {
+        products.resize(positions * out.len() * count, 0.0);
+        for position in 0..positions {
             let lhs = MatRef::strided(
                 &transformed[position * depth * count..][..depth * count],
                 count,
@@ -428,12 +580,12 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
                 1,
                 count,
             );
-            let rhs = kernel.matrix(position, flipped, out.clone());
+            let rhs = kernel.matrix(position, out.clone());
             let dst = &mut products[position * out.len() * count..][..out.len() * count];
             matmul_strided(dst, [1, count], lhs, rhs, false, Threads::Current);
         }
         // SAFETY: see `OutputPtr`; `transform_output` writes inside `len` elements.
-        unsafe { grid.transform_output(products, first, count, &out, channels, target) };
+        unsafe { grid.transform_output::<W, T, P>(products, first, count, &out, channels, target) };
     };
     if slices == 1 {
         // Enough blocks: each task transforms its own block, which its GEMMs then read while
@@ -443,11 +595,11 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
             |(transformed, products), block_index| {
                 let first = block_index * block;
                 let count = block.min(tiles - first);
-                let values = POSITIONS * depth * count;
+                let values = positions * depth * count;
                 transformed.reserve(values);
                 let spare = &mut transformed.spare_capacity_mut()[..values];
-                grid.transform_input(x, first, count, spare);
-                // SAFETY: `transform_input` wrote all `values` (16 positions x `depth`
+                grid.transform_input::<W, T, P>(x, first, count, spare);
+                // SAFETY: `transform_input` wrote all `values` (the positions x `depth`
                 // channels x the block's tiles).
                 let block_values: &[f32] =
                     unsafe { std::slice::from_raw_parts(spare.as_ptr().cast(), values) };
@@ -457,15 +609,15 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
     } else {
         // Few blocks: every block's input is transformed once, then read by the tasks of
         // all its channel slices.
-        // SAFETY: `transform_input` writes every value of its block's chunk (16 positions x
+        // SAFETY: `transform_input` writes every value of its block's chunk (the positions x
         // `depth` channels x the block's tiles; the chunks follow the blocks).
         let transformed = unsafe {
             par_filled(
-                POSITIONS * depth * tiles,
+                positions * depth * tiles,
                 block_len,
                 |block_index, values| {
                     let first = block_index * block;
-                    grid.transform_input(x, first, block.min(tiles - first), values);
+                    grid.transform_input::<W, T, P>(x, first, block.min(tiles - first), values);
                 },
             )
         };
@@ -490,36 +642,57 @@ fn correlate(shape: &ConvShape, x: &[f32], kernel: &TransformedKernel, flipped: 
     output
 }
 
-/// Splits `pairs` into its even and odd values, so that each step of a transform along the
-/// tiles reads contiguous vectors.
-fn deinterleave(pairs: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    for (j, pair) in pairs.chunks_exact(2).enumerate() {
-        even[j] = pair[0];
-        odd[j] = pair[1];
+/// Splits `values` by column modulo `T` (`phases[r][t] = values[T t + r]`), so that each step
+/// of a transform along the tiles reads contiguous vectors; a last partial group fills the
+/// first phases.
+fn deinterleave<const T: usize>(values: &[f32], phases: &mut [Vec<f32>; T]) {
+    let groups = values.chunks_exact(T);
+    let rest = groups.remainder();
+    let full = values.len() / T;
+    for (t, group) in groups.enumerate() {
+        for (phase, &value) in phases.iter_mut().zip(group) {
+            phase[t] = value;
+        }
+    }
+    for (phase, &value) in phases.iter_mut().zip(rest) {
+        phase[full] = value;
     }
 }
 
-/// The first `columns` values of the rows of positions `4 a .. 4 a + 3` of a block's
+/// The first `columns` values of the rows of positions `P a .. P a + P - 1` of a block's
 /// transformed values (`[position][channel][tile]`, positions `position_stride` apart).
-fn position_rows(
+fn position_rows<const P: usize>(
     target: &mut [MaybeUninit<f32>],
     a: usize,
     position_stride: usize,
     columns: usize,
-) -> [&mut [MaybeUninit<f32>]; 4] {
-    let rows = &mut target[4 * a * position_stride..];
-    let (row0, rest) = rows.split_at_mut(position_stride);
-    let (row1, rest) = rest.split_at_mut(position_stride);
-    let (row2, row3) = rest.split_at_mut(position_stride);
-    [
-        &mut row0[..columns],
-        &mut row1[..columns],
-        &mut row2[..columns],
-        &mut row3[..columns],
-    ]
+) -> [&mut [MaybeUninit<f32>]; P] {
+    let mut rest = &mut target[P * a * position_stride..];
+    std::array::from_fn(|b| {
+        let taken = std::mem::take(&mut rest);
+        // The last row may end before a whole stride.
+        let (row, tail) = if b + 1 < P {
+            taken.split_at_mut(position_stride)
+        } else {
+            (taken, &mut [][..])
+        };
+        rest = tail;
+        &mut row[..columns]
+    })
 }
 
-/// The tiling of a batch of `[depth, height, width]` inputs into 2x2 output tiles.
+/// `P` lines of `len` values each, `stride` apart in `buffer`.
+fn lines_mut<const P: usize>(buffer: &mut [f32], stride: usize, len: usize) -> [&mut [f32]; P] {
+    let mut rest = buffer;
+    std::array::from_fn(|_| {
+        let taken = std::mem::take(&mut rest);
+        let (line, tail) = taken.split_at_mut(stride.min(taken.len()));
+        rest = tail;
+        &mut line[..len]
+    })
+}
+
+/// The tiling of a batch of `[depth, height, width]` inputs into square output tiles.
 struct Grid {
     batch: usize,
     depth: usize,
@@ -530,16 +703,16 @@ struct Grid {
 }
 
 impl Grid {
-    /// The tiling of `shape`'s input.
-    fn new(shape: &ConvShape) -> Self {
+    /// The tiling of `shape`'s input into tiles of `side x side` output pixels.
+    fn new(shape: &ConvShape, side: usize) -> Self {
         let [height, width] = shape.input;
         Self {
             batch: shape.batch,
             depth: shape.channels_in,
             height,
             width,
-            tiles_h: height.div_ceil(2),
-            tiles_w: width.div_ceil(2),
+            tiles_h: height.div_ceil(side),
+            tiles_w: width.div_ceil(side),
         }
     }
 
@@ -570,9 +743,14 @@ impl Grid {
         })
     }
 
-    /// `Bᵀ d B` of every tile's 4x4 input patch (zeros outside the image), into
+    /// Phase buffers for [`deinterleave`] along a row of tiles.
+    fn phases<const T: usize>(&self) -> [Vec<f32>; T] {
+        std::array::from_fn(|_| vec![0.0f32; self.tiles_w + 1])
+    }
+
+    /// `Bᵀ d B` of every tile's input patch (zeros outside the image), into
     /// `transformed[position][channel][tile]`.
-    fn transform_input(
+    fn transform_input<W: Tiling<T, P>, const T: usize, const P: usize>(
         &self,
         x: &[f32],
         first: usize,
@@ -583,18 +761,19 @@ impl Grid {
         let plane = height * width;
         // The patch rows of a tile row, zero-padded: one zero column on the left, zeros past
         // the right edge, zero rows above and below the image.
-        let padded = 2 * self.tiles_w + 2;
-        let mut patch_rows = vec![0.0f32; 4 * padded];
-        // Bᵀ d: the four combined rows.
-        let mut combined = vec![0.0f32; 4 * padded];
-        let (mut even, mut odd) = (vec![0.0f32; padded / 2], vec![0.0f32; padded / 2]);
+        let padded = T * self.tiles_w + 2;
+        let mut patch_rows = vec![0.0f32; P * padded];
+        // Bᵀ d: the combined rows.
+        let mut combined = vec![0.0f32; P * padded];
+        let mut phases = self.phases::<T>();
+        let position_stride = self.depth * count;
         // Channel by channel, so that each position's row of the block is written in order.
         let runs: Vec<_> = self.runs(first, count).collect();
         for channel in 0..self.depth {
             for &(image, row, column, columns, offset) in &runs {
                 let source = &x[(image * self.depth + channel) * plane..][..plane];
                 for (r, line) in patch_rows.chunks_exact_mut(padded).enumerate() {
-                    let y = (2 * row + r).wrapping_sub(1);
+                    let y = (T * row + r).wrapping_sub(1);
                     if y < height {
                         line[1..=width].copy_from_slice(&source[y * width..][..width]);
                         line[0] = 0.0;
@@ -603,42 +782,43 @@ impl Grid {
                         line.fill(0.0);
                     }
                 }
-                let (d0, rest) = patch_rows.split_at(padded);
-                let (d1, rest) = rest.split_at(padded);
-                let (d2, d3) = rest.split_at(padded);
-                let (q0, rest) = combined.split_at_mut(padded);
-                let (q1, rest) = rest.split_at_mut(padded);
-                let (q2, q3) = rest.split_at_mut(padded);
-                for p in 0..padded {
-                    q0[p] = d0[p] - d2[p];
-                    q1[p] = d1[p] + d2[p];
-                    q2[p] = d2[p] - d1[p];
-                    q3[p] = d1[p] - d3[p];
+                // The patch columns of this run: `T columns + 2` from padded column `T column`.
+                let (start, span) = (T * column, T * columns + 2);
+                let d: [&[f32]; P] =
+                    std::array::from_fn(|r| &patch_rows[r * padded + start..][..span]);
+                let mut q = lines_mut::<P>(&mut combined, padded, span);
+                for p in 0..span {
+                    let points = W::input(std::array::from_fn(|r| d[r][p]));
+                    for (line, point) in q.iter_mut().zip(points) {
+                        line[p] = point;
+                    }
                 }
-                // (Bᵀ d) B, tile by tile: columns 2 t .. 2 t + 3 of each combined row, read as
-                // its even and odd columns so that every step is a contiguous vector.
+                // (Bᵀ d) B, tile by tile: columns `T t .. T t + P - 1` of each combined row,
+                // read by column modulo `T` so that every step is a contiguous vector.
                 let target = &mut transformed[channel * count + offset..];
-                let position_stride = self.depth * count;
-                for (a, q) in [&*q0, &*q1, &*q2, &*q3].into_iter().enumerate() {
-                    deinterleave(&q[2 * column..][..2 * columns + 2], &mut even, &mut odd);
-                    let (e0, e1) = (&even[..columns], &even[1..=columns]);
-                    let (o0, o1) = (&odd[..columns], &odd[1..=columns]);
-                    let [out0, out1, out2, out3] =
-                        position_rows(target, a, position_stride, columns);
+                for (a, line) in q.iter().enumerate() {
+                    deinterleave(line, &mut phases);
+                    let mut outputs = position_rows::<P>(target, a, position_stride, columns);
                     for t in 0..columns {
-                        out0[t] = MaybeUninit::new(e0[t] - e1[t]);
-                        out1[t] = MaybeUninit::new(o0[t] + e1[t]);
-                        out2[t] = MaybeUninit::new(e1[t] - o0[t]);
-                        out3[t] = MaybeUninit::new(o0[t] - o1[t]);
+                        let points = W::input(std::array::from_fn(|j| {
+                            if j < T {
+                                phases[j][t]
+                            } else {
+                                phases[j - T][t + 1]
+                            }
+                        }));
+                        for (output, point) in outputs.iter_mut().zip(points) {
+                            output[t] = MaybeUninit::new(point);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// `A dY Aᵀ` of every tile's 2x2 output gradient (zeros outside the image), into
+    /// `A dY Aᵀ` of every tile's output gradient (zeros outside the image), into
     /// `transformed[position][channel][tile]`.
-    fn transform_gradient(
+    fn transform_gradient<W: Tiling<T, P>, const T: usize, const P: usize>(
         &self,
         output_grad: &[f32],
         first: usize,
@@ -647,44 +827,43 @@ impl Grid {
     ) {
         let (height, width) = (self.height, self.width);
         let plane = height * width;
-        let padded = 2 * self.tiles_w;
-        let (mut top, mut bottom) = (vec![0.0f32; padded], vec![0.0f32; padded]);
-        let mut combined = vec![0.0f32; 4 * padded];
-        let (mut even, mut odd) = (vec![0.0f32; self.tiles_w], vec![0.0f32; self.tiles_w]);
+        let padded = T * self.tiles_w;
+        // The gradient rows of a tile row, zeros past the edges.
+        let mut rows = vec![0.0f32; T * padded];
+        let mut combined = vec![0.0f32; P * padded];
+        let mut phases = self.phases::<T>();
         let position_stride = self.depth * count;
         let runs: Vec<_> = self.runs(first, count).collect();
         for channel in 0..self.depth {
             for &(image, row, column, columns, offset) in &runs {
-                let y0 = 2 * row;
                 let source = &output_grad[(image * self.depth + channel) * plane..][..plane];
-                top[..width].copy_from_slice(&source[y0 * width..][..width]);
-                if y0 + 1 < height {
-                    bottom[..width].copy_from_slice(&source[(y0 + 1) * width..][..width]);
-                } else {
-                    bottom[..width].fill(0.0);
+                for (r, line) in rows.chunks_exact_mut(padded).enumerate() {
+                    let y = T * row + r;
+                    if y < height {
+                        line[..width].copy_from_slice(&source[y * width..][..width]);
+                        line[width..].fill(0.0);
+                    } else {
+                        line.fill(0.0);
+                    }
                 }
-                // Past the right edge (odd widths) the gradient is zero.
-                top[width..].fill(0.0);
-                bottom[width..].fill(0.0);
+                let (start, span) = (T * column, T * columns);
+                let y: [&[f32]; T] = std::array::from_fn(|r| &rows[r * padded + start..][..span]);
+                let mut q = lines_mut::<P>(&mut combined, padded, span);
+                for p in 0..span {
+                    let points = W::gradient(std::array::from_fn(|r| y[r][p]));
+                    for (line, point) in q.iter_mut().zip(points) {
+                        line[p] = point;
+                    }
+                }
                 let target = &mut transformed[channel * count + offset..];
-                // A along the rows: y0, y0 + y1, y0 - y1, -y1; then along the columns.
-                let (t, b) = (&top[..padded], &bottom[..padded]);
-                for p in 0..padded {
-                    combined[p] = t[p];
-                    combined[padded + p] = t[p] + b[p];
-                    combined[2 * padded + p] = t[p] - b[p];
-                    combined[3 * padded + p] = -b[p];
-                }
-                for (a, q) in combined.chunks_exact(padded).enumerate() {
-                    deinterleave(&q[2 * column..][..2 * columns], &mut even, &mut odd);
-                    let [out0, out1, out2, out3] =
-                        position_rows(target, a, position_stride, columns);
-                    let (e, o) = (&even[..columns], &odd[..columns]);
+                for (a, line) in q.iter().enumerate() {
+                    deinterleave(line, &mut phases);
+                    let mut outputs = position_rows::<P>(target, a, position_stride, columns);
                     for t in 0..columns {
-                        out0[t] = MaybeUninit::new(e[t]);
-                        out1[t] = MaybeUninit::new(e[t] + o[t]);
-                        out2[t] = MaybeUninit::new(e[t] - o[t]);
-                        out3[t] = MaybeUninit::new(-o[t]);
+                        let points = W::gradient(std::array::from_fn(|j| phases[j][t]));
+                        for (output, point) in outputs.iter_mut().zip(points) {
+                            output[t] = MaybeUninit::new(point);
+                        }
                     }
                 }
             }
@@ -697,7 +876,7 @@ impl Grid {
     /// # Safety
     /// `target` must point to `batch * channels * height * width` writable values that no one
     /// else touches at the tiles `first..first + count` of the channels `out`.
-    unsafe fn transform_output(
+    unsafe fn transform_output<W: Tiling<T, P>, const T: usize, const P: usize>(
         &self,
         products: &[f32],
         first: usize,
@@ -709,43 +888,59 @@ impl Grid {
         let (height, width) = (self.height, self.width);
         let plane = height * width;
         let stride = out.len() * count;
-        // The two output rows of a run of tiles, their columns interleaved.
-        let mut top = vec![0.0f32; 2 * self.tiles_w];
-        let mut bottom = vec![0.0f32; 2 * self.tiles_w];
+        // The output rows of a run of tiles.
+        let padded = T * self.tiles_w;
+        let mut rows = vec![0.0f32; T * padded];
+        // Aᵀ M along the rows of the products: `[k][b][tile]`.
+        let mut left = vec![0.0f32; T * P * self.tiles_w];
+        let mut phases = self.phases::<T>();
         // Channel by channel, so that the products are read and the output planes written in
         // order.
         let runs: Vec<_> = self.runs(first, count).collect();
         for (slot, channel) in out.clone().enumerate() {
             for &(image, row, column, columns, offset) in &runs {
-                let (y0, second_row) = (2 * row, 2 * row + 1 < height);
-                let x0 = 2 * column;
-                let written = (2 * columns).min(width - x0);
-                let m: [&[f32]; POSITIONS] = std::array::from_fn(|position| {
-                    &products[position * stride + slot * count + offset..][..columns]
-                });
+                let (y0, x0) = (T * row, T * column);
+                let written = (T * columns).min(width - x0);
                 // Vectors along the tiles: every position's products are contiguous there.
-                for tile in 0..columns {
-                    let column_sums: [f32; 4] =
-                        std::array::from_fn(|b| m[b][tile] + m[4 + b][tile] + m[8 + b][tile]);
-                    let column_differences: [f32; 4] =
-                        std::array::from_fn(|b| m[4 + b][tile] - m[8 + b][tile] - m[12 + b][tile]);
-                    let [s0, s1, s2, s3] = column_sums;
-                    let [d0, d1, d2, d3] = column_differences;
-                    top[2 * tile] = s0 + s1 + s2;
-                    top[2 * tile + 1] = s1 - s2 - s3;
-                    bottom[2 * tile] = d0 + d1 + d2;
-                    bottom[2 * tile + 1] = d1 - d2 - d3;
+                for b in 0..P {
+                    let m: [&[f32]; P] = std::array::from_fn(|a| {
+                        &products[(P * a + b) * stride + slot * count + offset..][..columns]
+                    });
+                    let mut sums = lines_mut::<T>(&mut left[b * columns..], P * columns, columns);
+                    for tile in 0..columns {
+                        let points = W::output(std::array::from_fn(|a| m[a][tile]));
+                        for (line, point) in sums.iter_mut().zip(points) {
+                            line[tile] = point;
+                        }
+                    }
+                }
+                for (k, line) in left[..T * P * columns]
+                    .chunks_exact(P * columns)
+                    .enumerate()
+                {
+                    let l: [&[f32]; P] = std::array::from_fn(|b| &line[b * columns..][..columns]);
+                    for tile in 0..columns {
+                        let pixels = W::output(std::array::from_fn(|b| l[b][tile]));
+                        for (phase, pixel) in phases.iter_mut().zip(pixels) {
+                            phase[tile] = pixel;
+                        }
+                    }
+                    let target_row = &mut rows[k * padded..][..T * columns];
+                    for (tile, pixels) in target_row.chunks_exact_mut(T).enumerate() {
+                        for (pixel, phase) in pixels.iter_mut().zip(&phases) {
+                            *pixel = phase[tile];
+                        }
+                    }
                 }
                 let base = (image * channels + channel) * plane + y0 * width + x0;
-                // SAFETY: `written` columns from `x0` stay inside row `y0` (and `y0 + 1` when
-                // it exists) of this image and channel, inside the buffer; this task owns these
-                // tiles at this channel (the caller's contract).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(top.as_ptr(), target.at(base), written);
-                    if second_row {
+                for k in 0..T.min(height - y0) {
+                    // SAFETY: `written` columns from `x0` stay inside row `y0 + k` (an image
+                    // row) of this image and channel, inside the buffer; this task owns these
+                    // tiles at this channel (the caller's contract).
+                    unsafe {
                         std::ptr::copy_nonoverlapping(
-                            bottom.as_ptr(),
-                            target.at(base + width),
+                            rows[k * padded..].as_ptr(),
+                            target.at(base + k * width),
                             written,
                         );
                     }
