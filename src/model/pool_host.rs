@@ -84,7 +84,11 @@ pub fn forward(shape: &PoolShape, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
         .par_chunks_mut(out_plane.max(1))
         .zip(indices.par_chunks_mut(out_plane.max(1)))
         .zip(x.par_chunks(in_plane.max(1)))
-        .for_each(|((values, at), plane)| {
+        .for_each_init(Stride2Rows::default, |rows, ((values, at), plane)| {
+            if shape.kernel == [3, 3] && shape.stride == [2, 2] && shape.padding == [1, 1] {
+                rows.pool(plane, shape.input, [out_rows, out_cols], values, at);
+                return;
+            }
             for oy in 0..out_rows {
                 let [y0, y1] = shape.window(0, oy);
                 for ox in 0..out_cols {
@@ -107,6 +111,98 @@ pub fn forward(shape: &PoolShape, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
             }
         });
     (output, indices)
+}
+
+/// Scratch rows for ResNet's pooling (3x3 windows, stride 2, padding 1), vectorised along the
+/// output columns: each input row is split into its even and odd columns (with the `-inf`
+/// border), so that each of the 9 taps is one compare-and-select over a whole output row. The
+/// window loop in [`forward`] took 16 ms a batch of ResNet-18 at 128 px, batch 16 (a third of
+/// its convolutions' time at that layer).
+#[derive(Default)]
+struct Stride2Rows {
+    /// Columns `-1, 1, 3, ...` of an input row (`-inf` outside it).
+    even: Vec<f32>,
+    /// Columns `0, 2, 4, ...`.
+    odd: Vec<f32>,
+    best: Vec<f32>,
+    best_at: Vec<u32>,
+}
+
+impl Stride2Rows {
+    /// Pools one `[rows, cols]` plane into `values` and `at` (`[out_rows, out_cols]`), with the
+    /// same values and indices as the window loop: taps in row-major order, a larger value or
+    /// a NaN taking over, the window's first input position where nothing does.
+    fn pool(
+        &mut self,
+        plane: &[f32],
+        [rows, cols]: [usize; 2],
+        [out_rows, out_cols]: [usize; 2],
+        values: &mut [f32],
+        at: &mut [u32],
+    ) {
+        // Padded column `p` is input column `p - 1`; window `ox` covers padded `2 ox ..= 2 ox
+        // + 2`, so even entries `ox` and `ox + 1` and odd entry `ox`.
+        let half = out_cols + 1;
+        self.even.resize(half, f32::NEG_INFINITY);
+        self.odd.resize(half, f32::NEG_INFINITY);
+        self.best.resize(out_cols, f32::NEG_INFINITY);
+        self.best_at.resize(out_cols, 0);
+        for oy in 0..out_rows {
+            let first_row = (2 * oy).saturating_sub(1);
+            self.best.fill(f32::NEG_INFINITY);
+            for (ox, start) in self.best_at.iter_mut().enumerate() {
+                // In range: the plane has at most `u32::MAX` values (asserted by the caller).
+                *start = (first_row * cols + (2 * ox).saturating_sub(1)) as u32;
+            }
+            for y in first_row..(2 * oy + 2).min(rows) {
+                let row = &plane[y * cols..][..cols];
+                // Input column `2 j` is odd entry `j`, column `2 j + 1` even entry `j + 1`.
+                self.even[0] = f32::NEG_INFINITY;
+                let pairs = row.chunks_exact(2);
+                let last = pairs.remainder().first().copied();
+                let full = cols / 2;
+                for ((pair, odd), even) in pairs
+                    .zip(&mut self.odd[..full])
+                    .zip(&mut self.even[1..=full])
+                {
+                    *odd = pair[0];
+                    *even = pair[1];
+                }
+                self.odd[full..].fill(f32::NEG_INFINITY);
+                self.even[full + 1..].fill(f32::NEG_INFINITY);
+                if let Some(value) = last {
+                    self.odd[full] = value;
+                }
+                let taps = [
+                    (&self.even[..out_cols], 0),
+                    (&self.odd[..out_cols], 1),
+                    (&self.even[1..], 2),
+                ];
+                for (candidates, padded_offset) in taps {
+                    // Input position of window `ox`'s tap: `y cols + 2 ox + offset - 1` (a
+                    // wrapped value on the left border, where the tap is `-inf` and never
+                    // taken).
+                    let base = ((y * cols + padded_offset) as u32).wrapping_sub(1);
+                    for (ox, ((&value, best), best_at)) in candidates
+                        .iter()
+                        .zip(&mut self.best)
+                        .zip(&mut self.best_at)
+                        .enumerate()
+                    {
+                        let take = value > *best || value.is_nan();
+                        *best = if take { value } else { *best };
+                        *best_at = if take {
+                            base.wrapping_add(2 * ox as u32)
+                        } else {
+                            *best_at
+                        };
+                    }
+                }
+            }
+            values[oy * out_cols..][..out_cols].copy_from_slice(&self.best);
+            at[oy * out_cols..][..out_cols].copy_from_slice(&self.best_at);
+        }
+    }
 }
 
 /// The input gradient: each output gradient added at its window's index, plane by plane in
@@ -136,7 +232,9 @@ mod tests {
     use super::*;
 
     /// The pooling by its definition (every window, `-inf` padding) on odd sizes, with ties
-    /// and a NaN; the gradient by finite sums of the output gradients per input position.
+    /// and a NaN, for ResNet's 3x3 stride-2 windows (the row-vectorised path) and two others
+    /// (the window loop); the gradient by finite sums of the output gradients per input
+    /// position.
     #[test]
     fn pooling_matches_the_definition() {
         let shape = PoolShape {
@@ -146,8 +244,7 @@ mod tests {
             stride: [2, 2],
             padding: [1, 1],
         };
-        let [rows, cols] = shape.output().expect("fits");
-        assert_eq!([rows, cols], [4, 5]);
+        assert_eq!(shape.output(), Some([4, 5]));
         let overpadded = PoolShape {
             padding: [2, 1],
             ..shape
@@ -155,21 +252,56 @@ mod tests {
         assert_eq!(overpadded.output(), None, "padding over half the window");
         let mut x: Vec<f32> = (0..3 * 63).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
         x[70] = f32::NAN;
-        let (output, indices) = forward(&shape, &x);
-        for plane in 0..3 {
+        check(shape, &x);
+        // Even sides (the last windows end on the border) and another NaN.
+        let even = PoolShape {
+            input: [6, 8],
+            ..shape
+        };
+        let mut y: Vec<f32> = (0..3 * 48).map(|i| ((i * 29) % 13) as f32 - 6.0).collect();
+        y[50] = f32::NAN;
+        check(even, &y);
+        check(
+            PoolShape {
+                stride: [1, 1],
+                ..shape
+            },
+            &x,
+        );
+        check(
+            PoolShape {
+                kernel: [2, 2],
+                padding: [0, 0],
+                ..shape
+            },
+            &x,
+        );
+    }
+
+    fn check(shape: PoolShape, x: &[f32]) {
+        let [rows, cols] = shape.output().expect("fits");
+        let [height, width] = shape.input;
+        let plane = height * width;
+        let (output, indices) = forward(&shape, x);
+        for p in 0..shape.planes {
             for oy in 0..rows {
                 for ox in 0..cols {
-                    let mut best = (f32::NEG_INFINITY, 0);
-                    for y in (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(7) {
-                        for x_ in (ox * 2).saturating_sub(1)..(ox * 2 + 2).min(9) {
-                            let value = x[plane * 63 + y * 9 + x_];
-                            if value > best.0 || value.is_nan() {
-                                best = (value, y * 9 + x_);
+                    let mut best = (f32::NEG_INFINITY, usize::MAX);
+                    let span = |axis: usize, out: usize| {
+                        let start = out * shape.stride[axis];
+                        let end = (start + shape.kernel[axis]).saturating_sub(shape.padding[axis]);
+                        start.saturating_sub(shape.padding[axis])..end.min(shape.input[axis])
+                    };
+                    for y in span(0, oy) {
+                        for x_ in span(1, ox) {
+                            let value = x[p * plane + y * width + x_];
+                            if value > best.0 || value.is_nan() || best.1 == usize::MAX {
+                                best = (value, y * width + x_);
                             }
                         }
                     }
-                    let at = plane * rows * cols + oy * cols + ox;
-                    assert_eq!(indices[at] as usize, best.1, "index of {at}");
+                    let at = p * rows * cols + oy * cols + ox;
+                    assert_eq!(indices[at] as usize, best.1, "{shape:?}: index of {at}");
                     assert!(output[at] == best.0 || output[at].is_nan() && best.0.is_nan());
                 }
             }
@@ -178,7 +310,7 @@ mod tests {
         let input_grad = backward(&shape, &grad, &indices);
         let mut expected = vec![0.0f32; x.len()];
         for (at, &index) in indices.iter().enumerate() {
-            expected[at / (rows * cols) * 63 + index as usize] += grad[at];
+            expected[at / (rows * cols) * plane + index as usize] += grad[at];
         }
         assert_eq!(input_grad, expected);
     }
