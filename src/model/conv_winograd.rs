@@ -52,9 +52,11 @@ const KERNEL_BLOCK: usize = 16;
 /// batch 16, beats the direct kernels from 64).
 const MIN_CHANNELS: usize = 64;
 /// Fewest tiles of either tiling: with fewer, the GEMMs are too small to pay for the
-/// transforms (512 channels on 4x4 images, batch 16, F2's 64 tiles: 20.8 ms for the three
-/// passes against im2col's 22.0, too close to call; on 10x10 images, batch 8, 200 tiles: 44.7
-/// against 60.4).
+/// transforms. 512 channels on 4x4 images, batch 16, F2's 64 tiles: in training steps 58-61
+/// ms a step forward against im2col's 56 and 117-122 for the gradients against 122 (nearly
+/// half of F2's forward time was its kernel transform); on 10x10 images, batch 8, 200 tiles: 44.7 ms
+/// for the three passes against 60.4. F4 on 8x8 images, batch 16 (64 of its tiles): 4.7-5.0
+/// ms forward against F2's 4.5.
 const MIN_TILES: usize = 128;
 
 /// The output tile side of the Winograd kernels that compute `shape`: 4 (F(4x4, 3x3)) where
@@ -398,21 +400,21 @@ fn weight_grad_tiled<W: Tiling<T, P>, const T: usize, const P: usize>(
                 let u = |position: usize| {
                     &transformed[position * matrix + ci * channels + first..][..width]
                 };
-                // Gᵀ along the rows: 3 rows of P positions.
-                let mut left = [[[0.0f32; KERNEL_BLOCK]; P]; 3];
-                for b in 0..P {
+                // Gᵀ along the rows: for each of the P columns, 3 rows.
+                let mut left = [[[0.0f32; KERNEL_BLOCK]; 3]; P];
+                for (b, folded) in left.iter_mut().enumerate() {
                     let column: [&[f32]; P] = std::array::from_fn(|a| u(P * a + b));
                     for lane in 0..width {
                         let taps = W::fold(std::array::from_fn(|a| column[a][lane]));
-                        for (i, tap) in taps.into_iter().enumerate() {
-                            left[i][b][lane] = tap;
+                        for (row, tap) in folded.iter_mut().zip(taps) {
+                            row[lane] = tap;
                         }
                     }
                 }
-                for (i, row) in left.iter().enumerate() {
+                for i in 0..3 {
                     for lane in 0..width {
                         let taps = &mut rows[(lane * depth + ci) * 9 + 3 * i..][..3];
-                        taps.copy_from_slice(&W::fold(std::array::from_fn(|b| row[b][lane])));
+                        taps.copy_from_slice(&W::fold(std::array::from_fn(|b| left[b][i][lane])));
                     }
                 }
             }
@@ -458,16 +460,20 @@ impl TransformedKernel {
                 let width = KERNEL_BLOCK.min(out - first);
                 let mut taps = [[0.0f32; KERNEL_BLOCK]; 9];
                 for channel in 0..depth {
-                    for lane in 0..width {
-                        let (co, ci) = if flipped {
-                            (channel, first + lane)
+                    // Kernel `[co, ci]` of a lane: the output channel is the lane unless
+                    // flipped.
+                    let kernel = |lane: usize| {
+                        if flipped {
+                            channel * channels_in + first + lane
                         } else {
-                            (first + lane, channel)
-                        };
-                        let g = &weight[(co * channels_in + ci) * 9..][..9];
-                        for (tap, &value) in g.iter().enumerate() {
-                            // Flipping reverses both axes: tap `k` takes `8 - k`.
-                            taps[if flipped { 8 - tap } else { tap }][lane] = value;
+                            (first + lane) * channels_in + channel
+                        }
+                    };
+                    for (tap, row) in taps.iter_mut().enumerate() {
+                        // Flipping reverses both axes: tap `k` takes `8 - k`.
+                        let source = if flipped { 8 - tap } else { tap };
+                        for (lane, value) in row[..width].iter_mut().enumerate() {
+                            *value = weight[kernel(lane) * 9 + source];
                         }
                     }
                     // G g: P rows of 3 taps.
