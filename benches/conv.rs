@@ -1,6 +1,6 @@
 //! Host convolution kernels on ResNet-18's stride-1 3x3 layers: the direct kernels against
-//! im2col + GEMM, forward and both gradients, and Winograd's forward and input gradient where
-//! it applies. Prints figures, asserts nothing.
+//! im2col + GEMM, forward and both gradients, and Winograd's three passes (in the tiling the
+//! shape takes, F(4x4, 3x3) or F(2x2, 3x3)) where it applies. Prints figures, asserts nothing.
 //!
 //! `cargo bench --bench conv` (release profile). `PICIE_BENCH_RUNS` sets the runs per figure
 //! (best of them is printed; default 5).
