@@ -763,63 +763,8 @@ impl Grid {
         count: usize,
         transformed: &mut [MaybeUninit<f32>],
     ) {
-        let (height, width) = (self.height, self.width);
-        let plane = height * width;
-        // The patch rows of a tile row, zero-padded: one zero column on the left, zeros past
-        // the right edge, zero rows above and below the image.
-        let padded = T * self.tiles_w + 2;
-        let mut patch_rows = vec![0.0f32; P * padded];
-        // Bᵀ d: the combined rows.
-        let mut combined = vec![0.0f32; P * padded];
-        let mut phases = self.phases::<T>();
-        let position_stride = self.depth * count;
-        // Channel by channel, so that each position's row of the block is written in order.
-        let runs: Vec<_> = self.runs(first, count).collect();
-        for channel in 0..self.depth {
-            for &(image, row, column, columns, offset) in &runs {
-                let source = &x[(image * self.depth + channel) * plane..][..plane];
-                for (r, line) in patch_rows.chunks_exact_mut(padded).enumerate() {
-                    let y = (T * row + r).wrapping_sub(1);
-                    if y < height {
-                        line[1..=width].copy_from_slice(&source[y * width..][..width]);
-                        line[0] = 0.0;
-                        line[width + 1..].fill(0.0);
-                    } else {
-                        line.fill(0.0);
-                    }
-                }
-                // The patch columns of this run: `T columns + 2` from padded column `T column`.
-                let (start, span) = (T * column, T * columns + 2);
-                let d: [&[f32]; P] =
-                    std::array::from_fn(|r| &patch_rows[r * padded + start..][..span]);
-                let mut q = lines_mut::<P>(&mut combined, padded, span);
-                for p in 0..span {
-                    let points = W::input(std::array::from_fn(|r| d[r][p]));
-                    for (line, point) in q.iter_mut().zip(points) {
-                        line[p] = point;
-                    }
-                }
-                // (Bᵀ d) B, tile by tile: columns `T t .. T t + P - 1` of each combined row,
-                // read by column modulo `T` so that every step is a contiguous vector.
-                let target = &mut transformed[channel * count + offset..];
-                for (a, line) in q.iter().enumerate() {
-                    deinterleave(line, &mut phases);
-                    let mut outputs = position_rows::<P>(target, a, position_stride, columns);
-                    for t in 0..columns {
-                        let points = W::input(std::array::from_fn(|j| {
-                            if j < T {
-                                phases[j][t]
-                            } else {
-                                phases[j - T][t + 1]
-                            }
-                        }));
-                        for (output, point) in outputs.iter_mut().zip(points) {
-                            output[t] = MaybeUninit::new(point);
-                        }
-                    }
-                }
-            }
-        }
+        // The patch of tile `(i, j)` starts one pixel above and left of its outputs.
+        self.transform_windows::<T, P, P>(x, 1, first, count, transformed, W::input);
     }
 
     /// `A dY Aᵀ` of every tile's output gradient (zeros outside the image), into
@@ -831,42 +776,73 @@ impl Grid {
         count: usize,
         transformed: &mut [MaybeUninit<f32>],
     ) {
+        self.transform_windows::<T, P, T>(output_grad, 0, first, count, transformed, W::gradient);
+    }
+
+    /// `F w Fᵀ` of every tile's `R x R` window of `values` (`[batch, depth, height, width]`),
+    /// the window of tile `(i, j)` starting at row `T i - margin` and column `T j - margin`
+    /// (zeros outside the image), with `transform` the one-axis `F`, into
+    /// `transformed[position][channel][tile]`.
+    fn transform_windows<const T: usize, const P: usize, const R: usize>(
+        &self,
+        values: &[f32],
+        margin: usize,
+        first: usize,
+        count: usize,
+        transformed: &mut [MaybeUninit<f32>],
+        transform: impl Fn([f32; R]) -> [f32; P],
+    ) {
         let (height, width) = (self.height, self.width);
         let plane = height * width;
-        let padded = T * self.tiles_w;
-        // The gradient rows of a tile row, zeros past the edges.
-        let mut rows = vec![0.0f32; T * padded];
+        // The window rows of a tile row, zero-padded: `margin` zero columns on the left, zeros
+        // past the right edge, zero rows above and below the image.
+        let padded = T * self.tiles_w + R - T;
+        let mut window_rows = vec![0.0f32; R * padded];
+        // F w: the combined rows.
         let mut combined = vec![0.0f32; P * padded];
         let mut phases = self.phases::<T>();
         let position_stride = self.depth * count;
+        // Channel by channel, so that each position's row of the block is written in order.
         let runs: Vec<_> = self.runs(first, count).collect();
         for channel in 0..self.depth {
             for &(image, row, column, columns, offset) in &runs {
-                let source = &output_grad[(image * self.depth + channel) * plane..][..plane];
-                for (r, line) in rows.chunks_exact_mut(padded).enumerate() {
-                    let y = T * row + r;
+                let source = &values[(image * self.depth + channel) * plane..][..plane];
+                for (r, line) in window_rows.chunks_exact_mut(padded).enumerate() {
+                    let y = (T * row + r).wrapping_sub(margin);
                     if y < height {
-                        line[..width].copy_from_slice(&source[y * width..][..width]);
-                        line[width..].fill(0.0);
+                        line[..margin].fill(0.0);
+                        line[margin..margin + width].copy_from_slice(&source[y * width..][..width]);
+                        line[margin + width..].fill(0.0);
                     } else {
                         line.fill(0.0);
                     }
                 }
-                let (start, span) = (T * column, T * columns);
-                let y: [&[f32]; T] = std::array::from_fn(|r| &rows[r * padded + start..][..span]);
+                // The window columns of this run: `T columns + R - T` from padded column
+                // `T column`.
+                let (start, span) = (T * column, T * columns + R - T);
+                let w: [&[f32]; R] =
+                    std::array::from_fn(|r| &window_rows[r * padded + start..][..span]);
                 let mut q = lines_mut::<P>(&mut combined, padded, span);
                 for p in 0..span {
-                    let points = W::gradient(std::array::from_fn(|r| y[r][p]));
+                    let points = transform(std::array::from_fn(|r| w[r][p]));
                     for (line, point) in q.iter_mut().zip(points) {
                         line[p] = point;
                     }
                 }
+                // (F w) Fᵀ, tile by tile: columns `T t .. T t + R - 1` of each combined row,
+                // read by column modulo `T` so that every step is a contiguous vector.
                 let target = &mut transformed[channel * count + offset..];
                 for (a, line) in q.iter().enumerate() {
                     deinterleave(line, &mut phases);
                     let mut outputs = position_rows::<P>(target, a, position_stride, columns);
                     for t in 0..columns {
-                        let points = W::gradient(std::array::from_fn(|j| phases[j][t]));
+                        let points = transform(std::array::from_fn(|j| {
+                            if j < T {
+                                phases[j][t]
+                            } else {
+                                phases[j - T][t + 1]
+                            }
+                        }));
                         for (output, point) in outputs.iter_mut().zip(points) {
                             output[t] = MaybeUninit::new(point);
                         }
