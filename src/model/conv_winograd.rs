@@ -3,9 +3,9 @@
 //! tilings.
 //!
 //! Each `m x m` block of output pixels ("tile") comes from an `(m + 2) x (m + 2)` patch of
-//! input. Transformed, `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, the patch and kernel meet in `(m + 2)²`
-//! element-wise products where the direct correlation takes `9 m²`; summed over input channels,
-//! each position is a plain GEMM `V_p [tiles, Ci] x U_p [Ci, Co]`. F(4x4, 3x3) ([`F4`], 36
+//! input. Transformed, `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, the patch and kernel meet in
+//! `(m + 2)²` element-wise products where the direct correlation takes `9 m²`; summed over
+//! input channels, each position is a plain GEMM `V_p [tiles, Ci] x U_p [Ci, Co]`. F(4x4, 3x3) ([`F4`], 36
 //! positions) does 4 times fewer multiply-adds than any direct kernel, F(2x2, 3x3) ([`F2`], 16
 //! positions) 2.25 times fewer. F4 takes the larger images; on small ones (few tiles, deep
 //! layers) its kernel transform, 36 values per weight triple, outweighs its savings and F2 runs
@@ -54,9 +54,9 @@ const MIN_CHANNELS: usize = 64;
 /// Fewest tiles of either tiling: with fewer, the GEMMs are too small to pay for the
 /// transforms. 512 channels on 4x4 images, batch 16, F2's 64 tiles: in training steps 58-61
 /// ms a step forward against im2col's 56 and 117-122 for the gradients against 122 (nearly
-/// half of F2's forward time was its kernel transform); on 10x10 images, batch 8, 200 tiles: 44.7 ms
-/// for the three passes against 60.4. F4 on 8x8 images, batch 16 (64 of its tiles): 4.7-5.0
-/// ms forward against F2's 4.5.
+/// half of F2's forward time was its kernel transform); on 10x10 images, batch 8, 200 tiles:
+/// 44.7 ms for the three passes against 60.4. F4 on 8x8 images, batch 16 (64 of its tiles):
+/// 4.7-5.0 ms forward against F2's 4.5.
 const MIN_TILES: usize = 128;
 
 /// The output tile side of the Winograd kernels that compute `shape`: 4 (F(4x4, 3x3)) where
